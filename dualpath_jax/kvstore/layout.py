@@ -1,0 +1,145 @@
+"""KV layouts: model KV arrays, Full Blocks and Layer Blocks (PAPER.md section 2.4).
+
+Shapes (L layers, T tokens, H kv heads, D head dim, B = block_tokens, W = token_layer_bytes):
+  model KV of a sequence    [L, T, 2, H, D]   model dtype; index 0 of axis 2 is K, 1 is V
+  model KV of one layer        [T, 2, H, D]
+  Full Block                [L, B, W]          uint8; W = 2 * H * D * itemsize
+  Layer Block               [1, B, W]          uint8; a view of one layer of a Full Block
+  paged pool (decode)       [L, pages, B, 2, H, D]; one page holds one block's tokens
+
+A Full Block is the byte view of the model KV of B tokens, so Full Block <-> [L, B, 2, H, D] is a
+free reinterpretation (`np.ndarray.view`), and a Layer Block is a slice of a Full Block: no layout
+conversion is ever needed. The only copies are the ones the data movement itself needs: cutting a
+sequence's KV into per-block contiguous buffers (a transpose of the token axis in front of the
+layer axis) and gathering one layer across blocks for a layerwise transfer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+
+DEFAULT_BLOCK_TOKENS = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVLayout:
+  """Byte geometry of the KV cache of one model."""
+
+  num_layers: int
+  """Transformer layers (L)."""
+  num_kv_heads: int
+  """KV heads per layer (H)."""
+  head_dim: int
+  """Head width (D)."""
+  dtype: str
+  """KV dtype name as numpy spells it ('bfloat16', 'float32', 'float16')."""
+  block_tokens: int = DEFAULT_BLOCK_TOKENS
+  """Tokens per Full Block (B)."""
+
+  def __post_init__(self):
+    for field in ("num_layers", "num_kv_heads", "head_dim", "block_tokens"):
+      value = getattr(self, field)
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"KVLayout.{field} must be a positive int, got {value!r}")
+    try:
+      np.dtype(self.dtype)
+    except TypeError as e:
+      raise ValueError(f"KVLayout.dtype: unknown dtype {self.dtype!r}") from e
+
+  @classmethod
+  def for_model(cls, model_config, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> "KVLayout":
+    return cls(num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
+               head_dim=model_config.head_dim, dtype=model_config.dtype, block_tokens=block_tokens)
+
+  @property
+  def np_dtype(self) -> np.dtype:
+    return np.dtype(self.dtype)
+
+  @property
+  def token_layer_bytes(self) -> int:
+    """W: K and V bytes of one token in one layer."""
+    return 2 * self.num_kv_heads * self.head_dim * self.np_dtype.itemsize
+
+  @property
+  def kv_bytes_per_token(self) -> int:
+    """K and V bytes of one token over all layers."""
+    return self.num_layers * self.token_layer_bytes
+
+  @property
+  def layer_block_bytes(self) -> int:
+    return self.block_tokens * self.token_layer_bytes
+
+  @property
+  def full_block_bytes(self) -> int:
+    return self.num_layers * self.layer_block_bytes
+
+  @property
+  def full_block_shape(self) -> tuple[int, int, int]:
+    return (self.num_layers, self.block_tokens, self.token_layer_bytes)
+
+  @property
+  def token_kv_shape(self) -> tuple[int, int, int]:
+    """Shape of one token's KV in one layer: [2, H, D]."""
+    return (2, self.num_kv_heads, self.head_dim)
+
+  def num_full_blocks(self, tokens: int) -> int:
+    """Complete blocks in a sequence of `tokens` tokens (a partial tail is not a block)."""
+    return tokens // self.block_tokens
+
+  # --- conversions -------------------------------------------------------------------------------
+
+  def check_kv(self, kv: np.ndarray, what: str = "kv") -> None:
+    expected = (self.num_layers, None, *self.token_kv_shape)
+    if (kv.ndim != 5 or kv.shape[0] != self.num_layers or kv.shape[2:] != self.token_kv_shape):
+      raise ValueError(f"{what}: expected shape [L={expected[0]}, T, 2, H={expected[3]}, "
+                       f"D={expected[4]}], got {list(kv.shape)}")
+    if kv.dtype != self.np_dtype:
+      raise ValueError(f"{what}: expected dtype {self.dtype}, got {kv.dtype}")
+
+  def check_full_blocks(self, blocks: np.ndarray, what: str = "blocks") -> None:
+    if blocks.ndim != 4 or blocks.shape[1:] != self.full_block_shape or blocks.dtype != np.uint8:
+      raise ValueError(f"{what}: expected uint8 Full Blocks [n, {', '.join(map(str, self.full_block_shape))}]"
+                       f", got {blocks.dtype} {list(blocks.shape)}")
+
+  def kv_to_full_blocks(self, kv: np.ndarray) -> np.ndarray:
+    """[L, n*B, 2, H, D] model KV -> [n, L, B, W] uint8 Full Blocks (one transpose copy)."""
+    self.check_kv(kv)
+    tokens = kv.shape[1]
+    if tokens % self.block_tokens:
+      raise ValueError(f"kv: {tokens} tokens is not a multiple of block_tokens={self.block_tokens}")
+    n = tokens // self.block_tokens
+    per_block = kv.reshape(self.num_layers, n, self.block_tokens, *self.token_kv_shape)
+    contiguous = np.ascontiguousarray(per_block.transpose(1, 0, 2, 3, 4, 5))
+    return contiguous.view(np.uint8).reshape(n, *self.full_block_shape)
+
+  def full_blocks_as_kv(self, blocks: np.ndarray) -> np.ndarray:
+    """[n, L, B, W] uint8 -> [n, L, B, 2, H, D] model dtype: a view, no copy."""
+    self.check_full_blocks(blocks)
+    blocks = np.ascontiguousarray(blocks)
+    return blocks.view(self.np_dtype).reshape(blocks.shape[0], self.num_layers, self.block_tokens,
+                                              *self.token_kv_shape)
+
+  def full_blocks_to_kv(self, blocks: np.ndarray) -> np.ndarray:
+    """[n, L, B, W] uint8 -> [L, n*B, 2, H, D] model KV (one transpose copy)."""
+    typed = self.full_blocks_as_kv(blocks)
+    n = typed.shape[0]
+    return np.ascontiguousarray(typed.transpose(1, 0, 2, 3, 4, 5)).reshape(
+        self.num_layers, n * self.block_tokens, *self.token_kv_shape)
+
+  def layer_block(self, full_block: np.ndarray, layer: int) -> np.ndarray:
+    """One Layer Block [1, B, W] of a Full Block [L, B, W]: a view."""
+    if full_block.shape != self.full_block_shape:
+      raise ValueError(f"full_block: expected {list(self.full_block_shape)}, got {list(full_block.shape)}")
+    return full_block[layer:layer + 1]
+
+  def layer_kv(self, blocks: np.ndarray, layer: int) -> np.ndarray:
+    """Layer `layer` of n Full Blocks as one contiguous model-KV array [n*B, 2, H, D].
+
+    This is the per-layer transfer unit of layerwise loading: n Layer Blocks gathered into one
+    buffer (one copy of 1/L of the blocks' bytes).
+    """
+    typed = self.full_blocks_as_kv(blocks)
+    return np.ascontiguousarray(typed[:, layer]).reshape(-1, *self.token_kv_shape)

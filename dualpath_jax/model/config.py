@@ -1,0 +1,96 @@
+"""Model geometry: one frozen record per preset.
+
+The presets `qwen2.5-7b` and `qwen2.5-32b` carry the true shapes of those models (random weights):
+their shapes fix the KV bytes per token and the FLOPs that scheduling and the simulator use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Geometry of a decoder-only GQA transformer (RoPE, SwiGLU, RMSNorm)."""
+
+  name: str
+  """Preset name, for logs and checkpoints."""
+  vocab_size: int
+  """Number of token ids."""
+  hidden_size: int
+  """Residual stream width."""
+  num_layers: int
+  """Number of transformer blocks."""
+  num_heads: int
+  """Query heads per layer."""
+  num_kv_heads: int
+  """Key/value heads per layer (GQA: num_heads is a multiple of it)."""
+  head_dim: int
+  """Width of one attention head."""
+  intermediate_size: int
+  """SwiGLU hidden width."""
+  rope_theta: float = 1_000_000.0
+  """RoPE base frequency."""
+  rms_norm_eps: float = 1e-6
+  """RMSNorm epsilon."""
+  qkv_bias: bool = True
+  """Bias on the q/k/v projections (Qwen2.5 has it)."""
+  dtype: str = "bfloat16"
+  """Parameter, activation and KV dtype: 'bfloat16' by default, 'float32' in tests."""
+
+  def __post_init__(self):
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "intermediate_size"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+          f"ModelConfig.num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.dtype not in ("bfloat16", "float32", "float16"):
+      raise ValueError(f"ModelConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def itemsize(self) -> int:
+    return np.dtype(jnp.dtype(self.dtype)).itemsize
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests: seconds to compile and run on CPU.
+    "tiny": ModelConfig(name="tiny", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, intermediate_size=128, rope_theta=10_000.0),
+    # CPU demos.
+    "small": ModelConfig(name="small", vocab_size=512, hidden_size=256, num_layers=4, num_heads=8,
+                         num_kv_heads=2, head_dim=32, intermediate_size=768,
+                         rope_theta=10_000.0),
+    # True geometries (HF config.json of Qwen/Qwen2.5-7B and Qwen/Qwen2.5-32B).
+    "qwen2.5-7b": ModelConfig(name="qwen2.5-7b", vocab_size=152_064, hidden_size=3584,
+                              num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
+                              intermediate_size=18_944),
+    "qwen2.5-32b": ModelConfig(name="qwen2.5-32b", vocab_size=152_064, hidden_size=5120,
+                               num_layers=64, num_heads=40, num_kv_heads=8, head_dim=128,
+                               intermediate_size=27_648),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """Returns the preset `name`, with field overrides (e.g. dtype='float32')."""
+  if name not in PRESETS:
+    raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+  unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+  if unknown:
+    raise ValueError(f"model: unknown field(s) {sorted(unknown)} for ModelConfig")
+  return PRESETS[name].replace(**overrides)
