@@ -1,0 +1,143 @@
+"""HostBuffer: the bounded host-memory buffer of one node (the paper's PE / DE buffer).
+
+A request reserves the bytes of its Full Blocks before its read is queued on the node's storage
+link, holds the blocks (numpy [n, L, B, W] uint8, as the store returns them) while its layers are
+streamed to the prefill engine, and releases them when the last layer has left (PE side) or the
+decode engine has taken the prompt KV onto its devices (DE side, PAPER.md section 2.4).
+
+Pinned memory: the buffer itself holds plain numpy arrays, on every backend. On backends with a
+separate 'pinned_host' memory (GPUs), the per-layer H2D path (transfer.host_to_device, called by
+the traffic manager) stages each layer's chunk into pinned host memory and copies it from there;
+pinning the whole buffer is not done because the store hands back its own numpy arrays. On CPU
+there is no separate pinned memory and the arrays go to the device directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+
+class Reservation:
+  """Bytes of one node's host buffer held for one request, and the arrays that fill them."""
+
+  def __init__(self, buffer: "HostBuffer", nbytes: int, request_id: object):
+    self.buffer = buffer
+    self.nbytes = nbytes
+    """Bytes reserved."""
+    self.request_id = request_id
+    """Whose bytes these are (any hashable id), for debugging and accounting."""
+    self.arrays: list[np.ndarray] = []
+    """Arrays held in this reservation (Full Blocks [n, L, B, W] uint8, per read)."""
+    self._released = False
+
+  @property
+  def held_bytes(self) -> int:
+    return sum(a.nbytes for a in self.arrays)
+
+  @property
+  def released(self) -> bool:
+    return self._released
+
+  def hold(self, array: np.ndarray) -> np.ndarray:
+    """Keeps `array` in this reservation; it must fit in the bytes reserved."""
+    if self._released:
+      raise RuntimeError(f"reservation of request {self.request_id!r} was already released")
+    if self.held_bytes + array.nbytes > self.nbytes:
+      raise ValueError(f"array: {array.nbytes} bytes do not fit in the reservation of request "
+                       f"{self.request_id!r} ({self.nbytes - self.held_bytes} of {self.nbytes} "
+                       "bytes left)")
+    self.arrays.append(array)
+    return array
+
+  def release(self) -> None:
+    """Drops the held arrays and returns the bytes to the buffer (a second call does nothing)."""
+    if not self._released:
+      self._released = True
+      self.arrays.clear()
+      self.buffer._give_back(self.nbytes)
+
+  def __enter__(self) -> "Reservation":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+class HostBuffer:
+  """A byte budget of host memory on one node; reserve() blocks, try_reserve() does not."""
+
+  def __init__(self, *, host_buffer_bytes: int, full_block_bytes: int, node_id: int = 0):
+    if isinstance(full_block_bytes, bool) or not full_block_bytes > 0:
+      raise ValueError(f"full_block_bytes must be positive, got {full_block_bytes!r}")
+    if isinstance(host_buffer_bytes, bool) or not host_buffer_bytes >= full_block_bytes:
+      raise ValueError(f"host_buffer_bytes: {host_buffer_bytes!r} is smaller than one Full Block "
+                       f"({full_block_bytes} bytes)")
+    self.capacity_bytes = int(host_buffer_bytes)
+    self.full_block_bytes = int(full_block_bytes)
+    self.node_id = node_id
+    self._used_bytes = 0
+    self._peak_bytes = 0
+    self._cond = threading.Condition()
+
+  @property
+  def used_bytes(self) -> int:
+    with self._cond:
+      return self._used_bytes
+
+  @property
+  def free_bytes(self) -> int:
+    with self._cond:
+      return self.capacity_bytes - self._used_bytes
+
+  @property
+  def peak_bytes(self) -> int:
+    """Most bytes ever reserved at once."""
+    with self._cond:
+      return self._peak_bytes
+
+  def _check(self, nbytes: int) -> None:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes <= 0:
+      raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    if nbytes > self.capacity_bytes:
+      raise ValueError(f"nbytes: {nbytes} bytes can never fit in node {self.node_id}'s host buffer "
+                       f"of {self.capacity_bytes} bytes (host_buffer_bytes)")
+
+  def _take(self, nbytes: int, request_id: object) -> Reservation:
+    self._used_bytes += nbytes
+    self._peak_bytes = max(self._peak_bytes, self._used_bytes)
+    return Reservation(self, int(nbytes), request_id)
+
+  def try_reserve(self, nbytes: int, request_id: object = None) -> Reservation | None:
+    """A reservation of `nbytes`, or None at once if they are not free now."""
+    self._check(nbytes)
+    with self._cond:
+      if self.capacity_bytes - self._used_bytes < nbytes:
+        return None
+      return self._take(nbytes, request_id)
+
+  def reserve(self, nbytes: int, request_id: object = None, *,
+              timeout_s: float | None = None) -> Reservation:
+    """A reservation of `nbytes`, waiting for releases; TimeoutError after `timeout_s`."""
+    self._check(nbytes)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with self._cond:
+      while self.capacity_bytes - self._used_bytes < nbytes:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+          raise TimeoutError(f"node {self.node_id}'s host buffer: {nbytes} bytes not free after "
+                             f"{timeout_s} s ({self._used_bytes} of {self.capacity_bytes} in use)")
+        self._cond.wait(remaining)
+      return self._take(nbytes, request_id)
+
+  def reserve_blocks(self, num_blocks: int, request_id: object = None, *,
+                     timeout_s: float | None = None) -> Reservation:
+    """reserve() of `num_blocks` Full Blocks."""
+    return self.reserve(num_blocks * self.full_block_bytes, request_id, timeout_s=timeout_s)
+
+  def _give_back(self, nbytes: int) -> None:
+    with self._cond:
+      self._used_bytes -= nbytes
+      self._cond.notify_all()

@@ -1,0 +1,218 @@
+"""StorageLink: one node's path between the KV store and its host buffer (the paper's SNIC).
+
+Each node owns one link with its own worker threads, so the links of different nodes run
+concurrently and never wait on each other; reads and writes on one link share its workers. The
+scheduler reads `read_queue_tokens` (tokens of reads submitted and not yet completed) to pick the
+read side of a request (PAPER.md section 5.4).
+
+Bandwidth: uncapped (`link_bytes_per_s=None`), a link moves bytes as fast as the store and the
+host allow. With a cap, a token bucket paces completions so that the link EMULATES A NIC OF THAT
+SPEED: the store I/O itself runs at full speed, and the read's result is handed over only once
+the bucket has paid for its bytes. Reads and writes have a bucket each (a NIC is full duplex).
+The bucket starts empty and may go into debt, so over any window the bytes delivered are at most
+rate * window + burst_bytes; over a second-long transfer it holds the rate within ~1%.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+
+class BlockIO(Protocol):
+  """What a link needs from a store (kvstore.KVBlockStore has it; tests use an in-memory fake)."""
+
+  def read_blocks(self, namespace: str, hashes: Sequence[str]) -> list[np.ndarray | None]: ...
+
+  def write_blocks(self, namespace: str, hashes: Sequence[str], blocks: np.ndarray) -> object: ...
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StorageLinkConfig:
+  """Speed and concurrency of one node's storage link."""
+
+  link_bytes_per_s: float | None = None
+  """Emulated NIC speed in bytes/s per direction; None = the hardware's own limit."""
+  burst_s: float = 0.005
+  """Token-bucket depth, in seconds of traffic at link_bytes_per_s (bounds a burst)."""
+  workers: int = 2
+  """Threads that issue this link's store reads and writes."""
+
+  def __post_init__(self):
+    rate = self.link_bytes_per_s
+    if rate is not None and (isinstance(rate, bool) or not rate > 0):
+      raise ValueError(f"link_bytes_per_s must be positive or None, got {rate!r}")
+    if not self.burst_s >= 0:
+      raise ValueError(f"burst_s must be >= 0, got {self.burst_s!r}")
+    if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers <= 0:
+      raise ValueError(f"workers must be a positive int, got {self.workers!r}")
+
+
+class TransferRecord(NamedTuple):
+  """One completed read or write, for utilisation-over-time plots (time.perf_counter seconds)."""
+  t_start: float
+  t_end: float
+  nbytes: int
+
+
+class TokenBucket:
+  """Paces byte counts to `rate_bytes_per_s`; `pay` blocks until the bucket covers the bytes."""
+
+  def __init__(self, rate_bytes_per_s: float, burst_bytes: float):
+    self.rate_bytes_per_s = float(rate_bytes_per_s)
+    self.burst_bytes = float(burst_bytes)
+    self._tokens = 0.0
+    self._t_last = time.perf_counter()
+    self._lock = threading.Lock()
+
+  def pay(self, nbytes: int) -> None:
+    with self._lock:
+      now = time.perf_counter()
+      self._tokens = min(self.burst_bytes,
+                         self._tokens + (now - self._t_last) * self.rate_bytes_per_s)
+      self._t_last = now
+      self._tokens -= nbytes  # debt is allowed: a block larger than the bucket still goes through
+      wait_s = -self._tokens / self.rate_bytes_per_s
+    if wait_s > 0:
+      time.sleep(wait_s)
+
+
+def blocks_nbytes(blocks: Sequence[np.ndarray | None]) -> int:
+  """Bytes of the blocks present in a read result (a missing block is None and counts 0)."""
+  return sum(b.nbytes for b in blocks if b is not None)
+
+
+class StorageLink:
+  """The store <-> host path of one node, with a read queue, an optional cap and counters."""
+
+  def __init__(self, store: BlockIO, *, node_id: int, config: StorageLinkConfig | None = None):
+    self.store = store
+    self.node_id = node_id
+    self.config = config or StorageLinkConfig()
+    rate = self.config.link_bytes_per_s
+    burst = 0.0 if rate is None else rate * self.config.burst_s
+    self._read_bucket = None if rate is None else TokenBucket(rate, burst)
+    self._write_bucket = None if rate is None else TokenBucket(rate, burst)
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        self.config.workers, thread_name_prefix=f"storage-link-{node_id}")
+    self._lock = threading.Lock()
+    self._read_queue_tokens = 0
+    self._in_flight = 0
+    self._busy_since = 0.0
+    self._busy_s = 0.0
+    self.bytes_read = 0
+    """Bytes of blocks delivered by completed reads (missing blocks count 0)."""
+    self.bytes_written = 0
+    """Bytes of blocks handed to the store by completed writes."""
+    self.read_records: list[TransferRecord] = []
+    self.write_records: list[TransferRecord] = []
+
+  # --- the scheduler's view --------------------------------------------------------------------
+
+  @property
+  def read_queue_tokens(self) -> int:
+    """Tokens of reads submitted and not yet completed (queued or in flight)."""
+    with self._lock:
+      return self._read_queue_tokens
+
+  @property
+  def busy_s(self) -> float:
+    """Seconds during which at least one read or write was in flight (until now)."""
+    with self._lock:
+      ongoing = time.perf_counter() - self._busy_since if self._in_flight else 0.0
+      return self._busy_s + ongoing
+
+  def describe(self) -> str:
+    rate = self.config.link_bytes_per_s
+    speed = ("uncapped (the store's and the host's own limit)" if rate is None else
+             f"emulates a NIC of {rate / 1e6:.1f} MB/s per direction (token bucket on real store "
+             f"I/O, burst {rate * self.config.burst_s / 1e6:.3g} MB)")
+    return f"StorageLink(node {self.node_id}): {speed}; {self.config.workers} workers"
+
+  # --- I/O -------------------------------------------------------------------------------------
+
+  def submit_read(self, namespace: str, hashes: Sequence[str], tokens: int, *,
+                  on_bytes: Callable[[int], None] | None = None) -> concurrent.futures.Future:
+    """Queues a read of Full Blocks; the future gives one array (or None if missing) a hash.
+
+    `tokens` is what the read adds to read_queue_tokens until it completes. `on_bytes(nbytes)` is
+    called on success before the future completes (a done-callback would race with result()).
+    """
+    if tokens < 0:
+      raise ValueError(f"tokens must be >= 0, got {tokens!r}")
+    hashes = list(hashes)
+    with self._lock:
+      self._read_queue_tokens += tokens
+    try:
+      return self._pool.submit(self._run, "read", tokens,
+                               lambda: self.store.read_blocks(namespace, hashes), on_bytes)
+    except BaseException:
+      with self._lock:
+        self._read_queue_tokens -= tokens
+      raise
+
+  def submit_write(self, namespace: str, hashes: Sequence[str], blocks: np.ndarray, *,
+                   on_bytes: Callable[[int], None] | None = None) -> concurrent.futures.Future:
+    """Queues a write of Full Blocks [n, L, B, W]; the future gives the store's result."""
+    hashes = list(hashes)
+    return self._pool.submit(self._run, "write", 0,
+                             lambda: (self.store.write_blocks(namespace, hashes, blocks), blocks),
+                             on_bytes)
+
+  def _run(self, op: str, tokens: int, io, on_bytes):
+    t_start = self._start()
+    nbytes = 0
+    try:
+      if op == "read":
+        result = io()
+        nbytes = blocks_nbytes(result)
+        bucket = self._read_bucket
+      else:
+        result, blocks = io()
+        nbytes = int(np.asarray(blocks).nbytes)
+        bucket = self._write_bucket
+      if bucket is not None:
+        bucket.pay(nbytes)
+      if on_bytes is not None:
+        on_bytes(nbytes)
+      return result
+    finally:
+      self._finish(op, tokens, t_start, nbytes)
+
+  def _start(self) -> float:
+    now = time.perf_counter()
+    with self._lock:
+      if self._in_flight == 0:
+        self._busy_since = now
+      self._in_flight += 1
+    return now
+
+  def _finish(self, op: str, tokens: int, t_start: float, nbytes: int) -> None:
+    now = time.perf_counter()
+    with self._lock:
+      self._in_flight -= 1
+      if self._in_flight == 0:
+        self._busy_s += now - self._busy_since
+      record = TransferRecord(t_start, now, nbytes)
+      if op == "read":
+        self._read_queue_tokens -= tokens
+        self.bytes_read += nbytes
+        self.read_records.append(record)
+      else:
+        self.bytes_written += nbytes
+        self.write_records.append(record)
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  def __enter__(self) -> "StorageLink":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,211 @@
+"""TrafficManager: every KV movement of one engine, behind its model work (PAPER.md section 4).
+
+The paper routes all of a GPU's traffic through its paired compute NIC and puts KV on a
+low-priority InfiniBand virtual lane, so KV uses the links only when model communication leaves
+them idle. On one host there are no virtual lanes to configure; what this class does instead:
+
+  * priority gate: a model step runs inside `with tm.model_step():`. A KV move that would start
+    while a step is active waits for the gap, at most `max_kv_wait_s` per chunk (the low lane's
+    reserved share: KV is delayed, never starved). Moves issued from inside a step by the step's
+    own thread go at once (layerwise prefill pulling its next layer; waiting would deadlock).
+  * chunking: H2D, D2H and D2D moves are split along axis 0 into pieces of at most `chunk_bytes`,
+    and each piece waits for the previous one to land before it is issued, so a model step queued
+    on the device waits behind at most one chunk (JAX dispatch is asynchronous: without this every
+    chunk would be enqueued ahead of the step). Pieces are joined on the destination with one
+    device-side concatenate.
+  * counters: bytes per path (PATHS) and per link, and the seconds KV moves spent waiting.
+
+What it does not do: it cannot preempt a transfer already issued, does not shape bandwidth (the
+storage links emulate NIC speeds; see storage_link.py), and does not emulate IB virtual lanes or
+PCIe QoS. Store reads and writes do not touch the device, so they are not gated, only counted.
+Its cost is measured as decode step-time inflation, by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualpath_jax.engines.topology import Engine
+from dualpath_jax.runtime.storage_link import StorageLink
+from dualpath_jax.transfer import device_move, host_device
+
+PATHS = ("store_read_pe_side", "store_read_de_side", "store_write", "h2d", "d2h", "d2d")
+READ_SIDES = {"pe": "store_read_pe_side", "de": "store_read_de_side"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrafficConfig:
+  """How KV moves yield to model work."""
+
+  chunk_bytes: int = 4 << 20
+  """Largest piece of one KV move issued at once; a model step waits behind at most one piece."""
+  max_kv_wait_s: float = 0.05
+  """Longest a KV piece waits for a gap in model work before it goes anyway."""
+
+  def __post_init__(self):
+    if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
+        or self.chunk_bytes <= 0:
+      raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
+    if not self.max_kv_wait_s >= 0:
+      raise ValueError(f"max_kv_wait_s must be >= 0, got {self.max_kv_wait_s!r}")
+
+
+@jax.jit
+def _concatenate(pieces):
+  return jnp.concatenate(pieces, axis=0)
+
+
+def _row_slices(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> list[slice]:
+  if not shape or shape[0] <= 1:
+    return [slice(None)]
+  row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+  rows = max(1, chunk_bytes // row_bytes)
+  return [slice(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
+
+
+class TrafficManager:
+  """Owns the KV traffic of one engine: store I/O through links, H2D, D2H and D2D."""
+
+  def __init__(self, engine: Engine, *, mover: device_move.DeviceMover | None = None,
+               config: TrafficConfig | None = None):
+    self.engine = engine
+    self.mover = mover or device_move.make_mover()
+    self.config = config or TrafficConfig()
+    self._cond = threading.Condition()
+    self._active_steps = 0
+    self._local = threading.local()
+    self._bytes_by_path = collections.Counter({p: 0 for p in PATHS})
+    self._bytes_by_link: collections.Counter = collections.Counter()
+    self._kv_wait_s = 0.0
+    self._kv_chunks = 0
+
+  # --- model work ------------------------------------------------------------------------------
+
+  @contextlib.contextmanager
+  def model_step(self):
+    """Marks a model step as running on this engine; KV moves wait for it to end."""
+    with self._cond:
+      self._active_steps += 1
+    self._local.depth = getattr(self._local, "depth", 0) + 1
+    try:
+      yield
+    finally:
+      self._local.depth -= 1
+      with self._cond:
+        self._active_steps -= 1
+        self._cond.notify_all()
+
+  def _wait_for_gap(self) -> None:
+    if getattr(self._local, "depth", 0):
+      return
+    t0 = time.perf_counter()
+    deadline = t0 + self.config.max_kv_wait_s
+    with self._cond:
+      while self._active_steps and (remaining := deadline - time.perf_counter()) > 0:
+        self._cond.wait(remaining)
+      self._kv_wait_s += time.perf_counter() - t0
+      self._kv_chunks += 1
+
+  # --- device moves ----------------------------------------------------------------------------
+
+  def _chunked(self, shape, itemsize, issue, path: str, link: str, nbytes: int):
+    pieces, previous = [], None
+    for rows in _row_slices(shape, itemsize, self.config.chunk_bytes):
+      if previous is not None:
+        jax.block_until_ready(previous)  # at most one piece ahead of a model step
+      self._wait_for_gap()
+      previous = issue(rows)
+      pieces.append(previous)
+    self._count(path, link, nbytes)
+    return pieces
+
+  def h2d(self, host_array: np.ndarray, dst: device_move.Destination | None = None) -> jax.Array:
+    """Host -> device (default: replicated on this engine); the caller may reuse host_array."""
+    host_array = np.asarray(host_array)
+    dst = self.engine if dst is None else dst
+    pieces = self._chunked(host_array.shape, host_array.itemsize,
+                           lambda rows: host_device.host_to_device(host_array[rows], dst),
+                           "h2d", f"host:{self._name(dst)}", host_array.nbytes)
+    return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
+
+  def d2h(self, x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
+    """Device -> host, into `out` when given (e.g. an array held in a host-buffer reservation)."""
+    out = np.empty(x.shape, x.dtype) if out is None else out
+    whole = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
+    self._chunked(x.shape, x.dtype.itemsize,
+                  lambda rows: host_device.device_to_host(x if whole else x[rows], out[rows]),
+                  "d2h", f"host:{self._name(x.sharding)}", x.nbytes)
+    return out
+
+  def d2d(self, x: jax.Array, dst: device_move.Destination) -> jax.Array:
+    """Device -> device onto another engine (or sharding), through the mover."""
+    slices = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
+    link = f"d2d:{self._name(x.sharding)}->{self._name(dst)}"
+    pieces = self._chunked(x.shape, x.dtype.itemsize,
+                           lambda rows: self.mover.move(x if len(slices) == 1 else x[rows], dst),
+                           "d2d", link, x.nbytes)
+    return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
+
+  # --- store I/O -------------------------------------------------------------------------------
+
+  def read(self, link: StorageLink, namespace: str, hashes: Sequence[str], tokens: int, *,
+           side: str) -> concurrent.futures.Future:
+    """Queues a Full-Block read on `link`; `side` is 'pe' or 'de' (which node's link reads)."""
+    if side not in READ_SIDES:
+      raise ValueError(f"side: expected 'pe' or 'de', got {side!r}")
+    return link.submit_read(namespace, hashes, tokens, on_bytes=lambda nbytes: self._count(
+        READ_SIDES[side], f"storage:node{link.node_id}", nbytes))
+
+  def write(self, link: StorageLink, namespace: str, hashes: Sequence[str], blocks: np.ndarray
+            ) -> concurrent.futures.Future:
+    """Queues a Full-Block write [n, L, B, W] on `link` (persistence of completed blocks)."""
+    return link.submit_write(namespace, hashes, blocks, on_bytes=lambda nbytes: self._count(
+        "store_write", f"storage:node{link.node_id}", nbytes))
+
+  # --- counters --------------------------------------------------------------------------------
+
+  def _count(self, path: str, link: str, nbytes: int) -> None:
+    with self._cond:
+      self._bytes_by_path[path] += nbytes
+      self._bytes_by_link[link] += nbytes
+
+  def _name(self, where) -> str:
+    if isinstance(where, Engine):
+      return where.name
+    devices = device_move.ordered_devices(where)
+    if set(devices) == set(self.engine.devices):
+      return self.engine.name
+    return "dev" + "+".join(str(d.id) for d in devices)
+
+  @property
+  def bytes_by_path(self) -> dict[str, int]:
+    """Bytes moved per path (keys: PATHS), completed moves only for store I/O."""
+    with self._cond:
+      return dict(self._bytes_by_path)
+
+  @property
+  def bytes_by_link(self) -> dict[str, int]:
+    """Bytes per link: 'storage:node<i>', 'host:<engine>', 'd2d:<src>-><dst>'."""
+    with self._cond:
+      return dict(self._bytes_by_link)
+
+  @property
+  def kv_wait_s(self) -> float:
+    """Seconds KV pieces spent waiting for gaps in model work."""
+    with self._cond:
+      return self._kv_wait_s
+
+  def describe(self) -> str:
+    return (f"TrafficManager({self.engine.name}): model work first, KV pieces of <= "
+            f"{self.config.chunk_bytes} bytes wait <= {self.config.max_kv_wait_s} s for a gap; "
+            f"mover={self.mover.name}; no IB virtual lanes or PCIe QoS emulated")

@@ -1,0 +1,87 @@
+"""Host <-> device copies (the paper's CNIC-assisted H2D / D2H, PAPER.md section 4.2).
+
+H2D stages through pinned host memory where the backend has it and it is a separate memory: on
+GPUs a pageable numpy buffer moves at ~9 GB/s and a pinned one at ~54 GB/s (DESIGN.md, H200), so
+`host_to_device` first places the array in the 'pinned_host' memory of the destination devices and
+then copies it into device memory. CPU backends also list a 'pinned_host' memory kind, but it is
+the same RAM as the "device": staging there would only add a copy, so on CPU the copy goes
+straight to the device.
+
+Aliasing: jax.device_put of a suitably aligned numpy array may alias it on CPU (even with
+may_alias=False, measured with jax 0.10.2), so a later write into a reused host buffer would
+change the "device" array. `host_to_device` therefore copies unless the caller hands the buffer
+over for good (copy=False).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Sharding
+
+from dualpath_jax.transfer.device_move import Destination, destination_sharding
+
+PINNED_HOST = "pinned_host"
+STAGING_MODES = ("auto", "pinned", "direct")
+
+
+def has_pinned_host(sharding: Sharding) -> bool:
+  """True if every device of `sharding` offers a 'pinned_host' memory kind."""
+  for device in sharding.device_set:
+    try:
+      kinds = {m.kind for m in device.addressable_memories()}
+    except Exception:  # noqa: BLE001  (backends without memory-kind support raise various errors)
+      return False
+    if PINNED_HOST not in kinds:
+      return False
+  return True
+
+
+def _use_pinned(sharding: Sharding, staging: str) -> bool:
+  if staging not in STAGING_MODES:
+    raise ValueError(f"staging: expected one of {list(STAGING_MODES)}, got {staging!r}")
+  if staging == "direct":
+    return False
+  supported = has_pinned_host(sharding)
+  if staging == "pinned":
+    if not supported:
+      raise ValueError("staging: 'pinned' asked for, but the destination has no pinned_host memory")
+    return True
+  on_cpu = all(d.platform == "cpu" for d in sharding.device_set)
+  return supported and not on_cpu
+
+
+def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = True,
+                   staging: str = "auto") -> jax.Array:
+  """Copies a host array onto an engine's devices (replicated) or onto a given sharding.
+
+  Args:
+    host_array: the bytes to move; the caller may reuse it as soon as this returns if copy=True.
+    dst: an Engine (the array lands replicated on its devices) or a Sharding.
+    copy: False only when the caller never writes `host_array` again (it may be aliased on CPU).
+    staging: 'auto' (pinned staging where it is a separate memory), 'pinned', or 'direct'.
+  """
+  sharding = destination_sharding(dst)
+  host_array = np.asarray(host_array)
+  if _use_pinned(sharding, staging):
+    # The pinned copy is a fresh buffer, so the caller's array is free once this returns.
+    staged = jax.device_put(host_array, sharding.with_memory_kind(PINNED_HOST))
+    return jax.device_put(staged, sharding.with_memory_kind("device"))
+  if copy:
+    host_array = np.array(host_array, copy=True)
+  return jax.device_put(host_array, sharding)
+
+
+def device_to_host(x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
+  """Copies a device array to host memory; into `out` (same shape and dtype) when given.
+
+  The result never aliases device memory the runtime may later reuse.
+  """
+  if not isinstance(x, jax.Array):
+    raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
+  if out is not None:
+    if out.shape != x.shape or out.dtype != x.dtype:
+      raise ValueError(f"out: expected {x.dtype} {list(x.shape)}, got {out.dtype} {list(out.shape)}")
+    out[...] = np.asarray(x)
+    return out
+  return np.array(x, copy=True)

@@ -1,0 +1,135 @@
+"""Storage links, host buffers and store traffic: queues, caps, concurrency, bounds."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.runtime.host_buffer import HostBuffer
+from dualpath_jax.runtime.storage_link import StorageLink, StorageLinkConfig
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4)
+
+
+class FakeStore:
+  """Blocks in a dict; optional per-read delay and a gate that holds reads until opened."""
+
+  def __init__(self, block_bytes=LAYOUT.full_block_bytes, read_delay_s=0.0):
+    self.blocks = {}
+    self.block_bytes = block_bytes
+    self.read_delay_s = read_delay_s
+    self.gate = threading.Event()
+    self.gate.set()
+
+  def read_blocks(self, namespace, hashes):
+    self.gate.wait()
+    time.sleep(self.read_delay_s)
+    return [self.blocks.get((namespace, h)) for h in hashes]
+
+  def write_blocks(self, namespace, hashes, blocks):
+    for h, b in zip(hashes, blocks):
+      self.blocks[(namespace, h)] = np.array(b)
+    return len(hashes)
+
+  def fill(self, n, nbytes=None):
+    nbytes = nbytes or self.block_bytes
+    for i in range(n):
+      self.blocks[("ns", f"h{i}")] = np.full(nbytes, i, np.uint8)
+    return [f"h{i}" for i in range(n)]
+
+
+def test_cap_holds_its_rate():
+  store = FakeStore()
+  hashes = store.fill(10, nbytes=1_000_000)
+  rate = 20e6
+  with StorageLink(store, node_id=0, config=StorageLinkConfig(link_bytes_per_s=rate)) as link:
+    assert "emulates a NIC of 20.0 MB/s" in link.describe()
+    t0 = time.perf_counter()
+    futures = [link.submit_read("ns", [h], tokens=64) for h in hashes]
+    for f in futures:
+      f.result()
+    elapsed = time.perf_counter() - t0
+  assert link.bytes_read == 10_000_000
+  assert abs(link.bytes_read / elapsed / rate - 1) < 0.05
+  assert link.busy_s == pytest.approx(elapsed, rel=0.05)
+  assert len(link.read_records) == 10
+
+
+def test_links_of_two_nodes_overlap():
+  store = FakeStore(read_delay_s=0.15)
+  hashes = store.fill(2)
+  links = [StorageLink(store, node_id=i, config=StorageLinkConfig(workers=1)) for i in range(2)]
+  futures = [link.submit_read("ns", hashes, tokens=8) for link in links]
+  for f in futures:
+    assert all(b is not None for b in f.result())
+  (a,), (b,) = (link.read_records for link in links)
+  assert max(a.t_start, b.t_start) < min(a.t_end, b.t_end)  # in flight at the same time
+  for link in links:
+    link.close()
+
+
+def test_read_queue_tokens_rise_and_drain():
+  store = FakeStore()
+  hashes = store.fill(3)
+  store.gate.clear()
+  with StorageLink(store, node_id=0) as link:
+    futures = [link.submit_read("ns", hashes[:1], tokens=4),
+               link.submit_read("ns", hashes + ["missing"], tokens=16)]
+    assert link.read_queue_tokens == 20
+    store.gate.set()
+    blocks = futures[1].result()
+    futures[0].result()
+    assert blocks[-1] is None and link.read_queue_tokens == 0
+    assert link.bytes_read == 4 * LAYOUT.full_block_bytes
+    link.submit_write("ns", ["w0"], np.zeros((1, *LAYOUT.full_block_shape), np.uint8)).result()
+    assert link.bytes_written == LAYOUT.full_block_bytes and ("ns", "w0") in store.blocks
+
+
+@pytest.mark.parametrize("rate", [0, -5.0])
+def test_bad_cap_names_field(rate):
+  with pytest.raises(ValueError, match="link_bytes_per_s"):
+    StorageLinkConfig(link_bytes_per_s=rate)
+
+
+def test_host_buffer_bound():
+  block = LAYOUT.full_block_bytes
+  with pytest.raises(ValueError, match="host_buffer_bytes"):
+    HostBuffer(host_buffer_bytes=block - 1, full_block_bytes=block)
+  buf = HostBuffer(host_buffer_bytes=3 * block, full_block_bytes=block)
+  first = buf.reserve_blocks(2, "r0")
+  assert buf.try_reserve(2 * block) is None and buf.used_bytes == 2 * block
+  with pytest.raises(ValueError, match="host_buffer_bytes"):
+    buf.reserve(4 * block)
+  with pytest.raises(TimeoutError):
+    buf.reserve(2 * block, timeout_s=0.05)
+  with pytest.raises(ValueError, match="do not fit"):
+    first.hold(np.zeros((3, *LAYOUT.full_block_shape), np.uint8))
+  first.hold(np.zeros((2, *LAYOUT.full_block_shape), np.uint8))
+  threading.Timer(0.05, first.release).start()
+  with buf.reserve(2 * block, "r1", timeout_s=5) as second:  # waits for r0's release
+    assert first.released and second.nbytes == 2 * block
+  assert buf.used_bytes == 0 and buf.peak_bytes == 2 * block
+
+
+def test_reads_and_writes_through_the_real_store():
+  """The link and the traffic counters over KVBlockStore on tensorstore's memory driver."""
+  from dualpath_jax.engines import TopologyConfig, build_topology
+  from dualpath_jax.kvstore import KVBlockStore, StoreSpec, chain_block_hashes
+  from dualpath_jax.runtime.traffic import TrafficManager
+
+  rng = np.random.default_rng(0)
+  blocks = rng.integers(0, 256, (3, *LAYOUT.full_block_shape), dtype=np.uint8)
+  hashes = chain_block_hashes(np.arange(3 * LAYOUT.block_tokens), LAYOUT.block_tokens)
+  de = build_topology(TopologyConfig(num_prefill_engines=1, num_decode_engines=1)).decode_engines[0]
+  tm = TrafficManager(de)
+  with KVBlockStore.open(StoreSpec(driver="memory"), LAYOUT) as store, \
+      StorageLink(store, node_id=de.node_id) as link:
+    tm.write(link, "agent0", hashes, blocks).result()
+    got = tm.read(link, "agent0", hashes + ["0" * 32], tokens=4 * LAYOUT.block_tokens,
+                  side="de").result()
+  assert got[-1] is None
+  np.testing.assert_array_equal(np.stack(got[:3]), blocks)
+  assert tm.bytes_by_path["store_write"] == tm.bytes_by_path["store_read_de_side"] == blocks.nbytes
+  assert tm.bytes_by_link[f"storage:node{de.node_id}"] == 2 * blocks.nbytes
