@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dualpath_jax.engines import TopologyConfig, build_topology
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.traffic import TrafficConfig, TrafficManager
-from dualpath_jax.transfer import (MOVER_NAMES, device_to_host, host_to_device, make_mover)
+from dualpath_jax.transfer import (MOVER_NAMES, device_to_host, has_pinned_host, host_to_device,
+                                   make_mover)
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4)
 
@@ -114,3 +115,16 @@ def test_kv_moves_wait_for_model_steps(topo):
   assert done == ["step", "kv"] and tm.kv_wait_s > 0.1
   with tm.model_step():  # a step's own KV pull goes at once instead of deadlocking
     tm.h2d(np.ones((4, 4), np.float32))
+
+
+def test_pinned_staging_path(topo):
+  """The GPU H2D path (stage into pinned_host, then device), run where CPU offers the kind."""
+  engine = topo.decode_engines[1]
+  if not has_pinned_host(engine.replicated_sharding):
+    pytest.skip("no pinned_host memory kind on this backend")
+  host = random_layer_kv(seed=3)
+  x = host_to_device(host, engine, staging="pinned")
+  assert x.sharding.memory_kind == "device" and x.devices() == set(engine.devices)
+  np.testing.assert_array_equal(bits(x), bits(host))
+  with pytest.raises(ValueError, match="staging"):
+    host_to_device(host, engine, staging="rdma")

@@ -78,6 +78,7 @@ class KVBlockStore:
     self._root = root
     self._segment_id = uuid.uuid4().hex
     self._lock = threading.Lock()
+    self._create_lock = threading.Lock()
     self._segments: dict[tuple[str, str], ts.TensorStore] = {}
     self._next_slot: dict[str, int] = {}
     self._known_corrupt: set[tuple[str, str]] = set()
@@ -259,18 +260,21 @@ class KVBlockStore:
 
   def _writable_segment(self, namespace: str) -> ts.TensorStore:
     key = (namespace, self._segment_id)
-    if key not in self._segments:
-      spec, kvstore = self._segment_spec(namespace, self._segment_id)
-      spec["metadata"] = {
-          "shape": [MAX_SLOTS, *self.layout.full_block_shape], "data_type": "uint8",
-          "chunk_grid": {"name": "regular",
-                         "configuration": {"chunk_shape": [1, *self.layout.full_block_shape]}},
-          # c.<slot>.0.0.0: one file per block, no directory per slot to create on every write.
-          "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
-          "codecs": [{"name": "bytes"}, {"name": "crc32c"}], "fill_value": 0}
-      self._segments[key] = ts.open(spec, kvstore=kvstore, create=True,
-                                    context=self._context).result()
+    with self._create_lock:  # two threads writing a new namespace must not both create it
+      if key not in self._segments:
+        self._segments[key] = self._create_segment(namespace)
     return self._segments[key]
+
+  def _create_segment(self, namespace: str) -> ts.TensorStore:
+    spec, kvstore = self._segment_spec(namespace, self._segment_id)
+    spec["metadata"] = {
+        "shape": [MAX_SLOTS, *self.layout.full_block_shape], "data_type": "uint8",
+        "chunk_grid": {"name": "regular",
+                       "configuration": {"chunk_shape": [1, *self.layout.full_block_shape]}},
+        # c.<slot>.0.0.0: one file per block, no directory per slot to create on every write.
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "codecs": [{"name": "bytes"}, {"name": "crc32c"}], "fill_value": 0}
+    return ts.open(spec, kvstore=kvstore, create=True, context=self._context).result()
 
 
 def _index_key(namespace: str, digest: str) -> str:

@@ -98,7 +98,8 @@ class ShardMapMover(DeviceMover):
       return jax.device_put(x, dst_sharding)  # same devices: a relayout at most, no link crossed
     if set(src_devices) & set(dst_devices) or len(src_devices) != len(dst_devices):
       raise ValueError(f"dst: ShardMapMover needs disjoint device sets of equal size, got source "
-                       f"{[d.id for d in src_devices]} and destination {[d.id for d in dst_devices]}")
+                       f"{[d.id for d in src_devices]} and destination "
+                       f"{[d.id for d in dst_devices]}")
     src_index = x.sharding.devices_indices_map(x.shape)
     dst_index = dst_sharding.devices_indices_map(x.shape)
     if any(src_index[s] != dst_index[d] for s, d in zip(src_devices, dst_devices)):

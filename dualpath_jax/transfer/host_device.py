@@ -81,7 +81,8 @@ def device_to_host(x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
     raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
   if out is not None:
     if out.shape != x.shape or out.dtype != x.dtype:
-      raise ValueError(f"out: expected {x.dtype} {list(x.shape)}, got {out.dtype} {list(out.shape)}")
+      raise ValueError(f"out: expected {x.dtype} {list(x.shape)}, "
+                       f"got {out.dtype} {list(out.shape)}")
     out[...] = np.asarray(x)
     return out
   return np.array(x, copy=True)

@@ -1,0 +1,163 @@
+"""A decode engine (DE): takes prompts from its node buffer into a paged pool, decodes, persists.
+
+Admission (PAPER.md section 2.4): once the DE node buffer holds a request's complete prompt KV, the
+DE allocates pages, moves the KV onto its device (H2D), releases the host buffer and starts
+decoding. Every step decodes all admitted sequences together (padded to decode_batch_size: one
+compiled program). When a sequence has its forced number of tokens, every completed Full Block of
+the turn (the appended prompt and the generated tokens, those before the hit excluded) goes D2H and
+is written to the store through this node's storage link; the turn ends when the write commits,
+so the agent's next turn hits it. In oracle mode the prompt KV never arrives (the pages hold
+whatever was there) and nothing is persisted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualpath_jax.kvstore.hashing import chain_block_hashes
+from dualpath_jax.model import paged
+from dualpath_jax.model.prefill import pad_axis
+from dualpath_jax.runtime.prefill_worker import pow2_at_least
+from dualpath_jax.runtime.request import TurnRequest
+
+
+class DecodeWorker(threading.Thread):
+  """One DE: a thread running continuous batched decode over its paged pool."""
+
+  def __init__(self, cluster, engine, model):
+    super().__init__(name=f"decode-{engine.name}", daemon=True)
+    self.cluster = cluster
+    self.engine = engine
+    self.model = model
+    self.tm = cluster.traffic[engine.name]
+    config = cluster.runtime_config
+    self.block_tokens = cluster.layout.block_tokens
+    self.max_pages = -(-config.max_context_tokens // self.block_tokens)
+    num_pages = config.decode_batch_size * self.max_pages + 1
+    self.pool = jax.device_put(paged.init_pool(model.config, num_pages, self.block_tokens),
+                               engine.replicated_sharding)
+    self.table = paged.PageTable.create(num_pages, self.block_tokens)
+    self._cond = threading.Condition()
+    self._pending: list[TurnRequest] = []
+    self._active: list[TurnRequest] = []
+    self._stopping = False
+    self.step_times_s: list[float] = []
+    """Wall time of every decode step (for step-time inflation under KV traffic)."""
+    self.unfinished_tokens = 0
+    """Tokens of admitted and pending sequences (scheduler state)."""
+
+  def submit(self, request: TurnRequest) -> None:
+    with self._cond:
+      self._pending.append(request)
+      self.unfinished_tokens += request.prompt_tokens + request.gen_tokens
+      self._cond.notify_all()
+
+  def stop(self) -> None:
+    with self._cond:
+      self._stopping = True
+      self._cond.notify_all()
+
+  def run(self) -> None:
+    while True:
+      with self._cond:
+        while not self._stopping and not self._pending and not self._active:
+          self._cond.wait()
+        if self._stopping:
+          return
+        room = self.cluster.runtime_config.decode_batch_size - len(self._active)
+        admitted, self._pending = self._pending[:room], self._pending[room:]
+      try:
+        for request in admitted:
+          self._admit(request)
+        if self._active:
+          self._step()
+      except BaseException as e:
+        for request in admitted + self._active:
+          request.error = e
+          self._end(request)
+        self._active = []
+
+  def _admit(self, request: TurnRequest) -> None:
+    request.times["decode_start"] = time.perf_counter()
+    self.table = self.table.allocate(request, request.prompt_tokens)
+    pages = self.table.block_tables[request]
+    if not self.cluster.runtime_config.skips_kv_io:
+      n = pow2_at_least(len(pages))  # bucketed page count: a bounded number of compiles
+      page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
+      page_ids[:len(pages)] = pages
+      kv = self.tm.h2d(pad_axis(request.prompt_kv, n * self.block_tokens, 1))
+      request.add_bytes("h2d", request.prompt_kv.nbytes)
+      self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
+      request.prompt_kv = None
+      request.de_reservation.release()
+    request.generated = [request.first_token]
+    request.times["first_token"] = time.perf_counter()
+    if request.gen_tokens == 1:
+      self._finish(request)
+    else:
+      self._active.append(request)
+
+  def _step(self) -> None:
+    start = time.perf_counter()
+    batch = self.cluster.runtime_config.decode_batch_size
+    self.table, block_tables, seq_lens = self.table.prepare_decode(
+        self._active, batch_size=batch, max_pages=self.max_pages)
+    tokens = np.zeros((batch,), np.int32)
+    tokens[:len(self._active)] = [r.generated[-1] for r in self._active]
+    place = lambda a: jax.device_put(a, self.engine.replicated_sharding)  # noqa: E731
+    with self.tm.model_step():
+      logits, self.pool = paged.decode_step_jit(self.model, self.pool, place(tokens),
+                                                place(block_tables), place(seq_lens))
+      next_tokens = np.asarray(jnp.argmax(logits, axis=-1))
+    self.step_times_s.append(time.perf_counter() - start)
+    still = []
+    for row, request in enumerate(self._active):
+      request.generated.append(int(next_tokens[row]))
+      if len(request.generated) >= request.gen_tokens:
+        self._finish(request)
+      else:
+        still.append(request)
+    self._active = still
+
+  def _finish(self, request: TurnRequest) -> None:
+    """Persists the turn's completed Full Blocks, frees its pages, ends it when the write commits."""
+    pages = self.table.block_tables[request]
+    if self.cluster.runtime_config.skips_kv_io:
+      self.table = self.table.free(request)
+      self._end(request)
+      return
+    layout = self.cluster.layout
+    # KV exists for the prompt and every generated token but the last (never fed back).
+    with_kv = np.concatenate([request.prompt, np.array(request.generated[:-1], np.int32)])
+    hashes = chain_block_hashes(with_kv, self.block_tokens)
+    todo = hashes[request.hit_blocks:]
+    if not todo:
+      self.table = self.table.free(request)
+      self._end(request)
+      return
+    n = pow2_at_least(len(todo))
+    page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
+    page_ids[:len(todo)] = pages[request.hit_blocks:len(hashes)]
+    kv = paged.read_kv_from_pages(self.pool, page_ids, n * self.block_tokens)
+    host = self.tm.d2h(kv)[:, :len(todo) * self.block_tokens]
+    request.add_bytes("d2h", host.nbytes)
+    blocks = layout.kv_to_full_blocks(host)
+    self.table = self.table.free(request)
+    link = self.cluster.links[self.engine.node_id]
+    future = self.tm.write(link, request.agent_id, todo, blocks)
+    request.add_bytes("store_write", blocks.nbytes)
+    future.add_done_callback(lambda f: self._end(request, f.exception()))
+
+  def _end(self, request: TurnRequest, error: BaseException | None = None) -> None:
+    if error is not None and request.error is None:
+      request.error = error
+    with self._cond:
+      self.unfinished_tokens -= request.prompt_tokens + request.gen_tokens
+    request.times["done"] = time.perf_counter()
+    request.done.set()
+    self.cluster.on_turn_done(request)

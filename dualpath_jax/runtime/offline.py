@@ -1,0 +1,142 @@
+"""The offline agentic job (PAPER.md section 6.7): all agents start at t=0, JCT when all finish.
+
+Each agent's turn k+1 is submitted when its turn k ends; its prompt is the agent's whole context
+(earlier appends and generated tokens) plus the next append. The hit length is what the client
+knows (PAPER.md section 6.4): the whole blocks the store holds for the prompt (a lookup), or, in
+oracle mode, which skips every store access, the blocks earlier turns would have persisted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dualpath_jax.kvstore.block_store import KVBlockStore
+from dualpath_jax.kvstore.hashing import chain_block_hashes
+from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.runtime.cluster import Cluster
+from dualpath_jax.runtime.colocated import ColocatedEngine
+from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.request import TurnRequest
+from dualpath_jax.workload.synthetic import AgentTrajectory
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OfflineRun:
+  """What one offline run did."""
+
+  mode: str
+  jct_s: float
+  turns: list[dict]
+  """One record per turn (agent, turn, timestamps relative to the start, tokens, bytes, tokens)."""
+  bytes: dict[str, int]
+  """Bytes per path over the run, from the traffic managers."""
+  generated: dict[tuple[str, int], list[int]]
+  """Generated tokens per (agent, turn)."""
+  max_prefix_layers_on_pe: int
+  """Most layers of prefix KV any PE held on its device at once."""
+  decode_step_s: list[float]
+  """Every decode step's wall time, all DEs."""
+  link_records: dict[int, list]
+  """Per node: (t_start, t_end, bytes) of every completed read, relative to the start."""
+
+
+def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_tokens: int,
+                known_with_kv: int, block_tokens: int) -> int:
+  # One prompt token is always computed: its logits give the first generated token.
+  cap = (prompt_tokens - 1) // block_tokens
+  if mode == "oracle":
+    return min(known_with_kv // block_tokens, cap)
+  return min(store.longest_prefix(namespace, hashes), cap)
+
+
+def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,
+                trajectories: Sequence[AgentTrajectory], *, namespace_prefix: str = "",
+                progress: Callable[[str], None] | None = None, devices=None) -> OfflineRun:
+  """Runs every trajectory to its end on a fresh Cluster; returns the run's records."""
+  done_queue: queue.Queue = queue.Queue()
+  cluster = Cluster(runtime_config, model, store, layout, on_turn_done=done_queue.put,
+                    devices=devices)
+  bt = layout.block_tokens
+  contexts = {t.agent_id: [] for t in trajectories}
+  with_kv = {t.agent_id: 0 for t in trajectories}
+  by_agent = {t.agent_id: t for t in trajectories}
+  total = sum(len(t.turns) for t in trajectories)
+  records, generated = [], {}
+  start = time.perf_counter()
+
+  def submit(agent_id: str, turn: int) -> None:
+    trajectory = by_agent[agent_id]
+    prompt = np.array(contexts[agent_id] + trajectory.turns[turn].append_ids.tolist(), np.int32)
+    namespace = namespace_prefix + agent_id
+    hashes = chain_block_hashes(prompt, bt)
+    hit = _hit_blocks(store, runtime_config.mode, namespace, hashes, len(prompt),
+                      with_kv[agent_id], bt)
+    cluster.submit(TurnRequest(agent_id=namespace, turn=turn, prompt=prompt,
+                               gen_tokens=trajectory.turns[turn].gen_tokens, hashes=hashes,
+                               hit_blocks=hit, block_tokens=bt))
+
+  try:
+    for trajectory in trajectories:
+      submit(trajectory.agent_id, 0)
+    while len(records) < total:
+      request: TurnRequest = done_queue.get(timeout=600)
+      if request.error is not None:
+        raise RuntimeError(f"{request.agent_id} turn {request.turn} failed") from request.error
+      agent_id = request.agent_id[len(namespace_prefix):]
+      contexts[agent_id] = request.prompt.tolist() + request.generated
+      with_kv[agent_id] = len(contexts[agent_id]) - 1
+      generated[(agent_id, request.turn)] = list(request.generated)
+      records.append(_record(request, agent_id, start, layout))
+      if progress is not None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / len(records) * (total - len(records))
+        progress(f"[{runtime_config.mode}] turns {len(records)}/{total}  elapsed {elapsed:6.1f}s"
+                 f"  eta {eta:6.1f}s")
+      if request.turn + 1 < len(by_agent[agent_id].turns):
+        submit(agent_id, request.turn + 1)
+    jct_s = time.perf_counter() - start
+  finally:
+    cluster.close()
+  return OfflineRun(
+      mode=runtime_config.mode, jct_s=jct_s, turns=records, bytes=cluster.bytes_by_path(),
+      generated=generated,
+      max_prefix_layers_on_pe=max(w.max_resident_layers for w in cluster.prefill_workers),
+      decode_step_s=[s for w in cluster.decode_workers for s in w.step_times_s],
+      link_records={i: [(r.t_start - start, r.t_end - start, r.nbytes) for r in link.read_records]
+                    for i, link in cluster.links.items()})
+
+
+def _record(request: TurnRequest, agent_id: str, start: float, layout: KVLayout) -> dict:
+  return dict(
+      agent=agent_id, turn=request.turn, prefill_engine=request.prefill_engine,
+      decode_engine=request.decode_engine, read_side=request.read_side if request.hit_blocks
+      else "none", prompt_tokens=request.prompt_tokens, hit_tokens=request.hit_tokens,
+      new_tokens=request.new_tokens, gen_tokens=request.gen_tokens,
+      times_s={k: round(v - start, 6) for k, v in sorted(request.times.items(),
+                                                        key=lambda kv: kv[1])},
+      bytes=dict(request.bytes), generated=list(request.generated))
+
+
+def run_reference(model, trajectories: Sequence[AgentTrajectory], max_context_tokens: int
+                  ) -> dict[tuple[str, int], list[int]]:
+  """Generated tokens of every turn with no cache at all (full recompute, one device)."""
+  engine = ColocatedEngine(model, None, use_cache=False, max_context_tokens=max_context_tokens)
+  generated = {}
+  for trajectory in trajectories:
+    context: list[int] = []
+    for k, turn in enumerate(trajectory.turns):
+      prompt = context + turn.append_ids.tolist()
+      result = engine.run_turn(trajectory.agent_id, prompt, turn.gen_tokens)
+      generated[(trajectory.agent_id, k)] = result.generated.tolist()
+      context = prompt + result.generated.tolist()
+  return generated
+
+
+def stderr_progress(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,65 @@
+"""One turn in flight through the runtime: what it is, where it runs, and when each step happened."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class TurnRequest:
+  """A turn of one agent, filled in as it moves from scheduler to PE to DE."""
+
+  agent_id: str
+  """The agent; also the store namespace of its blocks."""
+  turn: int
+  """Turn index within the agent's trajectory."""
+  prompt: np.ndarray
+  """[T] int32: context + append."""
+  gen_tokens: int
+  """Tokens to generate (forced length)."""
+  hashes: list[str]
+  """Chained hashes of the prompt's complete blocks."""
+  hit_blocks: int
+  """Leading blocks whose KV is read from the store (the rest is prefilled)."""
+  block_tokens: int
+  """Tokens per block."""
+  # Placement.
+  prefill_engine: int = -1
+  decode_engine: int = -1
+  read_side: str = ""
+  # Filled in flight.
+  read_future: object = None
+  """Future of the storage-link read (list of Full Blocks or None)."""
+  read_reservation: object = None
+  """Host-buffer reservation on the read node."""
+  de_reservation: object = None
+  """Host-buffer reservation on the DE node for the prompt KV."""
+  prompt_kv: np.ndarray | None = None
+  """[L, T, 2, H, D]: the prompt KV assembled in the DE buffer."""
+  first_token: int = -1
+  generated: list[int] = dataclasses.field(default_factory=list)
+  bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+  """Bytes this turn moved per path."""
+  times: dict[str, float] = dataclasses.field(default_factory=dict)
+  """perf_counter timestamps: ready, read_start, read_done, prefill_start, prefill_done,
+  decode_start, first_token, done."""
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  error: BaseException | None = None
+
+  @property
+  def hit_tokens(self) -> int:
+    return self.hit_blocks * self.block_tokens
+
+  @property
+  def prompt_tokens(self) -> int:
+    return int(self.prompt.shape[0])
+
+  @property
+  def new_tokens(self) -> int:
+    return self.prompt_tokens - self.hit_tokens
+
+  def add_bytes(self, path: str, nbytes: int) -> None:
+    self.bytes[path] = self.bytes.get(path, 0) + int(nbytes)
