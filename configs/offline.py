@@ -1,0 +1,70 @@
+r"""Offline agentic job (PAPER.md section 6.7): all agents start at t=0; JCT when all finish.
+
+  python experiments/offline.py --workdir=/tmp/dualpath                       # default: cpu
+  python experiments/offline.py --config=configs/offline.py:smoke --workdir=/tmp/smoke
+  python experiments/offline.py --config=configs/offline.py:smoke,agents=16 --workdir=/tmp/s16
+  python experiments/offline.py --config=configs/offline.py:cpu --config.topology.num_decode_engines=3 \
+      --config.topology.num_prefill_engines=1 --workdir=/tmp/1p3d
+
+Variants (the part of the argument before the first comma):
+  smoke  CI-sized: tiny model, 2P2D, links capped so that loading dominates (seconds)
+  cpu    the CPU demo: small model, 2P2D, 8 agents x 5 turns, capped links (a minute or two)
+Then comma-separated key=value overrides of the workload: agents, turns, first_append_tokens,
+append_tokens, gen_tokens.
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "cpu")
+WORKLOAD_OVERRIDES = ("agents", "turns", "first_append_tokens", "append_tokens", "gen_tokens")
+
+
+def _parse(arg: str | None) -> tuple[str, dict[str, int]]:
+  parts = [p for p in (arg or "cpu").split(",") if p]
+  variant, overrides = parts[0], {}
+  if variant not in VARIANTS:
+    raise ValueError(f"config: unknown variant {variant!r}; choose one of {VARIANTS}")
+  for part in parts[1:]:
+    key, sep, value = part.partition("=")
+    if not sep or key not in WORKLOAD_OVERRIDES:
+      raise ValueError(f"config: bad override {part!r}; expected key=value with key one of "
+                       f"{WORKLOAD_OVERRIDES}")
+    overrides[key] = int(value)
+  return variant, overrides
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, overrides = _parse(arg)
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.modes = ["basic", "dualpath", "oracle"]
+  # Run each mode once untimed first (own namespaces, uncapped links): JCT excludes compilation.
+  c.warmup = True
+  # Compare every generated token with a no-cache full recompute on one device.
+  c.check_reference = True
+  c.platform = "cpu"  # 'cpu' simulates num_cpu_devices devices; 'default' takes jax's backend
+  c.num_cpu_devices = 8
+
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", seed=0,
+                                           checkpoint=""))
+  c.topology = ml_collections.ConfigDict(dict(num_prefill_engines=2, num_decode_engines=2,
+                                              devices_per_engine=1, engines_per_node=1))
+  c.runtime = ml_collections.ConfigDict(dict(
+      link_bytes_per_s=1e6,  # emulated storage NIC per node; None = uncapped
+      host_buffer_bytes=256 << 20, mover="device_put", decode_batch_size=8,
+      max_context_tokens=2048, kv_chunk_bytes=4 << 20))
+  c.workload = ml_collections.ConfigDict(dict(
+      kind="synthetic", agents=8, turns=4, first_append_tokens=400, append_tokens=64,
+      gen_tokens=8, seed=0))
+  c.store = ml_collections.ConfigDict(dict(driver="file", path=""))  # '' = WORKDIR/store
+
+  if variant == "cpu":
+    c.model.preset = "small"
+    c.runtime.link_bytes_per_s = 20e6
+    c.runtime.max_context_tokens = 4096
+    c.workload.update(agents=8, turns=5, first_append_tokens=1200, append_tokens=128,
+                      gen_tokens=16)
+  for key, value in overrides.items():
+    c.workload[key] = value
+  c.lock()
+  return c

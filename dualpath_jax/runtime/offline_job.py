@@ -1,0 +1,159 @@
+"""The offline experiment as a library: config dict -> typed records -> runs -> files in a workdir.
+
+Notebooks and scripts both call `OfflineJob.from_config(config, workdir).run()`. Outputs:
+  config.json   the config as run
+  summary.json  {"runs": [{mode, jct_s, turns, tokens_prefilled, tokens_hit, bytes{...},
+                 outputs_match_reference, ...}, ...]}
+  turns.jsonl   one record per turn and mode: timestamps, hit and new tokens, read side, bytes
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from dualpath_jax.engines.topology import TopologyConfig
+from dualpath_jax.kvstore import KVBlockStore, KVLayout, StoreSpec
+from dualpath_jax.model import config as model_config
+from dualpath_jax.model import weights
+from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.offline import OfflineRun, run_offline, run_reference
+from dualpath_jax.workload import simple_trajectories
+
+BYTE_KEYS = ("store_read_pe_side", "store_read_de_side", "store_write", "h2d", "d2h", "d2d")
+
+
+def _typed(cls, section: str, values: Mapping):
+  """cls(**values) with unknown keys reported by their config path."""
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"{section}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+  return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OfflineJob:
+  """Everything one offline experiment needs, validated."""
+
+  workdir: str
+  """Output folder."""
+  config_dict: dict
+  """The config as given (written to config.json)."""
+  model_config: model_config.ModelConfig
+  """Model geometry and dtype."""
+  runtimes: tuple[RuntimeConfig, ...]
+  """One runtime per mode, in order."""
+  store_spec: StoreSpec
+  """Where the KV store lives."""
+  workload: dict
+  """Arguments of simple_trajectories."""
+  seed: int
+  """Weight seed (random weights when no checkpoint)."""
+  checkpoint: str
+  """Orbax checkpoint folder, or '' for random weights."""
+  warmup: bool
+  """Run each mode once untimed first, so that JCT excludes compilation."""
+  check_reference: bool
+  """Compare every generated token with a no-cache recompute."""
+
+  @classmethod
+  def from_config(cls, config, workdir: str) -> "OfflineJob":
+    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    m = dict(c["model"])
+    model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"))
+    seed, checkpoint = m.pop("seed", 0), m.pop("checkpoint", "")
+    if m:
+      raise ValueError(f"model: unknown key(s) {sorted(m)}")
+    topology = _typed(TopologyConfig, "topology", c["topology"])
+    if not c["modes"]:
+      raise ValueError("modes: at least one mode is needed")
+    runtimes = tuple(_typed(RuntimeConfig, "runtime", dict(c["runtime"], mode=mode,
+                                                           topology=topology))
+                     for mode in c["modes"])
+    workload = dict(c["workload"])
+    if workload.pop("kind") != "synthetic":
+      raise ValueError("workload.kind: only 'synthetic' exists so far")
+    workload["vocab_size"] = model.vocab_size
+    longest = (workload["first_append_tokens"] + workload["turns"]
+               * (workload["append_tokens"] + workload["gen_tokens"]))
+    if longest > runtimes[0].max_context_tokens:
+      raise ValueError(f"runtime.max_context_tokens: {runtimes[0].max_context_tokens} is less "
+                       f"than the workload's longest context ({longest} tokens)")
+    store = dict(c["store"])
+    if store.get("driver", "file") == "file" and not store.get("path"):
+      store["path"] = os.path.join(workdir, "store")
+    layout = KVLayout.for_model(model)
+    if runtimes[0].host_buffer_bytes < layout.full_block_bytes:
+      raise ValueError(f"runtime.host_buffer_bytes: {runtimes[0].host_buffer_bytes} is smaller "
+                       f"than one Full Block ({layout.full_block_bytes} bytes)")
+    simple_trajectories(**workload)  # validates the workload fields by name
+    return cls(workdir=workdir, config_dict=c, model_config=model, runtimes=runtimes,
+               store_spec=StoreSpec.from_dict(store), workload=workload, seed=seed,
+               checkpoint=checkpoint, warmup=bool(c["warmup"]),
+               check_reference=bool(c["check_reference"]))
+
+  def run(self, progress: Callable[[str], None] | None = None) -> dict:
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+      json.dump(self.config_dict, f, indent=2)
+    model = (weights.restore_weights(self.checkpoint, self.model_config) if self.checkpoint
+             else weights.init_random(self.model_config, seed=self.seed))
+    layout = KVLayout.for_model(self.model_config)
+    trajectories = simple_trajectories(**self.workload)
+    reference = None
+    if self.check_reference:
+      if progress:
+        progress("reference: no-cache full recompute of every turn on one device")
+      reference = run_reference(model, trajectories, self.runtimes[0].max_context_tokens)
+    runs, turn_lines = [], []
+    with KVBlockStore.open(self.store_spec, layout) as store:
+      for runtime in self.runtimes:
+        if self.warmup:
+          if progress:
+            progress(f"[{runtime.mode}] warm-up pass (untimed, uncapped links, own namespaces)")
+          run_offline(dataclasses.replace(runtime, link_bytes_per_s=None), model, store, layout,
+                      trajectories, namespace_prefix=f"warmup-{runtime.mode}-")
+        run = run_offline(runtime, model, store, layout, trajectories,
+                          namespace_prefix=f"{runtime.mode}-", progress=progress)
+        runs.append(summarize(run, reference))
+        turn_lines += [json.dumps(dict(mode=run.mode, **t)) for t in run.turns]
+    summary = dict(runs=runs, model=self.model_config.name, topology=self.runtimes[0].topology.name,
+                   link_bytes_per_s=self.runtimes[0].link_bytes_per_s,
+                   link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC "
+                                   "of link_bytes_per_s" if self.runtimes[0].link_bytes_per_s
+                                   else "uncapped"),
+                   warmup_excluded_from_jct=self.warmup)
+    with open(os.path.join(self.workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    with open(os.path.join(self.workdir, "turns.jsonl"), "w") as f:
+      f.write("\n".join(turn_lines) + "\n")
+    return summary
+
+
+def summarize(run: OfflineRun, reference: dict | None) -> dict:
+  ttft = [t["times_s"]["first_token"] - t["times_s"]["ready"] for t in run.turns]
+  match = None
+  if reference is not None and run.mode != "oracle":
+    match = all(run.generated[key] == tokens for key, tokens in reference.items())
+  steps = run.decode_step_s
+  return dict(
+      mode=run.mode, jct_s=run.jct_s, turns=len(run.turns),
+      tokens_prefilled=sum(t["new_tokens"] for t in run.turns),
+      tokens_hit=sum(t["hit_tokens"] for t in run.turns),
+      bytes={k: int(run.bytes.get(k, 0)) for k in BYTE_KEYS},
+      outputs_match_reference=match,
+      outputs_meaningful=run.mode != "oracle",
+      ttft_mean_s=statistics.fmean(ttft) if ttft else None,
+      ttft_p99_s=float(np.percentile(ttft, 99)) if ttft else None,
+      decode_step_median_s=statistics.median(steps) if steps else None,
+      max_prefix_layers_on_pe=run.max_prefix_layers_on_pe,
+      read_side_counts={side: sum(t["read_side"] == side for t in run.turns)
+                        for side in ("pe", "de", "none")},
+      link_read_bytes={str(node): sum(r[2] for r in records)
+                       for node, records in run.link_records.items()})
