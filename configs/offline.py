@@ -37,11 +37,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, overrides = _parse(arg)
   c = ml_collections.ConfigDict()
   c.variant = variant
-  c.modes = ["basic", "dualpath", "oracle"]
+  c.modes = ("basic", "dualpath", "oracle")  # CLI: --config.modes="('basic', 'dualpath')"
   # Run each mode once untimed first (own namespaces, uncapped links): JCT excludes compilation.
   c.warmup = True
   # Compare every generated token with a no-cache full recompute on one device.
   c.check_reference = True
+  # XLA's float32 matmul precision for the whole process. 'highest' keeps float32 exact enough
+  # for token equality with the reference on GPUs, whose default (TF32) is not.
+  c.matmul_precision = "highest"
   c.platform = "cpu"  # 'cpu' simulates num_cpu_devices devices; 'default' takes jax's backend
   c.num_cpu_devices = 8
 

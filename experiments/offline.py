@@ -27,7 +27,9 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={config.num_cpu_devices}")
     os.environ["JAX_PLATFORMS"] = "cpu"
-  from dualpath_jax.runtime import offline_job  # noqa: E402  (imports jax)
+  import jax  # noqa: E402  (after the device flags above)
+  jax.config.update("jax_default_matmul_precision", config.matmul_precision)
+  from dualpath_jax.runtime import offline_job  # noqa: E402
   workdir = os.path.abspath(_WORKDIR.value)
   try:
     job = offline_job.OfflineJob.from_config(config, workdir)

@@ -101,8 +101,8 @@ def test_weights_round_trip_onto_a_mesh_sharding(tmp_path, config, model):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(4), ("engine",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   restored = weights.restore_weights(path, config, sharding=replicated)
-  want = nnx.state(model, nnx.Param).to_pure_dict()
-  got = nnx.state(restored, nnx.Param).to_pure_dict()
+  want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  got = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
   for (_, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(want),
                             jax.tree_util.tree_leaves_with_path(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

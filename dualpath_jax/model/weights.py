@@ -29,7 +29,7 @@ def _checkpointer() -> ocp.Checkpointer:
 def save_weights(path: str | os.PathLike, model: Transformer, *, force: bool = False) -> None:
   """Writes `model`'s parameters and config to the folder `path` (absolute or relative)."""
   path = os.path.abspath(os.fspath(path))
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   config = dataclasses.asdict(model.config)
   _checkpointer().save(path, ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                 model_config=ocp.args.JsonSave(config)),
@@ -66,7 +66,7 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract_model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-  pure = abstract_params.to_pure_dict()
+  pure = nnx.to_pure_dict(abstract_params)
 
   def target(keypath, leaf):
     leaf_sharding = sharding(keypath, leaf) if callable(sharding) else sharding
@@ -75,7 +75,7 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
   target_tree = jax.tree_util.tree_map_with_path(target, pure)
   restored = _checkpointer().restore(
       path, ocp.args.Composite(params=ocp.args.StandardRestore(target_tree)))
-  abstract_params.replace_by_pure_dict(restored["params"])
+  nnx.replace_by_pure_dict(abstract_params, restored["params"])
   return nnx.merge(graphdef, abstract_params, rest)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from dualpath_jax.engines.topology import TopologyConfig
+from dualpath_jax.engines.topology import TopologyConfig, build_topology
 from dualpath_jax.kvstore import KVBlockStore, KVLayout, StoreSpec
 from dualpath_jax.model import config as model_config
 from dualpath_jax.model import weights
@@ -64,13 +64,17 @@ class OfflineJob:
 
   @classmethod
   def from_config(cls, config, workdir: str) -> "OfflineJob":
-    c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    full = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    c = dict(full)
+    for edge_only in ("platform", "num_cpu_devices", "matmul_precision", "variant"):
+      c.pop(edge_only, None)  # applied by the experiment script before jax starts
     m = dict(c["model"])
     model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"))
     seed, checkpoint = m.pop("seed", 0), m.pop("checkpoint", "")
     if m:
       raise ValueError(f"model: unknown key(s) {sorted(m)}")
     topology = _typed(TopologyConfig, "topology", c["topology"])
+    build_topology(topology)  # the device split must fit the devices present, before any run
     if not c["modes"]:
       raise ValueError("modes: at least one mode is needed")
     runtimes = tuple(_typed(RuntimeConfig, "runtime", dict(c["runtime"], mode=mode,
@@ -93,7 +97,7 @@ class OfflineJob:
       raise ValueError(f"runtime.host_buffer_bytes: {runtimes[0].host_buffer_bytes} is smaller "
                        f"than one Full Block ({layout.full_block_bytes} bytes)")
     simple_trajectories(**workload)  # validates the workload fields by name
-    return cls(workdir=workdir, config_dict=c, model_config=model, runtimes=runtimes,
+    return cls(workdir=workdir, config_dict=full, model_config=model, runtimes=runtimes,
                store_spec=StoreSpec.from_dict(store), workload=workload, seed=seed,
                checkpoint=checkpoint, warmup=bool(c["warmup"]),
                check_reference=bool(c["check_reference"]))
