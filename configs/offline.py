@@ -8,7 +8,7 @@ r"""Offline agentic job (PAPER.md section 6.7): all agents start at t=0; JCT whe
 
 Variants (the part of the argument before the first comma):
   smoke  CI-sized: tiny model, 2P2D, links capped so that loading dominates (seconds)
-  cpu    the CPU demo: small model, 2P2D, 8 agents x 5 turns, capped links (a minute or two)
+  cpu    the CPU demo: small model, 2P2D, 4 agents x 4 turns, capped links (a minute or two)
 Then comma-separated key=value overrides of the workload: agents, turns, first_append_tokens,
 append_tokens, gen_tokens.
 """
@@ -63,9 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "cpu":
     c.model.preset = "small"
-    c.runtime.link_bytes_per_s = 20e6
-    c.runtime.max_context_tokens = 4096
-    c.workload.update(agents=8, turns=5, first_append_tokens=1200, append_tokens=128,
+    c.runtime.link_bytes_per_s = 4e6
+    c.runtime.max_context_tokens = 2048
+    c.workload.update(agents=4, turns=4, first_append_tokens=1000, append_tokens=128,
                       gen_tokens=16)
   for key, value in overrides.items():
     c.workload[key] = value

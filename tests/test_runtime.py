@@ -20,7 +20,7 @@ from dualpath_jax.runtime.request import TurnRequest
 from dualpath_jax.workload import simple_trajectories
 
 MAX_CONTEXT = 1024
-LINK_BYTES_PER_S = 2e6  # slow enough that read queues build up, so dualpath reads on both sides
+LINK_BYTES_PER_S = 5e5  # slow enough that read queues build up, so dualpath reads on both sides
 TOPOLOGIES = {
     "2P2D": TopologyConfig(num_prefill_engines=2, num_decode_engines=2),
     "1P3D": TopologyConfig(num_prefill_engines=1, num_decode_engines=3),
@@ -133,7 +133,9 @@ def test_de_side_reads_replace_pe_side_reads_byte_for_byte(runs):
   dual, _ = runs("dualpath", "2P2D")
   assert basic.bytes["store_read_de_side"] == 0
   assert basic.bytes["store_read_pe_side"] > 0
-  assert dual.bytes["store_read_de_side"] > 0, "dualpath never read on the DE side"
+  assert dual.bytes["store_read_de_side"] > 0, [
+      (r["agent"], r["turn"], r["prefill_engine"], r["read_side"], r["times_s"].get("ready"),
+       r["times_s"].get("read_done")) for r in dual.turns]
   assert basic.bytes["store_read_pe_side"] == (dual.bytes["store_read_pe_side"]
                                                + dual.bytes["store_read_de_side"])
   # Same trajectories, same tokens: the same blocks are persisted either way.
@@ -159,10 +161,6 @@ def test_turn_bytes_sum_to_run_bytes_and_match_read_side(runs, layout, mode):
       assert (pe_bytes, de_bytes) == (0, hit_bytes), r
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "per-turn bytes miss the PE->DE-buffer D2H (prefill_worker._send_layer/_whole never "
-    "add_bytes('d2h')) and count unpadded H2D/D2H at the DE while the traffic managers count the "
-    "pow2-padded arrays (decode_worker._admit/_finish)"))
 @pytest.mark.parametrize("path", ["h2d", "d2h"])
 def test_turn_device_bytes_sum_to_run_bytes(runs, path):
   run, _ = runs("dualpath", "2P2D")
@@ -339,10 +337,6 @@ def test_host_buffers_are_empty_after_a_run(runs, mode, topo):
     assert any(peaks[i] > 0 for i in pe_nodes) == (run.bytes["store_read_pe_side"] > 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Cluster.submit deadlocks on a DE-side read whose prompt KV plus hit blocks exceed the DE "
-    "node's host buffer: it holds the prompt reservation while waiting for the blocks' "
-    "reservation on the same node, which only its own admission would free"))
 def test_de_side_read_that_cannot_fit_the_de_buffer_does_not_hang(model, store, layout):
   bt = layout.block_tokens
   rng = np.random.default_rng(7)

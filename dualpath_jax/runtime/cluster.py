@@ -95,9 +95,14 @@ class Cluster:
     request.read_side = placement.read_side
     pe = self.topology.prefill_engines[request.prefill_engine]
     de = self.topology.decode_engines[request.decode_engine]
+    prompt_bytes = request.prompt_tokens * self.layout.kv_bytes_per_token
+    if (request.read_side == "de" and prompt_bytes + request.hit_blocks
+        * self.layout.full_block_bytes > self.buffers[de.node_id].capacity_bytes):
+      # The DE buffer would hold both its prompt KV and its hit blocks: more than it can ever
+      # hold, so waiting for room would wait forever. Read on the PE side instead.
+      request.read_side = "pe"
     if not config.skips_kv_io:
-      request.de_reservation = self.buffers[de.node_id].reserve(
-          request.prompt_tokens * self.layout.kv_bytes_per_token, request)
+      request.de_reservation = self.buffers[de.node_id].reserve(prompt_bytes, request)
       if request.hit_blocks:
         reader = pe if request.read_side == "pe" else de
         request.read_reservation = self.buffers[reader.node_id].reserve_blocks(

@@ -91,7 +91,7 @@ class DecodeWorker(threading.Thread):
       page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
       page_ids[:len(pages)] = pages
       kv = self.tm.h2d(pad_axis(request.prompt_kv, n * self.block_tokens, 1))
-      request.add_bytes("h2d", request.prompt_kv.nbytes)
+      request.add_bytes("h2d", kv.nbytes)  # what moved: padded to a power-of-two page count
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
       request.prompt_kv = None
       request.de_reservation.release()
@@ -145,7 +145,7 @@ class DecodeWorker(threading.Thread):
     page_ids[:len(todo)] = pages[request.hit_blocks:len(hashes)]
     kv = paged.read_kv_from_pages(self.pool, page_ids, n * self.block_tokens)
     host = self.tm.d2h(kv)[:, :len(todo) * self.block_tokens]
-    request.add_bytes("d2h", host.nbytes)
+    request.add_bytes("d2h", kv.nbytes)  # what moved: padded to a power-of-two page count
     blocks = layout.kv_to_full_blocks(host)
     self.table = self.table.free(request)
     link = self.cluster.links[self.engine.node_id]

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import statistics
+import uuid
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -116,18 +117,20 @@ class OfflineJob:
         progress("reference: no-cache full recompute of every turn on one device")
       reference = run_reference(model, trajectories, self.runtimes[0].max_context_tokens)
     runs, turn_lines = [], []
+    # Fresh namespaces per invocation: a rerun into the same store starts cold, like the first run.
+    run_id = uuid.uuid4().hex[:8]
     with KVBlockStore.open(self.store_spec, layout) as store:
       for runtime in self.runtimes:
         if self.warmup:
           if progress:
             progress(f"[{runtime.mode}] warm-up pass (untimed, uncapped links, own namespaces)")
           run_offline(dataclasses.replace(runtime, link_bytes_per_s=None), model, store, layout,
-                      trajectories, namespace_prefix=f"warmup-{runtime.mode}-")
+                      trajectories, namespace_prefix=f"{run_id}-warmup-{runtime.mode}-")
         run = run_offline(runtime, model, store, layout, trajectories,
-                          namespace_prefix=f"{runtime.mode}-", progress=progress)
+                          namespace_prefix=f"{run_id}-{runtime.mode}-", progress=progress)
         runs.append(summarize(run, reference))
         turn_lines += [json.dumps(dict(mode=run.mode, **t)) for t in run.turns]
-    summary = dict(runs=runs, model=self.model_config.name, topology=self.runtimes[0].topology.name,
+    summary = dict(runs=runs, run_id=run_id, model=self.model_config.name, topology=self.runtimes[0].topology.name,
                    link_bytes_per_s=self.runtimes[0].link_bytes_per_s,
                    link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC "
                                    "of link_bytes_per_s" if self.runtimes[0].link_bytes_per_s

@@ -167,8 +167,10 @@ class PrefillWorker(threading.Thread):
       part = _slice(prefix, 0, hit, 0)
       de_tm.d2h(self.tm.d2d(part, de_engine), out=out[:hit])
       request.add_bytes("d2d", part.nbytes)
+      request.add_bytes("d2h", part.nbytes)
     de_tm.d2h(self.tm.d2d(miss, de_engine), out=request.prompt_kv[layer, hit:])
     request.add_bytes("d2d", miss.nbytes)
+    request.add_bytes("d2h", miss.nbytes)
 
   def _layerwise(self, request, blocks, tokens, prefix_len, new_len, tp, de_engine, de_tm):
     skip_io = self.cluster.runtime_config.skips_kv_io
@@ -205,6 +207,7 @@ class PrefillWorker(threading.Thread):
     full = _join_prompt_kv(prefix, new_kv[:, 0], hit=hit, new=new)  # [L, T, 2, H, D]
     de_tm.d2h(self.tm.d2d(full, de_engine), out=request.prompt_kv)
     request.add_bytes("d2d", full.nbytes)
+    request.add_bytes("d2h", full.nbytes)
     if hit:
       prefix.delete()
     self.resident_layers = 0
