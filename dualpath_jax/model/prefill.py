@@ -37,6 +37,12 @@ def bucket_tokens(num_tokens: int, multiple: int = 64) -> int:
   return -(-num_tokens // multiple) * multiple
 
 
+def pow2_at_least(n: int, floor: int = 1) -> int:
+  """Smallest power of two >= max(n, floor): compile buckets for lengths that vary a lot."""
+  n = max(n, floor, 1)
+  return 1 << (n - 1).bit_length()
+
+
 def prefill_mask(prefix_len: jax.Array, new_len: jax.Array, prefix_tokens: int,
                  new_tokens: int) -> jax.Array:
   """[B, Tn, Tp + Tn] bool: which keys (prefix slots, then new tokens) each new token may see."""

@@ -23,14 +23,9 @@ import numpy as np
 from dualpath_jax.kvstore.block_store import KVBlockStore
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.model import paged
-from dualpath_jax.model.prefill import pad_axis, prefill_jit
+from dualpath_jax.model.prefill import pad_axis, pow2_at_least, prefill_jit
 from dualpath_jax.model.transformer import Transformer
 
-
-def pow2_at_least(n: int, floor: int = 1) -> int:
-  """Smallest power of two >= max(n, floor): the compile buckets of variable lengths."""
-  n = max(n, floor, 1)
-  return 1 << (n - 1).bit_length()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,8 +21,7 @@ import numpy as np
 
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.model import paged
-from dualpath_jax.model.prefill import pad_axis
-from dualpath_jax.runtime.prefill_worker import pow2_at_least
+from dualpath_jax.model.prefill import pad_axis, pow2_at_least
 from dualpath_jax.runtime.request import TurnRequest
 
 

@@ -24,14 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dualpath_jax.model.prefill import (embed_tokens, embed_tokens_jit, last_token_logits_jit,
-                                        pad_axis, prefill_layer, prefill_layer_jit)
+                                        pad_axis, pow2_at_least, prefill_layer,
+                                        prefill_layer_jit)
 from dualpath_jax.runtime.request import TurnRequest
 
-
-def pow2_at_least(n: int, floor: int = 1) -> int:
-  """Smallest power of two >= max(n, floor): the compile buckets of variable lengths."""
-  n = max(n, floor, 1)
-  return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("length", "axis"))
