@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dualpath_jax.engines.topology import build_topology
 from dualpath_jax.kvstore.block_store import KVBlockStore

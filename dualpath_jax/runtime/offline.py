@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -137,6 +136,3 @@ def run_reference(model, trajectories: Sequence[AgentTrajectory], max_context_to
       context = prompt + result.generated.tolist()
   return generated
 
-
-def stderr_progress(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
