@@ -64,23 +64,26 @@ class TransferRecord(NamedTuple):
 class TokenBucket:
   """Paces byte counts to `rate_bytes_per_s`; `pay` blocks until the bucket covers the bytes."""
 
-  def __init__(self, rate_bytes_per_s: float, burst_bytes: float):
+  def __init__(self, rate_bytes_per_s: float, burst_bytes: float, *, clock=time.perf_counter,
+               sleep=time.sleep):
     self.rate_bytes_per_s = float(rate_bytes_per_s)
     self.burst_bytes = float(burst_bytes)
+    self._clock = clock  # injectable, so that tests check the pacing without wall-clock timing
+    self._sleep = sleep
     self._tokens = 0.0
-    self._t_last = time.perf_counter()
+    self._t_last = clock()
     self._lock = threading.Lock()
 
   def pay(self, nbytes: int) -> None:
     with self._lock:
-      now = time.perf_counter()
+      now = self._clock()
       self._tokens = min(self.burst_bytes,
                          self._tokens + (now - self._t_last) * self.rate_bytes_per_s)
       self._t_last = now
       self._tokens -= nbytes  # debt is allowed: a block larger than the bucket still goes through
       wait_s = -self._tokens / self.rate_bytes_per_s
     if wait_s > 0:
-      time.sleep(wait_s)
+      self._sleep(wait_s)
 
 
 def blocks_nbytes(blocks: Sequence[np.ndarray | None]) -> int:
