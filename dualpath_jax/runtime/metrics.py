@@ -1,0 +1,134 @@
+"""Load-balance metrics of a run (PAPER.md 6.8), from records the runtime keeps; numpy only.
+
+  snic_balance   storage-link traffic: max/mean bytes over the links, per sliding window
+                 (paper: round robin 1.53, DualPath 1.18)
+  attn_balance   attention time of a PE group's data-parallel shards: max/mean per forward,
+                 predicted and measured (paper: 1.06 with the compute quota)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def _summary(ratios: list[float]) -> dict:
+  if not ratios:
+    return {"mean": None, "p50": None, "p90": None, "max": None}
+  values = np.asarray(ratios, dtype=np.float64)
+  return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+          "p90": float(np.percentile(values, 90)), "max": float(values.max())}
+
+
+class _CumulativeBytes:
+  """Bytes one link moved before time t: each record's bytes spread evenly over its span."""
+
+  def __init__(self, records: Sequence[tuple[float, float, int]]):
+    spans = [(float(t0), float(t1), float(b)) for t0, t1, b in records if t1 > t0 and b > 0]
+    points = [(float(t0), float(b)) for t0, t1, b in records if t1 <= t0 and b > 0]
+    # Piecewise linear part: the rate changes at every start and end of a span.
+    if spans:
+      times = np.array([t for t0, t1, _ in spans for t in (t0, t1)])
+      deltas = np.array([d for t0, t1, b in spans for d in (b / (t1 - t0), -b / (t1 - t0))])
+      order = np.argsort(times, kind="stable")
+      times, deltas = times[order], deltas[order]
+      rate = np.cumsum(deltas)  # rate after each breakpoint
+      # Where no span is active the rate is 0 only up to round-off: make it exact, so that idle
+      # stretches move exactly 0 bytes (windows with no traffic are skipped).
+      active = np.cumsum(np.tile([1, -1], len(spans))[order])  # spans running after each
+      rate[active == 0] = 0.0
+      cumulative = np.concatenate([[0.0], np.cumsum(rate[:-1] * np.diff(times))])
+      self._times, self._cumulative = times, cumulative
+    else:
+      self._times = self._cumulative = None
+    # Zero-length records: steps.
+    points.sort()
+    self._point_times = np.array([t for t, _ in points])
+    self._point_cumulative = np.concatenate([[0.0], np.cumsum([b for _, b in points])])
+
+  def at(self, t: np.ndarray, *, inclusive: np.ndarray) -> np.ndarray:
+    """Bytes before t (zero-length records at exactly t counted where `inclusive`)."""
+    total = np.zeros_like(t)
+    if self._times is not None:
+      total += np.interp(t, self._times, self._cumulative)
+    if len(self._point_times):
+      left = np.searchsorted(self._point_times, t, side="left")
+      right = np.searchsorted(self._point_times, t, side="right")
+      total += self._point_cumulative[np.where(inclusive, right, left)]
+    return total
+
+
+def snic_balance(link_records: Mapping[int, Sequence[tuple[float, float, int]]], *,
+                 window_s: float, step_s: float | None = None) -> dict:
+  """Max/mean of the bytes read per storage link, over sliding windows.
+
+  `link_records` maps each link (node) to its completed reads as (t_start, t_end, bytes); a link
+  with no records counts as a link that moved 0 bytes. Each record's bytes are spread evenly over
+  [t_start, t_end] (a zero-length record puts them all at t_start). Windows of `window_s` start
+  every `step_s` (default window_s / 2) from the first start until one covers the last end;
+  windows [s, s + window_s) are half-open except the last, and windows with no traffic are
+  skipped. Returns {"mean", "p50", "p90", "max"} of the per-window ratios (None with no window),
+  with "windows", "window_s" and "links".
+  """
+  if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) \
+      or not math.isfinite(window_s) or window_s <= 0:
+    raise ValueError(f"window_s must be a positive finite number, got {window_s!r}")
+  if step_s is None:
+    step_s = window_s / 2
+  if isinstance(step_s, bool) or not isinstance(step_s, (int, float)) \
+      or not math.isfinite(step_s) or step_s <= 0:
+    raise ValueError(f"step_s must be a positive finite number, got {step_s!r}")
+  for link, records in link_records.items():
+    for record in records:
+      t0, t1, nbytes = record
+      if not (math.isfinite(t0) and math.isfinite(t1)) or t1 < t0 or nbytes < 0:
+        raise ValueError(f"snic_balance: link {link} has a bad record {record!r}")
+  result = {"windows": 0, "window_s": float(window_s), "links": len(link_records)}
+  all_records = [r for records in link_records.values() for r in records]
+  if not all_records:
+    return {**_summary([]), **result}
+
+  first = min(float(r[0]) for r in all_records)
+  last = max(float(r[1]) for r in all_records)
+  count = 1 + max(0, math.ceil((last - first - window_s) / step_s))
+  starts = first + step_s * np.arange(count, dtype=np.float64)
+  ends = starts + window_s
+  final = np.arange(count) == count - 1
+  never = np.zeros(count, dtype=bool)
+  cumulative = [_CumulativeBytes(records) for records in link_records.values()]
+  per_link = np.stack([c.at(ends, inclusive=final) - c.at(starts, inclusive=never)
+                       for c in cumulative])  # [links, windows]
+  per_link = np.maximum(per_link, 0.0)  # float round-off of the cumulative sums
+  totals = per_link.sum(axis=0)
+  busy = totals > 0
+  ratios = per_link.max(axis=0)[busy] * len(link_records) / totals[busy]
+  return {**_summary([float(r) for r in ratios]), **result, "windows": int(busy.sum())}
+
+
+def attn_balance(forwards: Sequence[Sequence[tuple[float, float] | None]]) -> dict:
+  """Max/mean over a PE group's data-parallel shards of their attention time, per forward.
+
+  Each forward is a list over the shards of (predicted_s, measured_s), or None for a shard with
+  no work; only forwards where every shard had work count. Returns the mean and max of the
+  per-forward ratios, predicted and measured (None when no forward counts), with "forwards"
+  (all) and "forwards_all_busy" (counted). A forward whose times are all 0 counts as 1.0.
+  """
+  predicted, measured = [], []
+  for forward in forwards:
+    if not forward or any(shard is None for shard in forward):
+      continue
+    for ratios, values in ((predicted, [p for p, _ in forward]),
+                           (measured, [m for _, m in forward])):
+      mean = sum(values) / len(values)
+      ratios.append(max(values) / mean if mean > 0 else 1.0)
+  counted = len(predicted)
+  return {
+      "predicted_mean": sum(predicted) / counted if counted else None,
+      "predicted_max": max(predicted) if counted else None,
+      "measured_mean": sum(measured) / counted if counted else None,
+      "measured_max": max(measured) if counted else None,
+      "forwards": len(forwards),
+      "forwards_all_busy": counted,
+  }
