@@ -9,32 +9,50 @@ r"""Offline agentic job (PAPER.md section 6.7): all agents start at t=0; JCT whe
 Variants (the part of the argument before the first comma):
   smoke  CI-sized: tiny model, 2P2D, links capped so that loading dominates (seconds)
   cpu    the CPU demo: small model, 2P2D, 4 agents x 4 turns, capped links (a minute or two)
-Then comma-separated key=value overrides of the workload: agents, turns, first_append_tokens,
-append_tokens, gen_tokens.
+Then comma-separated key=value overrides: of the workload (agents, turns, first_append_tokens,
+append_tokens, gen_tokens) and `scheduler=roundrobin|dualpath`, which sets the scheduler of every
+mode (default: each mode's own, PAPER.md: basic round robin, dualpath and oracle the paper's).
+
+  python experiments/offline.py --config=configs/offline.py:smoke,scheduler=roundrobin --workdir=A
+  python experiments/offline.py --config=configs/offline.py:smoke,scheduler=dualpath --workdir=B
+
+Technique switches (runtime.layerwise, dual_path, scheduler, batching, split_reads) override the
+modes' own; `variants` adds named runs (a mode plus overrides) that `modes` may list, e.g.
+  --config.variants="{'split': {'mode': 'dualpath', 'split_reads': True}}" \
+  --config.modes="('dualpath', 'split')"
 """
 
 import ml_collections
 
 VARIANTS = ("smoke", "cpu")
 WORKLOAD_OVERRIDES = ("agents", "turns", "first_append_tokens", "append_tokens", "gen_tokens")
+SCHEDULERS = ("roundrobin", "dualpath")
 
 
-def _parse(arg: str | None) -> tuple[str, dict[str, int]]:
+def _parse(arg: str | None) -> tuple[str, dict[str, int], str]:
   parts = [p for p in (arg or "cpu").split(",") if p]
-  variant, overrides = parts[0], {}
+  variant, overrides, scheduler = parts[0], {}, ""
   if variant not in VARIANTS:
     raise ValueError(f"config: unknown variant {variant!r}; choose one of {VARIANTS}")
   for part in parts[1:]:
     key, sep, value = part.partition("=")
+    if sep and key == "scheduler":
+      if value not in SCHEDULERS:
+        raise ValueError(f"config: scheduler={value!r}; choose one of {SCHEDULERS}")
+      scheduler = value
+      continue
     if not sep or key not in WORKLOAD_OVERRIDES:
       raise ValueError(f"config: bad override {part!r}; expected key=value with key one of "
-                       f"{WORKLOAD_OVERRIDES}")
-    overrides[key] = int(value)
-  return variant, overrides
+                       f"{WORKLOAD_OVERRIDES + ('scheduler',)}")
+    try:
+      overrides[key] = int(value)
+    except ValueError:
+      raise ValueError(f"config: {key}={value!r} is not an integer") from None
+  return variant, overrides, scheduler
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant, overrides = _parse(arg)
+  variant, overrides, scheduler = _parse(arg)
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.modes = ("basic", "dualpath", "oracle")  # CLI: --config.modes="('basic', 'dualpath')"
@@ -50,12 +68,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", seed=0,
                                            checkpoint=""))
+  # Sliding window of the storage-link balance metric (max/avg bytes over the links).
+  c.snic_window_s = 0.5
+  c.variants = ml_collections.ConfigDict()  # name -> dict(mode=..., switch overrides)
+  # 2P2D with two engines per node: one PE group of two data-parallel shards (whose attention
+  # balance the quota keeps) and one DE node; two storage links.
   c.topology = ml_collections.ConfigDict(dict(num_prefill_engines=2, num_decode_engines=2,
-                                              devices_per_engine=1, engines_per_node=1))
+                                              devices_per_engine=1, engines_per_node=2))
   c.runtime = ml_collections.ConfigDict(dict(
       link_bytes_per_s=1e6,  # emulated storage NIC per node; None = uncapped
       host_buffer_bytes=256 << 20, mover="device_put", decode_batch_size=8,
-      max_context_tokens=2048, kv_chunk_bytes=4 << 20))
+      max_context_tokens=2048, kv_chunk_bytes=4 << 20,
+      # Technique switches: '' / None = the mode's own (see dualpath_jax/runtime/config.py).
+      scheduler=scheduler, layerwise=ml_collections.FieldReference(None, field_type=bool),
+      dual_path=ml_collections.FieldReference(None, field_type=bool), batching="",
+      split_reads=False,
+      # PE batches: predicted forward time per shard (the paper's 300 ms on GPU; the CPU value
+      # is scaled to our tiny model's forwards, a few ms to tens of ms), or the token budget.
+      compute_quota_s=0.03, token_budget=2048, max_batch_requests=8,
+      # The cost model's JSON: 'auto' = configs/cost_models/<device>-<preset>-<dtype>.json
+      # (written by scripts/profile_prefill.py), profiled at start-up when that file is absent.
+      cost_model="auto"))
   c.workload = ml_collections.ConfigDict(dict(
       kind="synthetic", agents=8, turns=4, first_append_tokens=400, append_tokens=64,
       gen_tokens=8, seed=0))
@@ -63,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "cpu":
     c.model.preset = "small"
+    c.runtime.compute_quota_s = 0.1
     c.runtime.link_bytes_per_s = 4e6
     c.runtime.max_context_tokens = 2048
     c.workload.update(agents=4, turns=4, first_append_tokens=1000, append_tokens=128,

@@ -1,10 +1,11 @@
-"""The disaggregated runtime on one host: engines, nodes, links, buffers, and request placement.
+"""The disaggregated runtime on one host: engines, nodes, links, buffers and the scheduler.
 
 `Cluster` builds the prefill and decode meshes from the topology, one storage link and one host
-buffer per node, one traffic manager per engine, and a worker thread per engine (each with its own
-copy of the model on its devices). `submit` places a turn (PE, DE, read side), reserves the read
-node's host buffer, queues the read of the hit blocks on that node's link and hands the turn to
-its PE; the PE hands it to its DE; the DE ends it once its blocks are persisted.
+buffer per node, one traffic manager per engine, a PE group (leader thread + one shard per PE
+engine) per prefill node and a worker thread per DE (each engine with its own copy of the model on
+its devices). `submit` hands a turn to the global scheduler, which places it (PE, DE, read side),
+reserves host-buffer room, queues its reads and hands it to its PE group; the group prefills it in
+one or more lock-step forwards and hands it to its DE; the DE ends it once its blocks persist.
 """
 
 from __future__ import annotations
@@ -20,20 +21,25 @@ from dualpath_jax.kvstore.block_store import KVBlockStore
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.decode_worker import DecodeWorker
+from dualpath_jax.runtime.global_scheduler import GlobalScheduler
 from dualpath_jax.runtime.host_buffer import HostBuffer
-from dualpath_jax.runtime.prefill_worker import PrefillWorker
+from dualpath_jax.runtime.prefill_group import PrefillGroup
+from dualpath_jax.runtime.prefill_shard import PrefillShard
 from dualpath_jax.runtime.request import TurnRequest
 from dualpath_jax.runtime.storage_link import StorageLink, StorageLinkConfig
 from dualpath_jax.runtime.traffic import TrafficConfig, TrafficManager
-from dualpath_jax.scheduler.simple import ReadQueues, place_round_robin
+from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.transfer.device_move import make_mover
+
+BETA_PROBE_TOKENS = 512
+"""beta's prefill rate is the cost model's at this many new tokens on half the longest context."""
 
 
 class Cluster:
   """PEs and DEs on separate meshes of this host's devices, sharing one KV block store."""
 
   def __init__(self, runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,
-               *, on_turn_done=None, devices=None):
+               *, cost_model: CostModel, on_turn_done=None, devices=None):
     self.runtime_config = runtime_config
     self.layout = layout
     self.store = store
@@ -51,18 +57,38 @@ class Cluster:
     self._on_turn_done = on_turn_done
     self._zeros: dict = {}
     self._lock = threading.Lock()
-    self._placed = 0
-    self.prefill_workers = [PrefillWorker(self, e, jax.device_put(model, e.replicated_sharding))
-                            for e in self.topology.prefill_engines]
+    self.cost_model = cost_model
+    bt = layout.block_tokens
+    self.decode_pool_bytes = (runtime_config.decode_batch_size * -(
+        -runtime_config.max_context_tokens // bt) * layout.full_block_bytes)
+    """Device memory of one DE's page pool for KV (what the DE selection's memory rule sees)."""
+    probe_cached = runtime_config.max_context_tokens // 2
+    self.scheduler = GlobalScheduler(self, prefill_tokens_per_s=BETA_PROBE_TOKENS / max(
+        cost_model.predict([(probe_cached, BETA_PROBE_TOKENS)]), 1e-9))
+    self.prefill_shards = [PrefillShard(self, e, jax.device_put(model, e.replicated_sharding))
+                           for e in self.topology.prefill_engines]
+    nodes = sorted({e.node_id for e in self.topology.prefill_engines})
+    self.prefill_groups = {n: PrefillGroup(self, [s for s in self.prefill_shards
+                                                  if s.engine.node_id == n], cost_model,
+                                           node_id=n) for n in nodes}
     self.decode_workers = [DecodeWorker(self, e, jax.device_put(model, e.replicated_sharding))
                            for e in self.topology.decode_engines]
-    for worker in self.prefill_workers + self.decode_workers:
+    for worker in [*self.prefill_groups.values(), *self.decode_workers]:
       worker.start()
 
   def describe(self) -> str:
     c = self.runtime_config
     return (f"{c.mode} on {self.topology.config.name} ({len(self.topology.nodes)} nodes); "
-            f"links: {self.links[0].describe()}; mover: {c.mover}")
+            f"{self.scheduler.describe()}; batching={c.batching}; links: "
+            f"{self.links[0].describe()}; mover: {c.mover}")
+
+  def decode_bytes_for(self, tokens: int) -> int:
+    """DE page-pool bytes a sequence of `tokens` occupies (whole pages)."""
+    bt = self.layout.block_tokens
+    return -(-tokens // bt) * self.layout.full_block_bytes
+
+  def prefill_group_of(self, engine) -> PrefillGroup:
+    return self.prefill_groups[engine.node_id]
 
   def zeros_on(self, engine, shape: tuple[int, ...]) -> jax.Array:
     """A cached zeros array on `engine` (the oracle's uninitialised KV; an empty prefix)."""
@@ -73,57 +99,23 @@ class Cluster:
                                           engine.replicated_sharding)
       return self._zeros[key]
 
-  def read_queues(self, pe: int, de: int) -> ReadQueues:
-    pe_node = self.topology.prefill_engines[pe].node_id
-    de_node = self.topology.decode_engines[de].node_id
-    return ReadQueues(pe_node_tokens=self.links[pe_node].read_queue_tokens,
-                      de_node_tokens=self.links[de_node].read_queue_tokens)
-
   def submit(self, request: TurnRequest) -> None:
-    """Places a turn, queues its read on the chosen node's link and hands it to its PE."""
-    config = self.runtime_config
-    request.times["ready"] = time.perf_counter()
-    with self._lock:
-      number, self._placed = self._placed, self._placed + 1
-    placement = place_round_robin(
-        number, num_prefill_engines=len(self.prefill_workers),
-        num_decode_engines=len(self.decode_workers), dual_path=config.dual_path,
-        queues_of=self.read_queues)
-    request.prefill_engine = placement.prefill_engine
-    request.decode_engine = placement.decode_engine
-    request.read_side = placement.read_side
-    pe = self.topology.prefill_engines[request.prefill_engine]
-    de = self.topology.decode_engines[request.decode_engine]
-    prompt_bytes = request.prompt_tokens * self.layout.kv_bytes_per_token
-    if (request.read_side == "de" and prompt_bytes + request.hit_blocks
-        * self.layout.full_block_bytes > self.buffers[de.node_id].capacity_bytes):
-      # The DE buffer would hold both its prompt KV and its hit blocks: more than it can ever
-      # hold, so waiting for room would wait forever. Read on the PE side instead.
-      request.read_side = "pe"
-    if not config.skips_kv_io:
-      request.de_reservation = self.buffers[de.node_id].reserve(prompt_bytes, request)
-      if request.hit_blocks:
-        reader = pe if request.read_side == "pe" else de
-        request.read_reservation = self.buffers[reader.node_id].reserve_blocks(
-            request.hit_blocks, request)
-        request.times["read_start"] = time.perf_counter()
-        request.read_future = self.traffic[reader.name].read(
-            self.links[reader.node_id], request.agent_id, request.hashes[:request.hit_blocks],
-            request.hit_tokens, side=request.read_side)
-        request.add_bytes(f"store_read_{request.read_side}_side",
-                          request.hit_blocks * self.layout.full_block_bytes)
-        request.read_future.add_done_callback(lambda f: self._read_done(request))
-    self.prefill_workers[request.prefill_engine].submit(request)
+    """Hands a turn to the global scheduler (placement, reads, then its PE group)."""
+    self.scheduler.submit(request)
 
-  def _read_done(self, request: TurnRequest) -> None:
-    request.times["read_done"] = time.perf_counter()
-    self.prefill_workers[request.prefill_engine].wake()
+  def read_done(self, request: TurnRequest) -> None:
+    """A read of `request` completed (called on the link's thread)."""
+    if request.reads_done():
+      request.times["read_done"] = time.perf_counter()
+    pe = self.topology.prefill_engines[request.prefill_engine]
+    self.prefill_group_of(pe).wake()
+    self.scheduler.poke()  # a read queue got shorter
 
   def on_turn_done(self, request: TurnRequest) -> None:
     if request.de_reservation is not None:
       request.de_reservation.release()
-    if request.read_reservation is not None:
-      request.read_reservation.release()
+    request.release_reads()
+    self.scheduler.turn_done(request)
     if self._on_turn_done is not None:
       self._on_turn_done(request)
 
@@ -135,9 +127,11 @@ class Cluster:
     return total
 
   def close(self) -> None:
-    for worker in self.prefill_workers + self.decode_workers:
+    for worker in [*self.prefill_groups.values(), *self.decode_workers]:
       worker.stop()
-    for worker in self.prefill_workers + self.decode_workers:
+    for group in self.prefill_groups.values():
+      group.close()
+    for worker in self.decode_workers:
       worker.join(timeout=10)
     for link in self.links.values():
       link.close()

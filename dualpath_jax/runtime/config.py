@@ -1,4 +1,14 @@
-"""Typed configuration of the disaggregated runtime (built once, at the edge, from a config file)."""
+"""Typed configuration of the disaggregated runtime (built once, at the edge, from a config file).
+
+A mode is a named set of technique switches (PAPER.md 6.5 and the ablation of 6.9); every switch
+can also be set on its own, so that the paper's ablation (Basic, +layerwise, +dual path,
++scheduling) is four configs:
+
+  mode      layerwise  dual_path  scheduler   batching       store I/O
+  basic     False      False      roundrobin  token_budget   real
+  dualpath  True       True       dualpath    quota          real
+  oracle    True       True       dualpath    quota          skipped (a timing bound)
+"""
 
 from __future__ import annotations
 
@@ -8,19 +18,46 @@ from dualpath_jax.engines.topology import TopologyConfig
 
 MODES = ("basic", "dualpath", "oracle")
 MOVERS = ("device_put", "shard_map")
+SCHEDULERS = ("roundrobin", "dualpath")
+BATCHINGS = ("token_budget", "quota")
+MODE_SWITCHES = {
+    "basic": dict(layerwise=False, dual_path=False, scheduler="roundrobin",
+                  batching="token_budget"),
+    "dualpath": dict(layerwise=True, dual_path=True, scheduler="dualpath", batching="quota"),
+    "oracle": dict(layerwise=True, dual_path=True, scheduler="dualpath", batching="quota"),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-  """One runtime: its mode, engines, links, buffers and batch sizes."""
+  """One runtime: its mode and technique switches, engines, links, buffers and batch sizes."""
 
   mode: str
-  """'basic' (PE-side reads, whole-prompt load before prefill, round robin: the paper's baseline),
-  'dualpath' (layerwise prefill, reads on the node with the shorter read queue) or 'oracle' (every
-  storage read, host/device copy and PE-to-DE transfer skipped: a timing bound whose outputs are
-  not meaningful)."""
+  """'basic', 'dualpath' or 'oracle' (every storage read, host/device copy and PE-to-DE transfer
+  skipped: a timing bound whose outputs are not meaningful). Sets the switches below that are
+  left unset."""
   topology: TopologyConfig
   """Engines of each role, devices per engine, engines per node."""
+  layerwise: bool | None = None
+  """Stream the prefix KV into the PE one layer at a time (else the whole prompt's KV first)."""
+  dual_path: bool | None = None
+  """Reads may run on the DE's node and reach the PE over D2D (else PE-side reads only)."""
+  scheduler: str = ""
+  """'roundrobin' (PE, DE round robin; the read side alternates when dual_path) or 'dualpath'
+  (PAPER.md section 5: alpha/beta PE selection, two-level DE selection, shorter read queue)."""
+  batching: str = ""
+  """PE batch selection: 'quota' (predicted forward time per data-parallel shard within
+  compute_quota_s; chunked prefill of the overflowing request) or 'token_budget' (new tokens
+  within token_budget, no quota)."""
+  split_reads: bool = False
+  """Beyond the paper (its future work): split one request's read over both sides in proportion
+  to the two links' expected drain times. Needs dual_path."""
+  compute_quota_s: float = 0.3
+  """Predicted forward time per shard that one PE batch may fill (the paper: 300 ms on GPU)."""
+  token_budget: int = 8192
+  """New tokens per PE batch under 'token_budget' batching."""
+  max_batch_requests: int = 8
+  """Most requests (or chunks) in one PE batch."""
   link_bytes_per_s: float | None = None
   """Emulated storage-link speed per node (bytes/s); None = the hardware's own limit."""
   host_buffer_bytes: int = 1 << 30
@@ -37,25 +74,40 @@ class RuntimeConfig:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"runtime.mode: unknown mode {self.mode!r}; choose one of {MODES}")
+    for field, value in MODE_SWITCHES[self.mode].items():
+      if getattr(self, field) in (None, ""):
+        object.__setattr__(self, field, value)
     if self.mover not in MOVERS:
       raise ValueError(f"runtime.mover: unknown mover {self.mover!r}; choose one of {MOVERS}")
+    if self.scheduler not in SCHEDULERS:
+      raise ValueError(f"runtime.scheduler: unknown scheduler {self.scheduler!r}; choose one of "
+                       f"{SCHEDULERS}")
+    if self.batching not in BATCHINGS:
+      raise ValueError(f"runtime.batching: unknown batching {self.batching!r}; choose one of "
+                       f"{BATCHINGS}")
+    for field in ("layerwise", "dual_path", "split_reads"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"runtime.{field} must be true or false, got {getattr(self, field)!r}")
+    if self.split_reads and not self.dual_path:
+      raise ValueError("runtime.split_reads needs runtime.dual_path (a split read uses both sides)")
     rate = self.link_bytes_per_s
     if rate is not None and (isinstance(rate, bool) or not rate > 0):
       raise ValueError(f"runtime.link_bytes_per_s must be positive or None, got {rate!r}")
+    quota = self.compute_quota_s
+    if isinstance(quota, bool) or not isinstance(quota, (int, float)) or not quota > 0:
+      raise ValueError(f"runtime.compute_quota_s must be positive, got {quota!r}")
     for field in ("host_buffer_bytes", "decode_batch_size", "max_context_tokens",
-                  "kv_chunk_bytes"):
+                  "kv_chunk_bytes", "token_budget", "max_batch_requests"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"runtime.{field} must be a positive int, got {value!r}")
 
   @property
-  def layerwise(self) -> bool:
-    return self.mode in ("dualpath", "oracle")
-
-  @property
-  def dual_path(self) -> bool:
-    return self.mode == "dualpath"
-
-  @property
   def skips_kv_io(self) -> bool:
     return self.mode == "oracle"
+
+  def switches(self) -> dict:
+    """The technique switches as run (for summaries)."""
+    return dict(layerwise=self.layerwise, dual_path=self.dual_path, scheduler=self.scheduler,
+                batching=self.batching, split_reads=self.split_reads,
+                skips_kv_io=self.skips_kv_io)

@@ -47,13 +47,10 @@ class DecodeWorker(threading.Thread):
     self._stopping = False
     self.step_times_s: list[float] = []
     """Wall time of every decode step (for step-time inflation under KV traffic)."""
-    self.unfinished_tokens = 0
-    """Tokens of admitted and pending sequences (scheduler state)."""
 
   def submit(self, request: TurnRequest) -> None:
     with self._cond:
       self._pending.append(request)
-      self.unfinished_tokens += request.prompt_tokens + request.gen_tokens
       self._cond.notify_all()
 
   def stop(self) -> None:
@@ -155,8 +152,6 @@ class DecodeWorker(threading.Thread):
   def _end(self, request: TurnRequest, error: BaseException | None = None) -> None:
     if error is not None and request.error is None:
       request.error = error
-    with self._cond:
-      self.unfinished_tokens -= request.prompt_tokens + request.gen_tokens
     request.times["done"] = time.perf_counter()
     request.done.set()
     self.cluster.on_turn_done(request)

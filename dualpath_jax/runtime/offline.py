@@ -22,6 +22,7 @@ from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.colocated import ColocatedEngine
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
+from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.synthetic import AgentTrajectory
 
 
@@ -43,6 +44,13 @@ class OfflineRun:
   """Every decode step's wall time, all DEs."""
   link_records: dict[int, list]
   """Per node: (t_start, t_end, bytes) of every completed read, relative to the start."""
+  forwards: dict[int, list]
+  """Per PE group (node): per forward, per shard (predicted_s, measured_s) or None if idle."""
+  loaded_forwards: dict[int, list]
+  """Per PE group (node): the forwards (same form) in which every shard had more ready work
+  than its batch took."""
+  describe: str
+  """The cluster as run (scheduler, alpha/beta, batching, links, mover)."""
 
 
 def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_tokens: int,
@@ -55,12 +63,13 @@ def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_
 
 
 def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,
-                trajectories: Sequence[AgentTrajectory], *, namespace_prefix: str = "",
+                trajectories: Sequence[AgentTrajectory], *, cost_model: CostModel,
+                namespace_prefix: str = "", label: str = "",
                 progress: Callable[[str], None] | None = None, devices=None) -> OfflineRun:
   """Runs every trajectory to its end on a fresh Cluster; returns the run's records."""
   done_queue: queue.Queue = queue.Queue()
-  cluster = Cluster(runtime_config, model, store, layout, on_turn_done=done_queue.put,
-                    devices=devices)
+  cluster = Cluster(runtime_config, model, store, layout, cost_model=cost_model,
+                    on_turn_done=done_queue.put, devices=devices)
   bt = layout.block_tokens
   contexts = {t.agent_id: [] for t in trajectories}
   with_kv = {t.agent_id: 0 for t in trajectories}
@@ -95,7 +104,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       if progress is not None:
         elapsed = time.perf_counter() - start
         eta = elapsed / len(records) * (total - len(records))
-        progress(f"[{runtime_config.mode}] turns {len(records)}/{total}  elapsed {elapsed:6.1f}s"
+        progress(f"[{label or runtime_config.mode}] turns {len(records)}/{total}  elapsed {elapsed:6.1f}s"
                  f"  eta {eta:6.1f}s")
       if request.turn + 1 < len(by_agent[agent_id].turns):
         submit(agent_id, request.turn + 1)
@@ -105,17 +114,23 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   return OfflineRun(
       mode=runtime_config.mode, jct_s=jct_s, turns=records, bytes=cluster.bytes_by_path(),
       generated=generated,
-      max_prefix_layers_on_pe=max(w.max_resident_layers for w in cluster.prefill_workers),
+      max_prefix_layers_on_pe=max(s.max_resident_layers for s in cluster.prefill_shards),
       decode_step_s=[s for w in cluster.decode_workers for s in w.step_times_s],
       link_records={i: [(r.t_start - start, r.t_end - start, r.nbytes) for r in link.read_records]
-                    for i, link in cluster.links.items()})
+                    for i, link in cluster.links.items()},
+      forwards={node: list(group.forwards) for node, group in cluster.prefill_groups.items()},
+      loaded_forwards={node: [f for f, loaded in zip(group.forwards, group.loaded) if loaded]
+                       for node, group in cluster.prefill_groups.items()},
+      describe=cluster.describe())
 
 
 def _record(request: TurnRequest, agent_id: str, start: float, layout: KVLayout) -> dict:
   return dict(
       agent=agent_id, turn=request.turn, prefill_engine=request.prefill_engine,
-      decode_engine=request.decode_engine, read_side=request.read_side if request.hit_blocks
-      else "none", prompt_tokens=request.prompt_tokens, hit_tokens=request.hit_tokens,
+      decode_engine=request.decode_engine, read_side=request.read_side,
+      read_blocks={"pe": request.read_split[0], "de": request.read_split[1]},
+      prefill_chunks=request.chunks, prompt_tokens=request.prompt_tokens,
+      hit_tokens=request.hit_tokens,
       new_tokens=request.new_tokens, gen_tokens=request.gen_tokens,
       times_s={k: round(v - start, 6) for k, v in sorted(request.times.items(),
                                                         key=lambda kv: kv[1])},

@@ -3,7 +3,7 @@
 Notebooks and scripts both call `OfflineJob.from_config(config, workdir).run()`. Outputs:
   config.json   the config as run
   summary.json  {"runs": [{mode, jct_s, turns, tokens_prefilled, tokens_hit, bytes{...},
-                 outputs_match_reference, ...}, ...]}
+                 outputs_match_reference, snic_balance{...}, attn_balance{...}, ...}, ...]}
   turns.jsonl   one record per turn and mode: timestamps, hit and new tokens, read side, bytes
 """
 
@@ -22,8 +22,11 @@ from dualpath_jax.engines.topology import TopologyConfig, build_topology
 from dualpath_jax.kvstore import KVBlockStore, KVLayout, StoreSpec
 from dualpath_jax.model import config as model_config
 from dualpath_jax.model import weights
-from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime import cost_profile
+from dualpath_jax.runtime.config import MODES, RuntimeConfig
+from dualpath_jax.runtime.metrics import attn_balance, snic_balance
 from dualpath_jax.runtime.offline import OfflineRun, run_offline, run_reference
+from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload import simple_trajectories
 
 BYTE_KEYS = ("store_read_pe_side", "store_read_de_side", "store_write", "h2d", "d2h", "d2d")
@@ -49,7 +52,13 @@ class OfflineJob:
   model_config: model_config.ModelConfig
   """Model geometry and dtype."""
   runtimes: tuple[RuntimeConfig, ...]
-  """One runtime per mode, in order."""
+  """One runtime per run, in order."""
+  run_names: tuple[str, ...]
+  """Each run's name: a mode, or a variant (a mode plus switch overrides) of `variants`."""
+  cost_model_path: str
+  """The PE cost model's JSON ('' = profile at start-up and write WORKDIR/cost_model.json)."""
+  snic_window_s: float
+  """Sliding window of the storage-link balance metric."""
   store_spec: StoreSpec
   """Where the KV store lives."""
   workload: dict
@@ -78,9 +87,35 @@ class OfflineJob:
     build_topology(topology)  # the device split must fit the devices present, before any run
     if not c["modes"]:
       raise ValueError("modes: at least one mode is needed")
-    runtimes = tuple(_typed(RuntimeConfig, "runtime", dict(c["runtime"], mode=mode,
-                                                           topology=topology))
-                     for mode in c["modes"])
+    runtime = dict(c["runtime"])
+    cost_model_path = runtime.pop("cost_model", "")
+    if runtime.get("scheduler") == "":
+      runtime.pop("scheduler")
+    variants = dict(c.get("variants") or {})
+    runtimes = []
+    for name in c["modes"]:
+      if name in variants:
+        overrides = dict(variants[name])
+        if overrides.get("mode") not in MODES:
+          raise ValueError(f"variants.{name}.mode: expected one of {MODES}, got "
+                           f"{overrides.get('mode')!r}")
+      elif name in MODES:
+        overrides = dict(mode=name)
+      else:
+        raise ValueError(f"modes: {name!r} is neither a mode {MODES} nor a variant "
+                         f"{sorted(variants)}")
+      runtimes.append(_typed(RuntimeConfig, f"variants.{name}" if name in variants else
+                             "runtime", dict(runtime, **overrides, topology=topology)))
+    runtimes = tuple(runtimes)
+    if cost_model_path == "auto":
+      cost_model_path = cost_profile.default_path(model.name, model.dtype)
+      if not os.path.exists(cost_model_path):
+        cost_model_path = ""  # profiled at start-up
+    elif cost_model_path:
+      cost_profile.load(cost_model_path)  # a bad file is reported before any run
+    window = c.get("snic_window_s", 0.5)
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+      raise ValueError(f"snic_window_s must be positive, got {window!r}")
     workload = dict(c["workload"])
     if workload.pop("kind") != "synthetic":
       raise ValueError("workload.kind: only 'synthetic' exists so far")
@@ -99,7 +134,8 @@ class OfflineJob:
                        f"than one Full Block ({layout.full_block_bytes} bytes)")
     simple_trajectories(**workload)  # validates the workload fields by name
     return cls(workdir=workdir, config_dict=full, model_config=model, runtimes=runtimes,
-               store_spec=StoreSpec.from_dict(store), workload=workload, seed=seed,
+               run_names=tuple(c["modes"]), cost_model_path=cost_model_path,
+               snic_window_s=float(window), store_spec=StoreSpec.from_dict(store), workload=workload, seed=seed,
                checkpoint=checkpoint, warmup=bool(c["warmup"]),
                check_reference=bool(c["check_reference"]))
 
@@ -110,6 +146,7 @@ class OfflineJob:
     model = (weights.restore_weights(self.checkpoint, self.model_config) if self.checkpoint
              else weights.init_random(self.model_config, seed=self.seed))
     layout = KVLayout.for_model(self.model_config)
+    cost_model = self._cost_model(model, progress)
     trajectories = simple_trajectories(**self.workload)
     reference = None
     if self.check_reference:
@@ -120,22 +157,26 @@ class OfflineJob:
     # Fresh namespaces per invocation: a rerun into the same store starts cold, like the first run.
     run_id = uuid.uuid4().hex[:8]
     with KVBlockStore.open(self.store_spec, layout) as store:
-      for runtime in self.runtimes:
+      for name, runtime in zip(self.run_names, self.runtimes):
         if self.warmup:
           if progress:
-            progress(f"[{runtime.mode}] warm-up pass (untimed, uncapped links, own namespaces)")
+            progress(f"[{name}] warm-up pass (untimed, uncapped links, own namespaces)")
           run_offline(dataclasses.replace(runtime, link_bytes_per_s=None), model, store, layout,
-                      trajectories, namespace_prefix=f"{run_id}-warmup-{runtime.mode}-")
-        run = run_offline(runtime, model, store, layout, trajectories,
-                          namespace_prefix=f"{run_id}-{runtime.mode}-", progress=progress)
-        runs.append(summarize(run, reference))
-        turn_lines += [json.dumps(dict(mode=run.mode, **t)) for t in run.turns]
+                      trajectories, cost_model=cost_model,
+                      namespace_prefix=f"{run_id}-warmup-{name}-")
+        run = run_offline(runtime, model, store, layout, trajectories, cost_model=cost_model,
+                          namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name)
+        runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
+                         mode=name, base_mode=runtime.mode, switches=runtime.switches()))
+        turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
     summary = dict(runs=runs, run_id=run_id, model=self.model_config.name, topology=self.runtimes[0].topology.name,
                    link_bytes_per_s=self.runtimes[0].link_bytes_per_s,
                    link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC "
                                    "of link_bytes_per_s" if self.runtimes[0].link_bytes_per_s
                                    else "uncapped"),
-                   warmup_excluded_from_jct=self.warmup)
+                   warmup_excluded_from_jct=self.warmup, cost_model=cost_model.to_dict(),
+                   cost_model_path=self.cost_model_path or os.path.join(self.workdir,
+                                                                         "cost_model.json"))
     with open(os.path.join(self.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     with open(os.path.join(self.workdir, "turns.jsonl"), "w") as f:
@@ -143,7 +184,27 @@ class OfflineJob:
     return summary
 
 
-def summarize(run: OfflineRun, reference: dict | None) -> dict:
+  def _cost_model(self, model, progress) -> CostModel:
+    """The configured cost model, or one profiled now on the first PE's device (and saved)."""
+    if self.cost_model_path:
+      return cost_profile.load(self.cost_model_path)
+    import jax  # the profile runs on the device kind the job runs on
+    if progress:
+      progress("cost model: none for this device kind, model and dtype; profiling PE forwards "
+               "now (scripts/profile_prefill.py writes one to reuse)")
+    device = jax.devices()[0]
+    longest = self.runtimes[0].max_context_tokens
+    cost, error, rows = cost_profile.profile(
+        jax.device_put(model, device), device, cached=[0, longest // 4, longest // 2],
+        new=[64, 256, 512], batches=[1, 2], block_tokens=KVLayout.for_model(
+            self.model_config).block_tokens, reps=3, progress=progress)
+    cost_profile.save(os.path.join(self.workdir, "cost_model.json"), cost, error, rows,
+                      dict(device_kind=device.device_kind, preset=self.model_config.name,
+                           dtype=self.model_config.dtype, what="profiled at job start-up"))
+    return cost
+
+
+def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float = 0.5) -> dict:
   ttft = [t["times_s"]["first_token"] - t["times_s"]["ready"] for t in run.turns]
   match = None
   if reference is not None and run.mode != "oracle":
@@ -161,6 +222,16 @@ def summarize(run: OfflineRun, reference: dict | None) -> dict:
       decode_step_median_s=statistics.median(steps) if steps else None,
       max_prefix_layers_on_pe=run.max_prefix_layers_on_pe,
       read_side_counts={side: sum(t["read_side"] == side for t in run.turns)
-                        for side in ("pe", "de", "none")},
+                        for side in ("pe", "de", "split", "none")},
+      snic_balance=snic_balance(run.link_records, window_s=snic_window_s),
+      # Headline: forwards in which the group was loaded (every shard's batch cut by the quota
+      # with work left over), the regime of the paper's figure; all forwards alongside.
+      attn_balance=dict(
+          attn_balance([f for forwards in run.loaded_forwards.values() for f in forwards]),
+          regime="loaded forwards: every shard had more ready work than its batch took",
+          all_forwards=attn_balance([f for forwards in run.forwards.values() for f in forwards])),
+      prefill_forwards=sum(len(f) for f in run.forwards.values()),
+      chunked_turns=sum(t["prefill_chunks"] > 1 for t in run.turns),
+      cluster=run.describe,
       link_read_bytes={str(node): sum(r[2] for r in records)
                        for node, records in run.link_records.items()})

@@ -26,15 +26,24 @@ class TurnRequest:
   """Leading blocks whose KV is read from the store (the rest is prefilled)."""
   block_tokens: int
   """Tokens per block."""
-  # Placement.
+  # Placement (by the global scheduler).
+  request_id: int = -1
+  """Arrival number at the scheduler."""
   prefill_engine: int = -1
   decode_engine: int = -1
-  read_side: str = ""
+  read_split: tuple[int, int] = (0, 0)
+  """Hit blocks read on the PE's node (the leading ones) and on the DE's node (the rest)."""
   # Filled in flight.
-  read_future: object = None
-  """Future of the storage-link read (list of Full Blocks or None)."""
-  read_reservation: object = None
-  """Host-buffer reservation on the read node."""
+  read_futures: dict = dataclasses.field(default_factory=dict)
+  """'pe'/'de' -> future of that side's storage-link read (list of Full Blocks or None)."""
+  read_reservations: dict = dataclasses.field(default_factory=dict)
+  """'pe'/'de' -> host-buffer reservation on that side's node for the blocks it reads."""
+  blocks: dict = dataclasses.field(default_factory=dict)
+  """'pe'/'de' -> the Full Blocks that side read [n, L, B, W] (until the first chunk ran)."""
+  prefilled_tokens: int = 0
+  """New tokens computed so far (chunked prefill: the cached length is hit + this)."""
+  chunks: int = 0
+  """PE forwards this request took part in."""
   de_reservation: object = None
   """Host-buffer reservation on the DE node for the prompt KV."""
   prompt_kv: np.ndarray | None = None
@@ -60,6 +69,19 @@ class TurnRequest:
   @property
   def new_tokens(self) -> int:
     return self.prompt_tokens - self.hit_tokens
+
+  @property
+  def read_side(self) -> str:
+    """'pe', 'de', 'split' (both) or 'none' (no hit)."""
+    pe, de = self.read_split
+    return "split" if pe and de else "pe" if pe else "de" if de else "none"
+
+  def reads_done(self) -> bool:
+    return all(f.done() for f in self.read_futures.values())
+
+  def release_reads(self) -> None:
+    for reservation in self.read_reservations.values():
+      reservation.release()
 
   def add_bytes(self, path: str, nbytes: int) -> None:
     self.bytes[path] = self.bytes.get(path, 0) + int(nbytes)

@@ -10,7 +10,6 @@ the same state; tests build the states by hand.
   quota.py         PAPER.md 5.5: the cost model of a forward, its fit, compute-quota batches with
                    chunked prefill, and the token-budget baseline
   baselines.py     round robin over PEs and DEs (Basic; alternating read sides with the dual path)
-  simple.py        the data-plane runtime's current placement rule (round robin, shorter queue)
 """
 
 from dualpath_jax.scheduler.baselines import RoundRobinPlacer
@@ -32,16 +31,13 @@ from dualpath_jax.scheduler.quota import (
     select_quota_batch,
     select_token_budget_batch,
 )
-from dualpath_jax.scheduler.simple import Placement, ReadQueues, place_round_robin
 from dualpath_jax.scheduler.state import EngineLoad, WaitingRequest
 
 __all__ = [
     "Chunk",
     "CostModel",
     "EngineLoad",
-    "Placement",
     "QueuedPrefill",
-    "ReadQueues",
     "RoundRobinPlacer",
     "WaitingRequest",
     "assign_decode_groups",
@@ -49,7 +45,6 @@ __all__ = [
     "choose_read_side",
     "derive_alpha_beta",
     "fit_cost_model",
-    "place_round_robin",
     "remainder",
     "select_decode_engines",
     "select_prefill_engines",

@@ -1,0 +1,236 @@
+"""One PE engine (a data-parallel shard of its PE group): runs one batched prefill forward.
+
+A batch is a list of chunks (request, cached, new): `new` prompt tokens computed on top of `cached`
+tokens whose KV exists. A request's first chunk has cached = its storage hit, whose KV comes from
+the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node); a later chunk
+(chunked prefill) finds its whole prefix in the DE node buffer, where every earlier chunk sent it.
+
+  layerwise (dualpath, oracle): for each layer l, layer l+1's prefix KV of every row is put in
+    flight before layer l computes, so the PE holds at most two layers of prefix KV:
+      PE path  PE node buffer --H2D--> PE device
+      DE path  DE node buffer --H2D--> DE device --D2D--> PE device
+    after layer l, each row's new KV goes on to its DE node buffer (and, on a first chunk, the
+    PE-read part of its hit, which the DE buffer does not hold yet).
+  whole (basic): every layer's prefix KV goes H2D before the forward starts; after the whole model
+    the same KV goes to the DE.
+  oracle: no read, no H2D, no D2D, no D2H: the prefix KV is uninitialised zeros on the device.
+A request's last chunk gives its first generated token (logits of its last prompt token).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualpath_jax.model.prefill import (embed_tokens, embed_tokens_jit, last_token_logits_jit,
+                                        pow2_at_least, prefill_layer, prefill_layer_jit)
+from dualpath_jax.runtime.request import TurnRequest
+
+
+@functools.partial(jax.jit, static_argnames=("length", "axis"))
+def _pad_to(x, length: int, axis: int):
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+@functools.partial(jax.jit, static_argnames=("row", "start", "stop", "batch_axis"))
+def _row_slice(x, row: int, start: int, stop: int, batch_axis: int):
+  """x[row, start:stop] along (batch_axis, batch_axis + 1)."""
+  x = jax.lax.index_in_dim(x, row, axis=batch_axis, keepdims=False)
+  return jax.lax.slice_in_dim(x, start, stop, axis=batch_axis)
+
+
+class PrefillShard:
+  """One PE: executes the batches its group leader selects for it (no thread of its own)."""
+
+  def __init__(self, cluster, engine, model):
+    self.cluster = cluster
+    self.engine = engine
+    self.model = model
+    self.tm = cluster.traffic[engine.name]
+    self.resident_layers = 0
+    """Layers of prefix KV on this PE's device now."""
+    self.max_resident_layers = 0
+    """Most layers of prefix KV ever on this PE's device at once (layerwise: at most 2)."""
+
+  def run_batch(self, chunks: list[tuple[TurnRequest, int, int]]) -> float:
+    """Prefills `chunks` in one forward; returns its wall time. Sets first_token on last chunks."""
+    start = time.perf_counter()
+    config, layout = self.cluster.runtime_config, self.cluster.layout
+    for request, cached, _ in chunks:
+      if cached == request.hit_tokens:
+        self._begin(request)
+    rows = pow2_at_least(len(chunks))
+    tp = max(cached for _, cached, _ in chunks)
+    tp = pow2_at_least(tp, layout.block_tokens) if tp else 0
+    tn = pow2_at_least(max(new for _, _, new in chunks), layout.block_tokens)
+    tokens = np.zeros((rows, tn), np.int32)
+    prefix_len = np.zeros((rows,), np.int32)
+    new_len = np.ones((rows,), np.int32)  # padding rows: one dummy token, no prefix
+    for i, (request, cached, new) in enumerate(chunks):
+      tokens[i, :new] = request.prompt[cached:cached + new]
+      prefix_len[i], new_len[i] = cached, new
+    place = functools.partial(jax.device_put, device=self.engine.replicated_sharding)
+    args = (place(tokens), place(prefix_len), place(new_len))
+    if config.layerwise:
+      x = self._layerwise(chunks, rows, tp, *args)
+    else:
+      x = self._whole(chunks, rows, tp, *args)
+    with self.tm.model_step():
+      logits = last_token_logits_jit(self.model, x, args[2])
+      first = np.asarray(jnp.argmax(logits, axis=-1))
+    for i, (request, cached, new) in enumerate(chunks):
+      if cached == request.hit_tokens:
+        request.release_reads()  # the hit blocks were consumed by this first chunk
+      if cached + new == request.prompt_tokens:
+        request.first_token = int(first[i])
+    return time.perf_counter() - start
+
+  # --- per request -------------------------------------------------------------------------------
+
+  def _begin(self, request: TurnRequest) -> None:
+    """First chunk: the read blocks per side, the prompt KV array in the DE node buffer."""
+    layout = self.cluster.layout
+    request.times["prefill_start"] = time.perf_counter()
+    request.blocks = {}
+    for side, future in request.read_futures.items():
+      blocks = future.result()
+      if any(b is None for b in blocks):
+        raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
+                           "read back; the runtime does not yet re-plan a shrunken hit")
+      request.blocks[side] = np.stack(blocks)
+    if self.cluster.runtime_config.skips_kv_io:
+      return
+    request.prompt_kv = request.de_reservation.hold(
+        np.empty((layout.num_layers, request.prompt_tokens, *layout.token_kv_shape),
+                 layout.np_dtype))
+    if "de" in request.blocks:  # the DE-read hit KV is in the DE buffer already: merge it
+      start = request.read_split[0] * layout.block_tokens
+      request.prompt_kv[:, start:request.hit_tokens] = layout.full_blocks_to_kv(
+          request.blocks["de"])
+
+  def _de(self, request: TurnRequest):
+    de_engine = self.cluster.topology.decode_engines[request.decode_engine]
+    return de_engine, self.cluster.traffic[de_engine.name]
+
+  def _via_de(self, request: TurnRequest, host: np.ndarray) -> jax.Array:
+    """Host array in the DE node buffer -> DE device -> this PE's device."""
+    _, de_tm = self._de(request)
+    request.add_bytes("h2d", host.nbytes)
+    request.add_bytes("d2d", host.nbytes)
+    return de_tm.d2d(de_tm.h2d(host), self.engine)
+
+  def _prefix(self, request: TurnRequest, cached: int, layers) -> jax.Array | None:
+    """The row's prefix KV on this PE: [cached, 2, H, D] for one layer (int) or
+    [L, cached, 2, H, D] for all (slice(None)); None when there is none."""
+    layout = self.cluster.layout
+    if not cached:
+      return None
+    one = isinstance(layers, int)
+    if cached > request.hit_tokens:  # a later chunk: the prefix sits in the DE node buffer
+      return self._via_de(request, request.prompt_kv[layers, :cached])
+    parts = []
+    for side in ("pe", "de"):
+      if side not in request.blocks:
+        continue
+      blocks = request.blocks[side]
+      host = layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks)
+      if side == "pe":
+        request.add_bytes("h2d", host.nbytes)
+        parts.append(self.tm.h2d(host))
+      else:
+        parts.append(self._via_de(request, host))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0 if one else 1)
+
+  def _send(self, request: TurnRequest, x: jax.Array, row: int, count: int, dst_start: int,
+            batch_axis: int, layers) -> None:
+    """Tokens [0, count) of batch row `row` of x -> the DE -> the request's prompt KV in the DE
+    buffer at [dst_start, dst_start + count) (x: [B, T, ...] for one layer, [L, B, T, ...])."""
+    de_engine, de_tm = self._de(request)
+    part = _row_slice(x, row, 0, count, batch_axis)
+    out = request.prompt_kv[layers]
+    dst = slice(dst_start, dst_start + count)
+    de_tm.d2h(self.tm.d2d(part, de_engine), out=out[:, dst] if batch_axis else out[dst])
+    request.add_bytes("d2d", part.nbytes)
+    request.add_bytes("d2h", part.nbytes)
+
+  def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> None:
+    """Each row's new KV; on a first chunk also the PE-read part of its hit (the DE-read part is
+    in the DE buffer already)."""
+    for i, (request, cached, new) in enumerate(chunks):
+      pe_tokens = request.read_split[0] * request.block_tokens
+      if cached == request.hit_tokens and pe_tokens:
+        self._send(request, prefix, i, pe_tokens, 0, batch_axis, layers)
+      self._send(request, new_kv, i, new, cached, batch_axis, layers)
+
+  def _stack_rows(self, prefixes, rows: int, tp: int, axis: int, layers: int | None):
+    """Row prefixes padded to tp and stacked along the batch axis (zeros for missing rows)."""
+    layout = self.cluster.layout
+    lead = () if layers is None else (layers,)
+    empty = self.cluster.zeros_on(self.engine, (*lead, tp, *layout.token_kv_shape))
+    padded = [empty if p is None else _pad_to(p, tp, axis) for p in prefixes]
+    padded += [empty] * (rows - len(padded))
+    return jnp.stack(padded, axis=axis)
+
+  # --- one forward -------------------------------------------------------------------------------
+
+  def _load_layer(self, chunks, rows: int, tp: int, layer: int) -> jax.Array:
+    layout = self.cluster.layout
+    self.resident_layers += 1
+    self.max_resident_layers = max(self.max_resident_layers, self.resident_layers)
+    if self.cluster.runtime_config.skips_kv_io:
+      return self.cluster.zeros_on(self.engine, (rows, tp, *layout.token_kv_shape))
+    prefixes = [self._prefix(request, cached, layer) for request, cached, _ in chunks]
+    return self._stack_rows(prefixes, rows, tp, axis=0, layers=None)
+
+  def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
+    skip_io = self.cluster.runtime_config.skips_kv_io
+    layers = self.model.layers
+    with self.tm.model_step():
+      x = embed_tokens_jit(self.model, tokens)
+    current = self._load_layer(chunks, rows, tp, 0)
+    for l, layer in enumerate(layers):
+      # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
+      following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers) else None)
+      with self.tm.model_step():
+        x, new_kv = prefill_layer_jit(layer, x, current, prefix_len, new_len)
+      if not skip_io:
+        self._send_rows(chunks, current, new_kv, 0, l)
+        current.delete()
+      self.resident_layers -= 1
+      current = following
+    return x
+
+  def _whole(self, chunks, rows, tp, tokens, prefix_len, new_len):
+    layout = self.cluster.layout
+    skip_io = self.cluster.runtime_config.skips_kv_io
+    self.resident_layers = self.max_resident_layers = layout.num_layers
+    if skip_io:
+      prefix = self.cluster.zeros_on(
+          self.engine, (layout.num_layers, rows, tp, *layout.token_kv_shape))
+    else:
+      prefixes = [self._prefix(request, cached, slice(None)) for request, cached, _ in chunks]
+      prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
+    with self.tm.model_step():
+      x, new_kv = _prefill_hidden(self.model, tokens, prefix, prefix_len, new_len)
+    if not skip_io:
+      self._send_rows(chunks, prefix, new_kv, 1, slice(None))
+      prefix.delete()
+    self.resident_layers = 0
+    return x
+
+
+@jax.jit
+def _prefill_hidden(model, tokens, prefix_kv, prefix_len, new_len):
+  """Whole-model prefill up to the final hidden states (the logits come from last_token_logits)."""
+  x = embed_tokens(model, tokens)
+  new_kv = []
+  for l, layer in enumerate(model.layers):
+    x, kv = prefill_layer(layer, x, prefix_kv[l], prefix_len, new_len)
+    new_kv.append(kv)
+  return x, jnp.stack(new_kv)
