@@ -19,8 +19,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -30,24 +28,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repeats per measurement.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed repeats first (compilation, allocation).")
 
 
-def _median_gbps(fn, nbytes: int, repeats: int, warmup: int) -> tuple[float, float]:
-  import jax
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  median_s = statistics.median(times)
-  return nbytes / median_s / 1e9, median_s
-
-
 def main(argv):
   del argv
   import jax
   import numpy as np
 
+  from dualpath_jax.bench.timing import median_gbps
   from dualpath_jax.engines import TopologyConfig, build_topology
   from dualpath_jax.kvstore.layout import KVLayout
   from dualpath_jax.transfer import device_to_host, has_pinned_host, host_to_device, make_mover
@@ -67,7 +53,7 @@ def main(argv):
     x = host_to_device(host, src)
 
     def record(kind, name, fn):
-      gbps, median_s = _median_gbps(fn, nbytes, _REPEATS.value, _WARMUP.value)
+      gbps, median_s = median_gbps(fn, nbytes, _REPEATS.value, _WARMUP.value)
       rows.append(dict(kind=kind, impl=name, blocks=num_blocks, bytes=nbytes, gbps=gbps,
                        median_s=median_s))
       print(f"{kind:4s} {name:10s} {num_blocks:4d} blocks {nbytes / 2**20:8.2f} MiB "

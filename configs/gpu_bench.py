@@ -1,0 +1,98 @@
+r"""GPU benchmark: link ceilings, the KV data plane, one engine's prefill/decode, end to end.
+
+  python experiments/gpu_bench.py --config=configs/gpu_bench.py:smoke --out=/tmp/gpu_bench
+  python experiments/gpu_bench.py --config=configs/gpu_bench.py:h100x4 --out=$OUT
+
+On the GPU image (jax preinstalled, ml_collections carried as a wheel in .whl/):
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+  PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 experiments/gpu_bench.py \
+      --config=configs/gpu_bench.py:h100x4 --out=$OUT
+
+Variants:
+  smoke   CPU, 4 simulated devices, tiny sizes: every section in seconds (the test runs it)
+  h100x4  the real run on the GPUs present (any count >= 1: 1, 2 or 4 H100s or H200s), all of
+          it inside one ~7-minute call (a soft budget skips what no longer fits)
+Sections run in the order ceilings, data_plane, engine, end_to_end; pick some with e.g.
+  --config.sections="('ceilings', 'data_plane')"
+end_to_end is off in h100x4 until its jobs are chosen: add it to `sections` and set
+end_to_end.* (preset, topologies, link_caps, agents, turns, ...).
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "h100x4")
+SECTIONS = ("ceilings", "data_plane", "engine", "end_to_end")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "h100x4"
+  if variant not in VARIANTS:
+    raise ValueError(f"config: unknown variant {variant!r}; choose one of {VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.platform = "default"  # 'cpu' simulates num_cpu_devices devices; 'default' takes jax's backend
+  c.num_cpu_devices = 4
+  c.sections = ("ceilings", "data_plane", "engine")
+  # Soft wall-clock budget (s) for the whole run: a measurement that would start later is
+  # recorded as skipped. Leave room under the call's hard limit for the one already running.
+  c.budget_s = 360.0
+  c.seed = 0
+
+  c.ceilings = ml_collections.ConfigDict(dict(
+      total_mib=1024,  # bytes per H2D / ingest measurement
+      chunk_mib=32,  # one transfer; ingest deals chunks round robin over the paths
+      d2d_mib=256,  # bytes per GPU-to-GPU measurement
+      repeats=5, warmup=1,
+      issue_modes=("threads", "async"),
+      pageable=True,  # also H2D from plain numpy into GPU 0
+      pinned=True))  # False: host buffers as plain numpy (if pinned_host fails)
+
+  c.data_plane = ml_collections.ConfigDict(dict(
+      preset="qwen2.5-7b",  # KV geometry (28 layers, 4 KV heads, head dim 128)
+      dtype="bfloat16",
+      prefix_tokens=32768,
+      variants=("transfer", "traffic"),
+      components=True,
+      repeats=3, warmup=1,
+      target_ratio=0.90))
+
+  c.engine = ml_collections.ConfigDict(dict(
+      preset="qwen2.5-7b", dtype="bfloat16",
+      prefill_contexts=(8192, 32768), append_tokens=512,
+      prefill_variants=("layerwise", "layerwise_sdpa", "whole"),
+      sdpa_implementation="cudnn",  # '' skips layerwise_sdpa
+      decode_batches=(1, 8, 32), decode_context=8192, decode_steps=10,
+      peak_context=65536,  # 0 skips the peak-memory run
+      block_tokens=64,
+      repeats=5, warmup=2,
+      peak_flops=0.0,  # dense bf16 FLOP/s; 0 = by device_kind (H100 SXM / H200: 989e12)
+      hbm_bytes_per_s=0.0,  # 0 = by device_kind (H100 SXM: 3.35e12, H200: 4.8e12)
+      target_prefill_mfu=0.5,
+      target_decode_roofline=0.7))
+
+  c.end_to_end = ml_collections.ConfigDict(dict(
+      base_config="configs/offline.py:smoke",  # the offline config the jobs start from
+      preset="small", dtype="float32",
+      topologies=("1P3D", "2P2D"),
+      link_caps=(0.0, 4e6),  # bytes/s per node; 0 = uncapped
+      agents=4, turns=4, first_append_tokens=1000, append_tokens=128, gen_tokens=16,
+      modes=("basic", "dualpath", "oracle"),
+      warmup=True, check_reference=False,
+      engines_per_node=0,  # 0 = the base config's where it divides P and D, else 1
+      target_speedup_over_bound=0.8))
+
+  if variant == "smoke":
+    c.platform = "cpu"
+    c.sections = SECTIONS
+    c.budget_s = 0.0  # no budget: the test wants every section
+    c.ceilings.update(total_mib=32, chunk_mib=4, d2d_mib=8, repeats=3, warmup=1)
+    c.data_plane.update(prefix_tokens=1024, repeats=2, warmup=1)
+    c.engine.update(preset="tiny", prefill_contexts=(256,), append_tokens=64,
+                    sdpa_implementation="xla", decode_batches=(1, 4), decode_context=256,
+                    decode_steps=3, peak_context=512, repeats=2, warmup=1,
+                    peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
+    c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
+                        turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,
+                        warmup=False)
+  c.lock()
+  return c

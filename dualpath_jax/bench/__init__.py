@@ -1,0 +1,14 @@
+"""Benchmark support: measuring helpers and the sections of experiments/gpu_bench.py.
+
+  timing.py      median wall-clock timing of device work, a progress log with a time budget
+  hardware.py    the card's peak FLOP/s and HBM bandwidth, pinned-host probing, host test data
+  ceilings.py    raw link ceilings: pinned H2D per GPU and all at once, GPU-to-GPU per link,
+                 multipath ingest into one GPU (own host link + k GPUs forwarding)
+  data_plane.py  the project's layerwise KV load into a PE over both paths vs those ceilings
+  engine.py      prefill MFU, decode step time vs the HBM roofline, the PE's peak memory
+  end_to_end.py  offline jobs (basic / dualpath / oracle) per topology and link cap
+  report.py      the JSON and markdown that a run leaves behind
+
+Nothing here reads a config file or parses flags: the experiment script does, and passes plain
+keyword arguments. Every section returns a JSON-ready dict.
+"""

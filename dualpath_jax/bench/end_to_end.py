@@ -1,0 +1,129 @@
+"""End to end: offline jobs (basic / dualpath / oracle) per topology and link cap, and the bound.
+
+Each job is `runtime.offline_job.OfflineJob.from_config(config, workdir).run()`; only its
+summary's `runs[*].mode` and `runs[*].jct_s` are read. Configs are built from a base offline
+config (configs/offline.py, whatever fields it has today) with a few parameters replaced, so that
+switches added to the offline config later keep their defaults here.
+
+Per job: speedup of dualpath (and oracle) over basic, and the bound on dualpath's speedup,
+min((P + D) / P, basic JCT / oracle JCT): dual-path loading can at best add the D decode nodes'
+storage links to the P prefill nodes' links, and never beats skipping the I/O altogether.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+TOPOLOGY_PATTERN = re.compile(r"^(\d+)P(\d+)D$")
+
+
+def parse_topology(name: str) -> tuple[int, int]:
+  """'1P3D' -> (1, 3)."""
+  match = TOPOLOGY_PATTERN.match(name)
+  if not match or not all(int(g) > 0 for g in match.groups()):
+    raise ValueError(f"end_to_end.topologies: expected names like '1P3D', got {name!r}")
+  return int(match.group(1)), int(match.group(2))
+
+
+def _to_dict(config) -> dict:
+  return copy.deepcopy(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_per_s: float,
+                   agents: int, turns: int, first_append_tokens: int, append_tokens: int,
+                   gen_tokens: int, modes: Sequence[str] = ("basic", "dualpath", "oracle"),
+                   warmup: bool = True, check_reference: bool = False,
+                   engines_per_node: int = 0) -> dict:
+  """One offline-job config dict: `base` with these parameters replaced.
+
+  link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
+  divides both engine counts, else 1. runtime.max_context_tokens grows to the longest context.
+  """
+  p, d = parse_topology(topology)
+  c = _to_dict(base)
+  for section in ("model", "topology", "runtime", "workload"):
+    if not isinstance(c.get(section), dict):
+      raise ValueError(f"end_to_end: the base offline config has no {section!r} section")
+  c["model"].update(preset=preset, dtype=dtype)
+  per_node = engines_per_node or c["topology"].get("engines_per_node", 1)
+  if p % per_node or d % per_node:
+    per_node = 1
+  c["topology"].update(num_prefill_engines=p, num_decode_engines=d, engines_per_node=per_node)
+  c["runtime"]["link_bytes_per_s"] = float(link_bytes_per_s) if link_bytes_per_s else None
+  c["workload"].update(agents=agents, turns=turns, first_append_tokens=first_append_tokens,
+                       append_tokens=append_tokens, gen_tokens=gen_tokens)
+  longest = first_append_tokens + turns * (append_tokens + gen_tokens)
+  if "max_context_tokens" in c["runtime"]:
+    c["runtime"]["max_context_tokens"] = max(int(c["runtime"]["max_context_tokens"]),
+                                             -(-longest // 64) * 64)
+  c.update(modes=tuple(modes), warmup=bool(warmup), check_reference=bool(check_reference))
+  return c
+
+
+def job_name(topology: str, link_bytes_per_s: float) -> str:
+  return f"{topology}_" + (f"cap{link_bytes_per_s:g}" if link_bytes_per_s else "uncapped")
+
+
+def speedups(jct_s: Mapping[str, float], num_prefill: int, num_decode: int,
+             target_efficiency: float) -> dict:
+  """Speedups over basic and the bound min((P + D) / P, basic / oracle), where JCTs allow."""
+  out = {}
+  basic = jct_s.get("basic")
+  if not basic:
+    return out
+  for mode in ("dualpath", "oracle"):
+    if jct_s.get(mode):
+      out[f"{mode}_speedup"] = basic / jct_s[mode]
+  bound = (num_prefill + num_decode) / num_prefill
+  if jct_s.get("oracle"):
+    bound = min(bound, basic / jct_s["oracle"])
+  out["bound"] = bound
+  out["bound_formula"] = "min((P + D) / P, basic JCT / oracle JCT)"
+  if "dualpath_speedup" in out:
+    out["dualpath_speedup_over_bound"] = out["dualpath_speedup"] / bound
+    out["met"] = bool(out["dualpath_speedup_over_bound"] >= target_efficiency)
+  return out
+
+
+def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_efficiency: float,
+                   num_devices: int, log: Callable[[str], None] = print,
+                   out_of_time: Callable[[], bool] = lambda: False,
+                   on_update: Callable[[dict], None] | None = None) -> dict:
+  """Runs each (name, config dict) offline job in WORKDIR/name; JCTs, speedups and bounds."""
+  from dualpath_jax.runtime.offline_job import OfflineJob
+
+  result = dict(target_dualpath_speedup_over_bound=target_efficiency, jobs=[])
+  for name, config in jobs:
+    p = config["topology"]["num_prefill_engines"]
+    d = config["topology"]["num_decode_engines"]
+    row = dict(name=name, topology=f"{p}P{d}D",
+               link_bytes_per_s=config["runtime"].get("link_bytes_per_s"),
+               preset=config["model"]["preset"], workload=dict(config["workload"]))
+    if p + d > num_devices:
+      row["skipped"] = f"{p + d} devices needed, {num_devices} present"
+    elif out_of_time():
+      row["skipped"] = "time budget"
+    else:
+      try:
+        log(f"end_to_end: {name} ({row['topology']}, preset {row['preset']}, link "
+            f"{row['link_bytes_per_s'] or 'uncapped'})")
+        job = OfflineJob.from_config(config, os.path.join(workdir, name))
+        summary = job.run(progress=lambda line, name=name: log(f"end_to_end[{name}] {line}"))
+        row["jct_s"] = {run["mode"]: float(run["jct_s"]) for run in summary["runs"]}
+        row.update(speedups(row["jct_s"], p, d, target_efficiency))
+        log(f"end_to_end: {name} JCT " + ", ".join(f"{m} {s:.2f} s"
+                                                   for m, s in row["jct_s"].items())
+            + (f"; dualpath speedup {row['dualpath_speedup']:.2f} of bound {row['bound']:.2f}"
+               if "dualpath_speedup" in row else ""))
+      except Exception as e:  # noqa: BLE001  (one job failing must not end the section)
+        row["error"] = repr(e)
+        log(f"end_to_end: {name} FAILED: {e!r}")
+    if "skipped" in row:
+      log(f"end_to_end: {name} skipped: {row['skipped']}")
+    result["jobs"].append(row)
+    if on_update:
+      on_update(result)
+  return result

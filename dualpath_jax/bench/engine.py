@@ -1,0 +1,418 @@
+"""One engine on one device: prefill MFU, decode step time vs the HBM roofline, PE peak memory.
+
+All with the model's own code and random weights (init_random) of a preset's true geometry:
+
+  prefill   `append_tokens` new tokens on top of C cached ones (prefix KV random on the device):
+            'layerwise'       embed -> prefill_layer_jit per layer -> last_token_logits (the PE's
+                              path, one compiled layer program reused for every layer)
+            'whole'           prefill_jit: all layers under one jit
+            'layerwise_sdpa'  the layerwise path with the model's einsum attention swapped, for
+                              this measurement only, for jax.nn.dot_product_attention with a given
+                              implementation ('cudnn' on GPUs); the model code is not changed
+            MFU = cost.prefill_flops(last_token_logits_only) / median seconds / peak FLOP/s.
+  decode    decode_step_jit on a paged pool, `batch` sequences of `context` tokens each. The
+            roofline reads every weight but the embedding table once and the batch's KV once:
+            (weights + batch * context * kv_bytes_per_token) / HBM bytes/s; fraction = roofline
+            time / measured step time. 'step_s' syncs every step (as a DE that samples does);
+            'pipelined_step_s' issues the steps back to back and divides.
+  peak      a layerwise prefill of `append_tokens` on a `peak_context`-token prefix streamed from
+            host Full Blocks layer by layer (layout.layer_kv -> transfer.host_to_device, layer l+1
+            in flight while layer l computes, each layer deleted after use, as the PE worker
+            does), against weights + 2 layers of prefix KV + one layer's activations. Peak bytes
+            come from device.memory_stats() (absent on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dualpath_jax.bench import hardware
+from dualpath_jax.bench.timing import median_seconds
+
+PREFILL_VARIANTS = ("layerwise", "whole", "layerwise_sdpa")
+
+
+def _tree_bytes(tree) -> int:
+  return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes"))
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _normal(key, shape, dtype):
+  return jax.random.normal(key, shape, dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _fill_layer(pool, key, layer):
+  values = jax.random.normal(key, pool.shape[1:], pool.dtype)
+  return jax.lax.dynamic_update_index_in_dim(pool, values, layer, 0)
+
+
+def sdpa_attention(implementation: str | None):
+  """transformer.attention's contract (q [B,T,N,D], kv [B,S,2,H,D], mask [B,T,S]) by
+  jax.nn.dot_product_attention; query head n uses kv head n // (N / H), as the model does.
+
+  The returned function counts how often it was traced (`.traces`), which shows that a swap took
+  effect even where its outputs are bitwise those of the einsum (XLA on CPU).
+  """
+  def attention(q, kv, mask):
+    attention.traces += 1
+    out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], mask=mask[:, None],
+                                       implementation=implementation)
+    return out.astype(q.dtype)
+  attention.traces = 0
+  return attention
+
+
+@contextlib.contextmanager
+def swapped_attention(fn):
+  """Within the block, DecoderLayer calls `fn` instead of the einsum attention (traces only)."""
+  from dualpath_jax.model import transformer
+  saved = transformer.attention
+  transformer.attention = fn
+  try:
+    yield
+  finally:
+    transformer.attention = saved
+
+
+def _rel_err(a, b) -> float:
+  a = np.asarray(a, np.float32)
+  b = np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _stats(device) -> dict | None:
+  try:
+    stats = device.memory_stats()
+  except Exception:  # noqa: BLE001  (not implemented on some backends)
+    return None
+  return dict(stats) if stats else None
+
+
+def activation_bytes(config, new_tokens: int, context_tokens: int) -> dict:
+  """Estimated live bytes of one prefill layer's activations (einsum attention), by part.
+
+  The einsum attention materialises float32 scores [N, Tn, S] (S = context + new), a masked
+  copy and the probabilities; the layer concatenates the prefix with the new KV (a copy of the
+  layer's KV) and the attention reads K and V as separate slices (another copy).
+  """
+  c = config
+  item = c.itemsize
+  s = context_tokens + new_tokens
+  kv_layer = s * 2 * c.num_kv_heads * c.head_dim * item
+  parts = dict(
+      attention_scores=c.num_heads * new_tokens * s * (4 + 4 + item),
+      mask=2 * new_tokens * s,
+      kv_concat_and_split=2 * kv_layer,
+      qkv_rope=new_tokens * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * (item + 4) * 2,
+      mlp=3 * new_tokens * c.intermediate_size * item,
+      hidden=6 * new_tokens * c.hidden_size * 4,
+      logits=c.vocab_size * 4,
+  )
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequence[int],
+                   append_tokens: int, prefill_variants: Sequence[str],
+                   sdpa_implementation: str | None, decode_batches: Sequence[int],
+                   decode_context: int, peak_context: int, block_tokens: int, repeats: int,
+                   warmup: int, decode_steps: int, card: hardware.CardSpec,
+                   target_prefill_mfu: float, target_decode_roofline: float, seed: int = 0,
+                   log: Callable[[str], None] = print,
+                   out_of_time: Callable[[], bool] = lambda: False,
+                   on_update: Callable[[dict], None] | None = None) -> dict:
+  """Prefill, decode and peak-memory numbers of `model_config` on `device`."""
+  from dualpath_jax.model import cost, weights
+
+  unknown = set(prefill_variants) - set(PREFILL_VARIANTS)
+  if unknown:
+    raise ValueError(f"engine.prefill_variants: expected some of {PREFILL_VARIANTS}, "
+                     f"got {prefill_variants}")
+  config = model_config
+  result = dict(
+      device=str(device), card=dict(name=card.name, peak_flops=card.peak_flops,
+                                    hbm_bytes_per_s=card.hbm_bytes_per_s, source=card.source),
+      model=dict(preset=config.name, dtype=config.dtype, num_layers=config.num_layers,
+                 param_count=cost.param_count(config)),
+      attention="model: einsum (dualpath_jax.model.transformer.attention, float32 scores); "
+                f"layerwise_sdpa: jax.nn.dot_product_attention(implementation="
+                f"{sdpa_implementation!r})",
+      append_tokens=append_tokens, repeats=repeats, warmup=warmup,
+      targets=dict(prefill_mfu=target_prefill_mfu, decode_roofline_fraction=target_decode_roofline,
+                   peak_bytes="<= bound"),
+      prefill=[], decode=[])
+
+  def update():
+    if on_update:
+      on_update(result)
+
+  with jax.default_device(device):
+    t0 = time.perf_counter()
+    model = weights.init_random(config, seed=seed)
+    weights_bytes = _tree_bytes(model)
+    jax.block_until_ready(jax.tree_util.tree_leaves(model))
+    result["model"].update(weights_bytes=weights_bytes, init_s=time.perf_counter() - t0)
+    log(f"engine: {config.name} {config.dtype} on {device}: "
+        f"{weights_bytes / 2**30:.2f} GiB of weights in {time.perf_counter() - t0:.1f} s")
+    update()
+    key = jax.random.key(seed)
+    tokens = jax.random.randint(jax.random.fold_in(key, 1), (1, append_tokens), 0,
+                                config.vocab_size, jnp.int32)
+    new_len = jnp.array([append_tokens], jnp.int32)
+
+    # --- peak memory of a streamed layerwise prefill (first: memory_stats peaks never reset) --
+    if peak_context and not out_of_time():
+      try:
+        result["peak_memory"] = _peak_memory(model, device, config, tokens, new_len,
+                                             peak_context, block_tokens, weights_bytes, seed,
+                                             log)
+      except Exception as e:  # noqa: BLE001
+        result["peak_memory"] = dict(error=repr(e))
+        log(f"engine: peak memory FAILED: {e!r}")
+      update()
+
+    def prefill_at(variants):
+      for context in prefill_contexts:
+        if out_of_time():
+          result.setdefault("skipped", []).append(f"prefill {variants} at {context}: time budget")
+          continue
+        try:
+          rows = _prefill_rows(model, config, tokens, new_len, context, append_tokens, variants,
+                               sdpa_implementation, repeats, warmup, card, target_prefill_mfu,
+                               seed, log, out_of_time)
+        except Exception as e:  # noqa: BLE001
+          rows = [dict(context=context, error=repr(e))]
+          log(f"engine: prefill at {context} FAILED: {e!r}")
+        result["prefill"] += rows
+        update()
+
+    # Whole-model prefill compiles all layers into one program (slow to compile): last.
+    prefill_at([v for v in prefill_variants if v != "whole"])
+
+    # --- decode ------------------------------------------------------------------------------
+    for batch in decode_batches:
+      if out_of_time():
+        result.setdefault("skipped", []).append(f"decode batch {batch}: time budget")
+        continue
+      try:
+        row = _decode_row(model, config, batch, decode_context, block_tokens, decode_steps,
+                          warmup, weights_bytes, card, target_decode_roofline, seed, log)
+      except Exception as e:  # noqa: BLE001
+        row = dict(batch=batch, context=decode_context, error=repr(e))
+        log(f"engine: decode batch {batch} FAILED: {e!r}")
+      result["decode"].append(row)
+      update()
+
+    if "whole" in prefill_variants:
+      prefill_at(["whole"])
+  return result
+
+
+def _prefill_rows(model, config, tokens, new_len, context, append_tokens, variants,
+                  sdpa_implementation, repeats, warmup, card, target, seed, log, out_of_time):
+  from dualpath_jax.model import cost
+  from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, prefill_jit,
+                                          prefill_layer, prefill_layer_jit)
+
+  key = jax.random.key(seed + context)
+  kv_shape = (1, context, 2, config.num_kv_heads, config.head_dim)
+  prefix = [_normal(jax.random.fold_in(key, layer), kv_shape, config.jnp_dtype)
+            for layer in range(config.num_layers)]
+  prefix_len = jnp.array([context], jnp.int32)
+  flops = cost.prefill_flops(config, context, append_tokens, last_token_logits_only=True)
+
+  def layerwise(layer_fn):
+    x = embed_tokens_jit(model, tokens)
+    for index, layer in enumerate(model.layers):
+      x, _ = layer_fn(layer, x, prefix[index], prefix_len, new_len)
+    return last_token_logits_jit(model, x, new_len)
+
+  rows = []
+  for variant in variants:
+    if out_of_time():
+      rows.append(dict(context=context, variant=variant, skipped="time budget"))
+      continue
+    row = dict(context=context, append=append_tokens, variant=variant, flops=flops)
+    stack = contextlib.ExitStack()
+    try:
+      if variant == "layerwise":
+        fn = functools.partial(layerwise, prefill_layer_jit)
+      elif variant == "layerwise_sdpa":
+        if not sdpa_implementation:
+          continue
+        # Reference first, outside the swap: the model's own jitted layer (einsum attention).
+        x0 = embed_tokens_jit(model, tokens)
+        reference = prefill_layer_jit(model.layers[0], x0, prefix[0], prefix_len, new_len)[0]
+        # A fresh jit of a fresh function (no trace cache shared with prefill_layer_jit): the
+        # swap only takes effect while tracing, and must never reach the model's own jit.
+        layer_fn = jax.jit(lambda *args: prefill_layer(*args))
+        swapped = sdpa_attention(sdpa_implementation)
+        stack.enter_context(swapped_attention(swapped))
+        fn = functools.partial(layerwise, layer_fn)
+        row["implementation"] = sdpa_implementation
+        t0 = time.perf_counter()
+        row["first_layer_rel_err_vs_einsum"] = _rel_err(
+            layer_fn(model.layers[0], x0, prefix[0], prefix_len, new_len)[0], reference)
+        row["check_call_s"] = time.perf_counter() - t0  # compiles the swapped layer
+        row["sdpa_traced"] = swapped.traces > 0
+        del reference
+      else:
+        stacked = jnp.stack(prefix)  # [L, 1, C, 2, H, D]
+        stack.callback(stacked.delete)
+        fn = functools.partial(lambda s: prefill_jit(model, tokens, s, prefix_len, new_len,
+                                                     all_logits=False)[0], stacked)
+      with stack:
+        t0 = time.perf_counter()
+        logits = jax.block_until_ready(fn())
+        row["first_call_s"] = time.perf_counter() - t0
+        row["logits_finite"] = bool(jnp.all(jnp.isfinite(logits)))
+        s, times = median_seconds(fn, repeats, max(warmup - 1, 0))
+      row.update(median_s=s, min_s=min(times), tflops_per_s=flops / s / 1e12)
+      if card.peak_flops:
+        row.update(mfu=flops / s / card.peak_flops, met=bool(flops / s / card.peak_flops >= target))
+      log(f"engine: prefill {variant:14s} ctx {context:6d} +{append_tokens}: {s * 1e3:8.2f} ms "
+          f"{flops / s / 1e12:7.1f} TFLOP/s"
+          + (f" MFU {row['mfu']:.3f}" if "mfu" in row else "")
+          + f" (first call {row['first_call_s']:.1f} s)")
+    except Exception as e:  # noqa: BLE001  (e.g. cuDNN refusing a shape: report, go on)
+      row["error"] = repr(e)
+      log(f"engine: prefill {variant} ctx {context} FAILED: {e!r}")
+    finally:
+      stack.close()
+    rows.append(row)
+  for p in prefix:
+    p.delete()
+  return rows
+
+
+def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weights_bytes, card,
+                target, seed, log):
+  from dualpath_jax.model import cost
+  from dualpath_jax.model.paged import decode_step_jit
+
+  pages_per_seq = context // page_tokens + 1  # room for the new token's slot
+  num_pages = 1 + batch * pages_per_seq
+  shape = (config.num_layers, num_pages, page_tokens, 2, config.num_kv_heads, config.head_dim)
+  key = jax.random.key(seed + 7919 * batch)
+  pool = jnp.zeros(shape, config.jnp_dtype)
+  for layer in range(config.num_layers):  # layer by layer: no pool-sized temporaries
+    pool = _fill_layer(pool, jax.random.fold_in(key, layer), layer)
+  block_tables = (1 + jnp.arange(batch * pages_per_seq, dtype=jnp.int32)).reshape(
+      batch, pages_per_seq)
+  seq_lens = jnp.full((batch,), context, jnp.int32)
+  tokens = jax.random.randint(jax.random.fold_in(key, 1 << 20), (batch,), 0, config.vocab_size,
+                              jnp.int32)
+  state = dict(pool=pool)
+  del pool
+
+  def step():
+    logits, state["pool"] = decode_step_jit(model, state["pool"], tokens, block_tables, seq_lens)
+    return logits
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(step())
+  first_call_s = time.perf_counter() - t0
+  step_s, times = median_seconds(step, steps, max(warmup - 1, 0))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    logits = step()
+  jax.block_until_ready(logits)
+  pipelined_s = (time.perf_counter() - t0) / steps
+  embed_bytes = config.vocab_size * config.hidden_size * config.itemsize
+  kv_bytes = batch * context * cost.kv_bytes_per_token(config)
+  read_bytes = weights_bytes - embed_bytes + kv_bytes
+  row = dict(batch=batch, context=context, first_call_s=first_call_s, step_s=step_s,
+             min_step_s=min(times), pipelined_step_s=pipelined_s, bytes_read=read_bytes,
+             weight_bytes_read=weights_bytes - embed_bytes, kv_bytes_read=kv_bytes,
+             pool_bytes=int(state["pool"].nbytes), tokens_per_s=batch / step_s,
+             logits_finite=bool(jnp.all(jnp.isfinite(logits))))
+  if card.hbm_bytes_per_s:
+    roofline_s = read_bytes / card.hbm_bytes_per_s
+    row.update(roofline_s=roofline_s, roofline_fraction=roofline_s / step_s,
+               pipelined_roofline_fraction=roofline_s / pipelined_s,
+               met=bool(roofline_s / step_s >= target))
+  log(f"engine: decode batch {batch:3d} ctx {context}: {step_s * 1e3:8.3f} ms/step "
+      f"(pipelined {pipelined_s * 1e3:.3f})"
+      + (f" roofline {row['roofline_s'] * 1e3:.3f} ms -> {row['roofline_fraction']:.3f}"
+         if "roofline_s" in row else "") + f" (first call {first_call_s:.1f} s)")
+  state["pool"].delete()
+  return row
+
+
+def _peak_memory(model, device, config, tokens, new_len, context, block_tokens, weights_bytes,
+                 seed, log) -> dict:
+  from dualpath_jax.kvstore.layout import KVLayout
+  from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit,
+                                          prefill_layer_jit)
+  from dualpath_jax.transfer import host_to_device
+
+  layout = KVLayout.for_model(config, block_tokens)
+  num_blocks = layout.num_full_blocks(context)
+  context = num_blocks * block_tokens
+  blocks = hardware.random_normal_bits(num_blocks * layout.full_block_bytes, layout.dtype,
+                                       seed).reshape(num_blocks, *layout.full_block_shape)
+  append = tokens.shape[1]
+  prefix_len = jnp.array([context], jnp.int32)
+  dst = jax.sharding.SingleDeviceSharding(device)
+  # Compile first, from shapes only, so that compilation (autotuning scratch) is not in the run.
+  x_spec = jax.ShapeDtypeStruct((1, append, config.hidden_size), config.jnp_dtype)
+  kv_spec = jax.ShapeDtypeStruct((1, context, 2, config.num_kv_heads, config.head_dim),
+                                 config.jnp_dtype)
+  t0 = time.perf_counter()
+  prefill_layer_jit.lower(model.layers[0], x_spec, kv_spec, prefix_len, new_len).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    x = embed_tokens_jit(model, tokens)
+    current = host_to_device(layout.layer_kv(blocks, 0), dst, copy=False)
+    for index, layer in enumerate(model.layers):
+      following = (host_to_device(layout.layer_kv(blocks, index + 1), dst, copy=False)
+                   if index + 1 < config.num_layers else None)
+      x, _ = prefill_layer_jit(layer, x, current[None], prefix_len, new_len)
+      current.delete()  # the PE frees each layer's prefix KV once its layer has run
+      current = following
+    return last_token_logits_jit(model, x, new_len)
+
+  before = _stats(device)
+  t0 = time.perf_counter()
+  logits = jax.block_until_ready(run())
+  run_s = time.perf_counter() - t0
+  after = _stats(device)
+  kv_layer_bytes = context * layout.token_layer_bytes
+  activations = activation_bytes(config, append, context)
+  bound = weights_bytes + 2 * kv_layer_bytes + activations["total"]
+  out = dict(context=context, append=append, host_bytes=int(blocks.nbytes),
+             weights_bytes=weights_bytes, kv_layer_bytes=kv_layer_bytes,
+             activation_bytes=activations, bound_bytes=bound, compile_s=compile_s,
+             streamed_prefill_s=run_s, logits_finite=bool(jnp.all(jnp.isfinite(logits))),
+             bound_formula="weights + 2 layers of prefix KV + one layer's activations "
+                           "(activation_bytes: einsum attention estimate)")
+  if before and after and "peak_bytes_in_use" in after:
+    extra_peak = after["peak_bytes_in_use"] - before["bytes_in_use"]
+    exact = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0)
+    measured = weights_bytes + extra_peak
+    out.update(memory_stats_before={k: before.get(k) for k in ("bytes_in_use",
+                                                               "peak_bytes_in_use")},
+               memory_stats_after={k: after.get(k) for k in ("bytes_in_use",
+                                                             "peak_bytes_in_use")},
+               peak_bytes=measured, exact=bool(exact),
+               peak_over_bound=measured / bound, met=bool(measured <= bound),
+               note=("peak_bytes = weights + (peak_bytes_in_use after the run - bytes_in_use "
+                     "before it); exact when the device's peak rose during the run, else an "
+                     "upper bound"))
+    log(f"engine: peak memory, {context}-token streamed layerwise prefill: "
+        f"{measured / 2**30:.2f} GiB vs bound {bound / 2**30:.2f} GiB "
+        f"({'exact' if exact else 'upper bound'}), run {run_s:.2f} s")
+  else:
+    out.update(peak_bytes=None, note="device.memory_stats() has no peak_bytes_in_use here")
+    log(f"engine: peak memory unavailable on {device}; bound {bound / 2**30:.3f} GiB, "
+        f"run {run_s:.2f} s")
+  return out

@@ -1,0 +1,191 @@
+"""What a benchmark run leaves behind: DIR/gpu_bench.json (everything) and DIR/gpu_bench.md.
+
+Both are rewritten after every measurement (write to a temporary file, then rename), so a run
+stopped by a time limit still leaves every number it had measured, and `meta.complete` says
+whether it got to the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+
+JSON_NAME = "gpu_bench.json"
+MD_NAME = "gpu_bench.md"
+
+
+def _clean(value):
+  """JSON-safe: NaN/inf -> None, tuples -> lists, numpy scalars -> Python numbers."""
+  if isinstance(value, Mapping):
+    return {str(k): _clean(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_clean(v) for v in value]
+  if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+    try:
+      value = value.item()
+    except (TypeError, ValueError):
+      return str(value)
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return str(value)
+
+
+def _write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class Report:
+  """The run's results by section, saved as JSON and markdown on every `save()`."""
+
+  def __init__(self, out_dir: str, meta: dict, elapsed_s: Callable[[], float] | None = None):
+    self.out_dir = out_dir
+    self.doc: dict = dict(meta=dict(meta, complete=False))
+    self._elapsed_s = elapsed_s
+    os.makedirs(out_dir, exist_ok=True)
+
+  def set(self, section: str, value: dict) -> None:
+    self.doc[section] = value
+    self.save()
+
+  def save(self) -> None:
+    if self._elapsed_s is not None:
+      self.doc["meta"]["elapsed_s"] = self._elapsed_s()
+    doc = _clean(self.doc)
+    _write(os.path.join(self.out_dir, JSON_NAME), json.dumps(doc, indent=1) + "\n")
+    _write(os.path.join(self.out_dir, MD_NAME), markdown(doc))
+
+  @property
+  def json_path(self) -> str:
+    return os.path.join(self.out_dir, JSON_NAME)
+
+
+def _status(met) -> str:
+  return "—" if met is None else ("met" if met else "MISSED")
+
+
+def _gb(x) -> str:
+  return "—" if x is None else f"{x:.2f} GB/s"
+
+
+def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
+  """(section, measurement, value, target, status) for every headline number in `doc`."""
+  out = []
+  c = doc.get("ceilings") or {}
+  if "error" in c:
+    out.append(("ceilings", "section", "error", "—", c["error"][:80]))
+  for r in c.get("h2d_alone", []):
+    out.append(("ceilings", f"H2D gpu{r['gpu']} alone ({c.get('h2d_source')})", _gb(r["gbps"]),
+                "info (DESIGN.md H200: 54)", "—"))
+  if "h2d_pageable_gpu0" in c:
+    out.append(("ceilings", "H2D gpu0 from pageable numpy", _gb(c["h2d_pageable_gpu0"]["gbps"]),
+                "info (DESIGN.md H200: 8.4-9.2)", "—"))
+  if "h2d_all_at_once" in c:
+    r = c["h2d_all_at_once"]
+    out.append(("ceilings", f"H2D all {c.get('num_gpus')} GPUs at once, total",
+                _gb(r["gbps_total"]), "info (DESIGN.md 4x H200: 162)", "—"))
+  if "d2d_summary" in c:
+    r = c["d2d_summary"]
+    out.append(("ceilings", "GPU-to-GPU per link, min / median / max",
+                f"{r['min_gbps']:.1f} / {r['median_gbps']:.1f} / {r['max_gbps']:.1f} GB/s",
+                "info (DESIGN.md H200: 320)", "—"))
+  for r in c.get("ingest", []):
+    speedup = f" ({r['speedup_vs_own_link']:.2f}x own link)" if "speedup_vs_own_link" in r else ""
+    out.append(("ceilings", f"ingest into gpu0: own link + {r['k']} forwarding",
+                _gb(r["gbps"]) + speedup, "info (DESIGN.md k=3: 121)", "—"))
+
+  d = doc.get("data_plane") or {}
+  if "error" in d:
+    out.append(("data_plane", "section", "error", "—", d["error"][:80]))
+  for r in d.get("rows", []):
+    name = f"k={r['k']} {r['variant']}"
+    if "error" in r:
+      out.append(("data_plane", name, "error", "—", r["error"][:80]))
+      continue
+    value = _gb(r["gbps"]) + (f", ratio {r['ratio']:.3f}" if "ratio" in r else "")
+    out.append(("data_plane", f"{name}: {d.get('prefix_tokens')}-token prefix", value,
+                f">= {d.get('target_ratio')} of ceiling", _status(r.get("met"))))
+  comp = d.get("components") or {}
+  if comp:
+    out.append(("data_plane", "components, one thread: gather / H2D / D2D",
+                " / ".join(_gb(comp.get(k)) for k in ("gather_gbps", "h2d_gbps", "d2d_gbps")),
+                "info", "—"))
+
+  e = doc.get("engine") or {}
+  if "error" in e:
+    out.append(("engine", "section", "error", "—", e["error"][:80]))
+  targets = e.get("targets") or {}
+  pm = e.get("peak_memory") or {}
+  if "error" in pm:
+    out.append(("engine", "peak memory", "error", "—", pm["error"][:80]))
+  elif pm:
+    value = ("n/a" if pm.get("peak_bytes") is None else
+             f"{pm['peak_bytes'] / 2**30:.2f} GiB" + ("" if pm.get("exact") else " (upper bound)"))
+    out.append(("engine", f"PE peak memory, {pm['context']}-token layerwise prefill", value,
+                f"<= {pm['bound_bytes'] / 2**30:.2f} GiB (bound)", _status(pm.get("met"))))
+  for r in e.get("prefill", []):
+    name = f"prefill {r.get('variant', '')} ctx {r['context']} +{r.get('append', '')}"
+    if "error" in r or "skipped" in r:
+      out.append(("engine", name, "error" if "error" in r else "skipped", "—",
+                  (r.get("error") or r.get("skipped"))[:80]))
+      continue
+    value = f"{r['median_s'] * 1e3:.1f} ms, {r['tflops_per_s']:.0f} TFLOP/s" + (
+        f", MFU {r['mfu']:.3f}" if "mfu" in r else "")
+    out.append(("engine", name, value, f"MFU >= {targets.get('prefill_mfu')}",
+                _status(r.get("met"))))
+  for r in e.get("decode", []):
+    name = f"decode batch {r['batch']} ctx {r['context']}"
+    if "error" in r:
+      out.append(("engine", name, "error", "—", r["error"][:80]))
+      continue
+    value = f"{r['step_s'] * 1e3:.2f} ms/step" + (
+        f", {r['roofline_fraction']:.3f} of roofline {r['roofline_s'] * 1e3:.2f} ms"
+        if "roofline_fraction" in r else "")
+    out.append(("engine", name, value,
+                f"roofline fraction >= {targets.get('decode_roofline_fraction')}",
+                _status(r.get("met"))))
+
+  x = doc.get("end_to_end") or {}
+  if "error" in x:
+    out.append(("end_to_end", "section", "error", "—", x["error"][:80]))
+  for r in x.get("jobs", []):
+    if "jct_s" not in r:
+      out.append(("end_to_end", r["name"], "error" if "error" in r else "skipped", "—",
+                  (r.get("error") or r.get("skipped") or "")[:80]))
+      continue
+    value = ", ".join(f"{m} {s:.2f} s" for m, s in r["jct_s"].items())
+    if "dualpath_speedup" in r:
+      value += f"; speedup {r['dualpath_speedup']:.2f} / bound {r['bound']:.2f}"
+    out.append(("end_to_end", r["name"], value,
+                f"speedup >= {x.get('target_dualpath_speedup_over_bound')} x bound",
+                _status(r.get("met"))))
+  return out
+
+
+def markdown(doc: Mapping) -> str:
+  meta = doc.get("meta", {})
+  lines = [
+      "# GPU benchmark",
+      "",
+      f"{meta.get('device_kind')} x{meta.get('num_devices')} ({meta.get('platform')}), "
+      f"jax {meta.get('jax')}, Python {meta.get('python')}, {meta.get('date')}, config "
+      f"`{meta.get('variant')}`; complete: {meta.get('complete')}, "
+      f"{meta.get('elapsed_s', 0):.0f} s.",
+      "",
+      f"    {meta.get('command', '')}",
+      "",
+      "| section | measurement | value | target | status |",
+      "|---|---|---|---|---|",
+  ]
+  for section, name, value, target, status in rows(doc):
+    cell = lambda s: str(s).replace("|", "/").replace("\n", " ")  # noqa: E731
+    lines.append(f"| {section} | {cell(name)} | {cell(value)} | {cell(target)} | {cell(status)} |")
+  lines += ["", "GB = 1e9 bytes; times are medians of wall-clock repeats with outputs ready. "
+            "All numbers and notes: gpu_bench.json.", ""]
+  return "\n".join(lines)

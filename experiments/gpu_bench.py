@@ -1,0 +1,162 @@
+r"""GPU benchmark: link ceilings, the KV data plane, one engine, end to end (configs/gpu_bench.py).
+
+  python experiments/gpu_bench.py --config=configs/gpu_bench.py:smoke --out=/tmp/gpu_bench
+  python experiments/gpu_bench.py --config=configs/gpu_bench.py:h100x4 --out=$OUT
+
+Writes OUT/gpu_bench.json (every number, the card, jax version, date, config) and OUT/gpu_bench.md
+(one table: measurement, target, met or missed), both rewritten after every measurement, so a
+run cut short by a time limit keeps what it measured. Progress lines go to stderr; the table is
+printed last. The sections are library code in dualpath_jax/bench/.
+"""
+
+import datetime
+import importlib.util
+import os
+import platform
+import sys
+import time
+import traceback
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu_bench.py:h100x4",
+                                          "Benchmark config (a Python file with get_config).")
+_OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("ceilings", "data_plane", "engine", "end_to_end")
+
+
+def _load_config(spec: str):
+  """'path/to/config.py:arg' (path relative to the repo root unless absolute) -> its config."""
+  path, _, arg = spec.partition(":")
+  path = path if os.path.isabs(path) else os.path.join(REPO, path)
+  module_spec = importlib.util.spec_from_file_location("_base_config", path)
+  if module_spec is None:
+    raise ValueError(f"end_to_end.base_config: no config file at {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  unknown = [s for s in config.sections if s not in SECTIONS]
+  if unknown:
+    sys.exit(f"error: sections: unknown {unknown}; choose from {SECTIONS}")
+  if config.platform == "cpu":  # must happen before jax initialises its backends
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={config.num_cpu_devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # noqa: E402  (after the device flags above)
+  import jaxlib  # noqa: E402
+
+  from dualpath_jax.bench import ceilings, data_plane, end_to_end, engine, hardware  # noqa: E402
+  from dualpath_jax.bench.report import Report, rows  # noqa: E402
+  from dualpath_jax.bench.timing import Progress  # noqa: E402
+  from dualpath_jax.kvstore.layout import KVLayout  # noqa: E402
+  from dualpath_jax.model.config import get_preset  # noqa: E402
+
+  log = Progress(budget_s=config.budget_s or None)
+  out_dir = os.path.abspath(_OUT.value)
+  devices = jax.devices()
+  now = datetime.datetime.now(datetime.timezone.utc)
+  report = Report(out_dir, dict(
+      date=now.date().isoformat(), time_utc=now.isoformat(timespec="seconds"),
+      command="python " + " ".join(sys.argv), variant=config.variant, platform=devices[0].platform,
+      device_kind=devices[0].device_kind, num_devices=len(devices),
+      devices=[str(d) for d in devices], jax=jax.__version__,
+      jaxlib=getattr(jaxlib, "__version__", None), python=platform.python_version(),
+      host=platform.node(), cpu_count=os.cpu_count(), sections=list(config.sections),
+      budget_s=config.budget_s, config=config.to_dict(),
+      env={k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS",
+                                          "XLA_PYTHON_CLIENT_PREALLOCATE",
+                                          "XLA_PYTHON_CLIENT_MEM_FRACTION")}),
+      elapsed_s=log.elapsed_s)
+  log(f"gpu_bench {config.variant}: {len(devices)} x {devices[0].device_kind} "
+      f"({devices[0].platform}), jax {jax.__version__}; writing {report.json_path}")
+
+  def section(name, fn):
+    if name not in config.sections:
+      return None
+    log(f"== {name}")
+    t0 = time.perf_counter()
+    try:
+      value = fn(lambda partial: report.set(name, dict(partial, running=True)))
+      value["section_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001  (a failed section is reported; the next one runs)
+      value = dict(error=repr(e), traceback=traceback.format_exc(),
+                   section_s=time.perf_counter() - t0)
+      log(f"{name} FAILED: {e!r}")
+    report.set(name, value)
+    log(f"== {name} done in {value['section_s']:.1f} s")
+    return value
+
+  c = config.ceilings
+  ceiling_result = section("ceilings", lambda update: ceilings.measure_ceilings(
+      devices, total_bytes=c.total_mib << 20, chunk_bytes=c.chunk_mib << 20,
+      d2d_bytes=c.d2d_mib << 20, repeats=c.repeats, warmup=c.warmup,
+      issue_modes=tuple(c.issue_modes), pageable=c.pageable, pinned=c.pinned, seed=config.seed,
+      log=log, out_of_time=log.out_of_time, on_update=update))
+  ceiling_gbps = {r["k"]: r["gbps"] for r in (ceiling_result or {}).get("ingest", [])}
+
+  d = config.data_plane
+  section("data_plane", lambda update: data_plane.measure_data_plane(
+      devices, layout=KVLayout.for_model(get_preset(d.preset, dtype=d.dtype)),
+      prefix_tokens=d.prefix_tokens, variants=tuple(d.variants), repeats=d.repeats,
+      warmup=d.warmup, ceiling_gbps=ceiling_gbps, target_ratio=d.target_ratio,
+      components=d.components, seed=config.seed, log=log, out_of_time=log.out_of_time,
+      on_update=update))
+
+  e = config.engine
+  section("engine", lambda update: engine.measure_engine(
+      devices[0], model_config=get_preset(e.preset, dtype=e.dtype),
+      prefill_contexts=tuple(e.prefill_contexts), append_tokens=e.append_tokens,
+      prefill_variants=tuple(e.prefill_variants),
+      sdpa_implementation=e.sdpa_implementation or None,
+      decode_batches=tuple(e.decode_batches), decode_context=e.decode_context,
+      peak_context=e.peak_context, block_tokens=e.block_tokens, repeats=e.repeats,
+      warmup=e.warmup, decode_steps=e.decode_steps,
+      card=hardware.detect_card(devices[0], peak_flops=e.peak_flops,
+                                hbm_bytes_per_s=e.hbm_bytes_per_s),
+      target_prefill_mfu=e.target_prefill_mfu, target_decode_roofline=e.target_decode_roofline,
+      seed=config.seed, log=log, out_of_time=log.out_of_time, on_update=update))
+
+  x = config.end_to_end
+
+  def run_end_to_end(update):
+    base = _load_config(x.base_config)
+    jobs = [(end_to_end.job_name(topology, cap), end_to_end.offline_config(
+        base, preset=x.preset, dtype=x.dtype, topology=topology, link_bytes_per_s=cap,
+        agents=x.agents, turns=x.turns, first_append_tokens=x.first_append_tokens,
+        append_tokens=x.append_tokens, gen_tokens=x.gen_tokens, modes=tuple(x.modes),
+        warmup=x.warmup, check_reference=x.check_reference,
+        engines_per_node=x.engines_per_node))
+        for topology in x.topologies for cap in x.link_caps]
+    # The offline script applies these before jax starts; only matmul precision can change now.
+    precision = base.get("matmul_precision") if hasattr(base, "get") else None
+    saved = getattr(jax.config, "jax_default_matmul_precision", None)
+    if precision:
+      jax.config.update("jax_default_matmul_precision", precision)
+    try:
+      return end_to_end.run_end_to_end(
+          jobs, os.path.join(out_dir, "end_to_end"), target_efficiency=x.target_speedup_over_bound,
+          num_devices=len(devices), log=log, out_of_time=log.out_of_time, on_update=update)
+    finally:
+      if precision:
+        jax.config.update("jax_default_matmul_precision", saved)
+
+  section("end_to_end", run_end_to_end)
+
+  report.doc["meta"]["complete"] = True
+  report.save()
+  log(f"done in {log.elapsed_s():.1f} s: {report.json_path}")
+  width = max([len(r[1]) for r in rows(report.doc)] + [10])
+  for section_name, name, value, target, status in rows(report.doc):
+    print(f"{section_name:10s} {name:{width}s}  {value:40s}  {target:28s}  {status}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,190 @@
+"""The GPU benchmark's smoke variant runs end to end on CPU and leaves sane, complete JSON.
+
+No timing asserts: only that every section ran and its numbers are positive and of the right
+kind (bandwidths > 0, ratios in (0, 2), JCTs > 0, the speedup bound within its formula). One
+subprocess (the script sets its own device count before jax starts), shared by the tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dualpath_jax.bench import end_to_end, hardware, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("gpu_bench")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "gpu_bench.py"),
+       "--config=" + os.path.join(REPO, "configs", "gpu_bench.py") + ":smoke", f"--out={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(out / report.JSON_NAME) as f:
+    doc = json.load(f)
+  return doc, (out / report.MD_NAME).read_text(), proc
+
+
+def positive(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def test_meta_and_every_section(smoke):
+  doc, md, _ = smoke
+  meta = doc["meta"]
+  assert meta["complete"] is True
+  assert meta["platform"] == "cpu" and meta["num_devices"] == 4
+  assert meta["jax"] and meta["date"] and meta["config"]["variant"] == "smoke"
+  for section in ("ceilings", "data_plane", "engine", "end_to_end"):
+    assert section in doc, section
+    assert "error" not in doc[section], doc[section].get("traceback")
+    assert "running" not in doc[section]
+  assert "| section | measurement | value | target | status |" in md
+  assert "error" not in md
+
+
+def test_ceilings(smoke):
+  c = smoke[0]["ceilings"]
+  n = c["num_gpus"]
+  assert isinstance(c["pinned_host"]["works"], bool)
+  assert [r["gpu"] for r in c["h2d_alone"]] == list(range(n))
+  assert all(positive(r["gbps"]) for r in c["h2d_alone"])
+  assert positive(c["h2d_pageable_gpu0"]["gbps"])
+  assert positive(c["h2d_all_at_once"]["gbps_total"])
+  assert len(c["d2d"]) == n * (n - 1) and all(positive(r["gbps"]) for r in c["d2d"])
+  assert [r["k"] for r in c["ingest"]] == list(range(n))
+  for r in c["ingest"]:
+    assert positive(r["gbps"]) and set(r["by_mode"]) == {"threads", "async"}
+    assert sum(r["chunks_per_path"]) * c["chunk_bytes"] == c["total_bytes"]
+
+
+def test_data_plane(smoke):
+  d = smoke[0]["data_plane"]
+  assert d["bytes"] == d["prefix_tokens"] * 28 * 2 * 4 * 128 * 2  # qwen2.5-7b KV, bf16
+  rows = {(r["k"], r["variant"]): r for r in d["rows"]}
+  assert set(rows) == {(k, v) for k in range(4) for v in ("transfer", "traffic")}
+  for r in rows.values():
+    assert "error" not in r, r
+    # On CPU a "device" is host RAM and host_to_device may alias numpy, so the data plane can
+    # beat the pinned-copy "ceiling": only the ratio's sign and rough size are checked here.
+    assert positive(r["gbps"]) and 0 < r["ratio"] < 10 and isinstance(r["met"], bool)
+    assert sum(r["blocks_per_path"]) == d["num_blocks"]
+  assert all(positive(d["components"][k]) for k in ("gather_gbps", "h2d_gbps", "d2d_gbps"))
+
+
+def test_engine(smoke):
+  e = smoke[0]["engine"]
+  assert e["card"]["source"].startswith("config override")
+  variants = {r["variant"]: r for r in e["prefill"]}
+  assert set(variants) == {"layerwise", "layerwise_sdpa", "whole"}
+  for r in variants.values():
+    assert "error" not in r, r
+    assert positive(r["median_s"]) and 0 < r["mfu"] < 2 and r["logits_finite"]
+  sdpa = variants["layerwise_sdpa"]
+  assert sdpa["sdpa_traced"] is True and sdpa["first_layer_rel_err_vs_einsum"] < 0.05
+  assert [r["batch"] for r in e["decode"]] == [1, 4]
+  for r in e["decode"]:
+    assert "error" not in r, r
+    assert positive(r["step_s"]) and 0 < r["roofline_fraction"] < 2 and r["logits_finite"]
+    assert r["bytes_read"] == r["weight_bytes_read"] + r["kv_bytes_read"]
+  pm = e["peak_memory"]
+  assert "error" not in pm, pm
+  assert pm["bound_bytes"] > pm["weights_bytes"] > 0 and pm["logits_finite"]
+  assert pm["peak_bytes"] is None or positive(pm["peak_bytes"])  # no memory_stats on CPU
+
+
+def test_end_to_end(smoke):
+  jobs = smoke[0]["end_to_end"]["jobs"]
+  assert [j["name"] for j in jobs] == ["2P2D_uncapped", "2P2D_cap1e+06"]
+  for j in jobs:
+    assert "error" not in j and "skipped" not in j, j
+    assert set(j["jct_s"]) == {"basic", "dualpath", "oracle"}
+    assert all(positive(s) for s in j["jct_s"].values())
+    assert 0 < j["bound"] <= 2.0 and positive(j["dualpath_speedup"])
+    assert j["bound"] == pytest.approx(min(2.0, j["jct_s"]["basic"] / j["jct_s"]["oracle"]))
+
+
+# --- pure helpers (no subprocess) ----------------------------------------------------------------
+
+
+def test_offline_config_replaces_only_the_given_fields():
+  base = dict(modes=("basic",), warmup=True, check_reference=True, extra_switch=7,
+              model=dict(preset="tiny", dtype="float32", seed=3),
+              topology=dict(num_prefill_engines=2, num_decode_engines=2, engines_per_node=2),
+              runtime=dict(link_bytes_per_s=1e6, max_context_tokens=512, new_knob="x"),
+              workload=dict(kind="synthetic", agents=8, turns=4, first_append_tokens=400,
+                            append_tokens=64, gen_tokens=8, seed=0))
+  c = end_to_end.offline_config(base, preset="small", dtype="bfloat16", topology="1P3D",
+                                link_bytes_per_s=0, agents=2, turns=3, first_append_tokens=1000,
+                                append_tokens=100, gen_tokens=10)
+  assert c["extra_switch"] == 7 and c["runtime"]["new_knob"] == "x" and c["model"]["seed"] == 3
+  assert c["topology"] == dict(num_prefill_engines=1, num_decode_engines=3, engines_per_node=1)
+  assert c["runtime"]["link_bytes_per_s"] is None
+  assert c["runtime"]["max_context_tokens"] == 1344  # 1000 + 3 * 110 = 1330, in 64-token steps
+  assert c["modes"] == ("basic", "dualpath", "oracle") and c["check_reference"] is False
+  assert base["topology"]["num_prefill_engines"] == 2  # the base is not modified
+  with pytest.raises(ValueError, match="topologies"):
+    end_to_end.offline_config(base, preset="tiny", dtype="float32", topology="3X1",
+                              link_bytes_per_s=0, agents=1, turns=1, first_append_tokens=1,
+                              append_tokens=1, gen_tokens=1)
+
+
+def test_speedups_and_bound():
+  s = end_to_end.speedups(dict(basic=10.0, dualpath=6.0, oracle=2.0), 1, 3, 0.8)
+  assert s["bound"] == 4.0 and s["dualpath_speedup"] == pytest.approx(10 / 6)
+  assert s["met"] is False
+  s = end_to_end.speedups(dict(basic=10.0, dualpath=6.0, oracle=8.0), 2, 2, 0.8)
+  assert s["bound"] == pytest.approx(1.25) and s["met"] is True
+
+
+def test_detect_card_by_device_kind():
+  class Fake:
+    device_kind = "NVIDIA H100 80GB HBM3"
+  card = hardware.detect_card(Fake())
+  assert (card.peak_flops, card.hbm_bytes_per_s) == (989e12, 3.35e12)
+  Fake.device_kind = "NVIDIA H200"
+  assert hardware.detect_card(Fake()).hbm_bytes_per_s == 4.8e12
+  Fake.device_kind = "cpu"
+  assert hardware.detect_card(Fake()).peak_flops is None
+  assert hardware.detect_card(Fake(), peak_flops=1e12).peak_flops == 1e12
+
+
+# --- sections in-process on fewer devices (a 1- or 2-GPU host) -----------------------------------
+
+
+def test_ceilings_on_one_device_without_pinned_host():
+  import jax
+  from dualpath_jax.bench import ceilings
+  c = ceilings.measure_ceilings(jax.devices()[:1], total_bytes=4 << 20, chunk_bytes=1 << 20,
+                                d2d_bytes=1 << 20, repeats=1, warmup=0, pinned=False,
+                                log=lambda line: None)
+  assert c["h2d_source"] == "numpy (pageable)" and "note" in c
+  assert c["d2d"] == [] and [r["k"] for r in c["ingest"]] == [0]
+  assert positive(c["ingest"][0]["gbps"]) and positive(c["h2d_all_at_once"]["gbps_total"])
+
+
+def test_data_plane_on_one_and_two_devices():
+  import jax
+  from dualpath_jax.bench import data_plane
+  from dualpath_jax.kvstore.layout import KVLayout
+  layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4)
+  one = data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
+                                      repeats=1, warmup=0, ceiling_gbps={0: 1.0},
+                                      log=lambda line: None)
+  assert [(r["k"], r["variant"]) for r in one["rows"]] == [(0, "transfer")]
+  assert one["skipped"][0]["variant"] == "traffic" and "d2d_gbps" not in one["components"]
+  two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
+                                      repeats=1, warmup=0, components=False,
+                                      log=lambda line: None)
+  assert [(r["k"], r["variant"]) for r in two["rows"]] == [
+      (0, "transfer"), (0, "traffic"), (1, "transfer"), (1, "traffic")]
+  assert all(positive(r["gbps"]) and "ratio" not in r for r in two["rows"])
+  assert [r["blocks_per_path"] for r in two["rows"]][2] == [4, 4]
