@@ -89,9 +89,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The cost model's JSON: 'auto' = configs/cost_models/<device>-<preset>-<dtype>.json
       # (written by scripts/profile_prefill.py), profiled at start-up when that file is absent.
       cost_model="auto"))
+  # Every kind's fields (dualpath_jax/workload/build.py says which kind reads which), so that any
+  # kind can be picked from the command line, e.g. --config.workload.kind=trace
+  # --config.workload.path=../shared/traces/mooncake/conversation_trace.jsonl
   c.workload = ml_collections.ConfigDict(dict(
       kind="synthetic", agents=8, turns=4, first_append_tokens=400, append_tokens=64,
-      gen_tokens=8, seed=0))
+      gen_tokens=8, seed=0,
+      # Per-agent and per-turn append lengths vary by up to +-50%: read sizes differ, as they do
+      # in agentic traces (a load-oblivious scheduler then unbalances the storage links).
+      length_jitter=0.5,
+      preset="mal32k", scale=32,  # kind=agentic
+      path="", format="auto", sessions=True, max_sessions=0, max_requests=0,  # kind=trace
+      max_turns=0))  # any kind: at most this many turns per trajectory (0 = all)
   c.store = ml_collections.ConfigDict(dict(driver="file", path=""))  # '' = WORKDIR/store
 
   if variant == "cpu":

@@ -27,7 +27,8 @@ from dualpath_jax.runtime.config import MODES, RuntimeConfig
 from dualpath_jax.runtime.metrics import attn_balance, snic_balance
 from dualpath_jax.runtime.offline import OfflineRun, run_offline, run_reference
 from dualpath_jax.scheduler.quota import CostModel
-from dualpath_jax.workload import simple_trajectories
+from dualpath_jax.workload.build import WorkloadReport, build_workload
+from dualpath_jax.workload.synthetic import AgentTrajectory
 
 BYTE_KEYS = ("store_read_pe_side", "store_read_de_side", "store_write", "h2d", "d2h", "d2d")
 
@@ -61,8 +62,10 @@ class OfflineJob:
   """Sliding window of the storage-link balance metric."""
   store_spec: StoreSpec
   """Where the KV store lives."""
-  workload: dict
-  """Arguments of simple_trajectories."""
+  trajectories: tuple[AgentTrajectory, ...]
+  """The workload's trajectories (workload/build.py), cut to the runtime's context limit."""
+  workload_report: WorkloadReport
+  """What building the workload kept and cut."""
   seed: int
   """Weight seed (random weights when no checkpoint)."""
   checkpoint: str
@@ -116,26 +119,20 @@ class OfflineJob:
     window = c.get("snic_window_s", 0.5)
     if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
       raise ValueError(f"snic_window_s must be positive, got {window!r}")
-    workload = dict(c["workload"])
-    if workload.pop("kind") != "synthetic":
-      raise ValueError("workload.kind: only 'synthetic' exists so far")
-    workload["vocab_size"] = model.vocab_size
-    longest = (workload["first_append_tokens"] + workload["turns"]
-               * (workload["append_tokens"] + workload["gen_tokens"]))
-    if longest > runtimes[0].max_context_tokens:
-      raise ValueError(f"runtime.max_context_tokens: {runtimes[0].max_context_tokens} is less "
-                       f"than the workload's longest context ({longest} tokens)")
+    layout = KVLayout.for_model(model)
+    trajectories, report = build_workload(
+        c["workload"], vocab_size=model.vocab_size, block_tokens=layout.block_tokens,
+        max_context_tokens=runtimes[0].max_context_tokens)
     store = dict(c["store"])
     if store.get("driver", "file") == "file" and not store.get("path"):
       store["path"] = os.path.join(workdir, "store")
-    layout = KVLayout.for_model(model)
     if runtimes[0].host_buffer_bytes < layout.full_block_bytes:
       raise ValueError(f"runtime.host_buffer_bytes: {runtimes[0].host_buffer_bytes} is smaller "
                        f"than one Full Block ({layout.full_block_bytes} bytes)")
-    simple_trajectories(**workload)  # validates the workload fields by name
     return cls(workdir=workdir, config_dict=full, model_config=model, runtimes=runtimes,
                run_names=tuple(c["modes"]), cost_model_path=cost_model_path,
-               snic_window_s=float(window), store_spec=StoreSpec.from_dict(store), workload=workload, seed=seed,
+               snic_window_s=float(window), store_spec=StoreSpec.from_dict(store),
+               trajectories=tuple(trajectories), workload_report=report, seed=seed,
                checkpoint=checkpoint, warmup=bool(c["warmup"]),
                check_reference=bool(c["check_reference"]))
 
@@ -147,7 +144,7 @@ class OfflineJob:
              else weights.init_random(self.model_config, seed=self.seed))
     layout = KVLayout.for_model(self.model_config)
     cost_model = self._cost_model(model, progress)
-    trajectories = simple_trajectories(**self.workload)
+    trajectories = list(self.trajectories)
     reference = None
     if self.check_reference:
       if progress:
@@ -174,7 +171,8 @@ class OfflineJob:
                    link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC "
                                    "of link_bytes_per_s" if self.runtimes[0].link_bytes_per_s
                                    else "uncapped"),
-                   warmup_excluded_from_jct=self.warmup, cost_model=cost_model.to_dict(),
+                   warmup_excluded_from_jct=self.warmup,
+                   workload=dataclasses.asdict(self.workload_report), cost_model=cost_model.to_dict(),
                    cost_model_path=self.cost_model_path or os.path.join(self.workdir,
                                                                          "cost_model.json"))
     with open(os.path.join(self.workdir, "summary.json"), "w") as f:

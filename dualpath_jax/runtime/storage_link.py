@@ -1,7 +1,8 @@
 """StorageLink: one node's path between the KV store and its host buffer (the paper's SNIC).
 
 Each node owns one link with its own worker threads, so the links of different nodes run
-concurrently and never wait on each other; reads and writes on one link share its workers. The
+concurrently and never wait on each other; reads and writes on one link have workers of their
+own (a NIC is full duplex: persistence writes never delay the next turn's reads). The
 scheduler reads `read_queue_tokens` (tokens of reads submitted and not yet completed) to pick the
 read side of a request (PAPER.md section 5.4).
 
@@ -42,7 +43,7 @@ class StorageLinkConfig:
   burst_s: float = 0.005
   """Token-bucket depth, in seconds of traffic at link_bytes_per_s (bounds a burst)."""
   workers: int = 2
-  """Threads that issue this link's store reads and writes."""
+  """Threads that issue this link's store reads (and as many for its writes)."""
 
   def __post_init__(self):
     rate = self.link_bytes_per_s
@@ -102,8 +103,12 @@ class StorageLink:
     burst = 0.0 if rate is None else rate * self.config.burst_s
     self._read_bucket = None if rate is None else TokenBucket(rate, burst)
     self._write_bucket = None if rate is None else TokenBucket(rate, burst)
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        self.config.workers, thread_name_prefix=f"storage-link-{node_id}")
+    # Full duplex, like a NIC: reads and writes have their own workers (and buckets), so a burst
+    # of persistence writes never queues the next turn's reads behind it.
+    self._read_pool = concurrent.futures.ThreadPoolExecutor(
+        self.config.workers, thread_name_prefix=f"storage-link-{node_id}-read")
+    self._write_pool = concurrent.futures.ThreadPoolExecutor(
+        self.config.workers, thread_name_prefix=f"storage-link-{node_id}-write")
     self._lock = threading.Lock()
     self._read_queue_tokens = 0
     self._in_flight = 0
@@ -153,7 +158,7 @@ class StorageLink:
     with self._lock:
       self._read_queue_tokens += tokens
     try:
-      return self._pool.submit(self._run, "read", tokens,
+      return self._read_pool.submit(self._run, "read", tokens,
                                lambda: self.store.read_blocks(namespace, hashes), on_bytes)
     except BaseException:
       with self._lock:
@@ -164,7 +169,7 @@ class StorageLink:
                    on_bytes: Callable[[int], None] | None = None) -> concurrent.futures.Future:
     """Queues a write of Full Blocks [n, L, B, W]; the future gives the store's result."""
     hashes = list(hashes)
-    return self._pool.submit(self._run, "write", 0,
+    return self._write_pool.submit(self._run, "write", 0,
                              lambda: (self.store.write_blocks(namespace, hashes, blocks), blocks),
                              on_bytes)
 
@@ -212,7 +217,8 @@ class StorageLink:
         self.write_records.append(record)
 
   def close(self) -> None:
-    self._pool.shutdown(wait=True)
+    self._read_pool.shutdown(wait=True)
+    self._write_pool.shutdown(wait=True)
 
   def __enter__(self) -> "StorageLink":
     return self

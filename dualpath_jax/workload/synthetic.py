@@ -22,6 +22,10 @@ class Turn:
   """[A] int32: tokens appended to the context (tool output or user input)."""
   gen_tokens: int
   """Tokens the turn must generate (forced generation length)."""
+  think_s: float = 0.0
+  """Seconds between the end of the previous turn and this turn's arrival, for online replay (tool
+  time or user think time; 0 for offline replay). On a first turn it has no previous turn to follow:
+  the trajectory's `arrival_s` places it."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,11 +36,24 @@ class AgentTrajectory:
   """Unique agent name; also the KV namespace of its blocks."""
   turns: tuple[Turn, ...]
   """Turns in order; turn k+1 starts after turn k has finished."""
+  arrival_s: float | None = None
+  """Arrival of the first turn in seconds from the workload's start, for online replay (a trace's
+  timestamp); None where the workload does not say and the experiment's arrival process decides.
+  Offline replay ignores it."""
 
 
 def simple_trajectories(*, agents: int, turns: int, first_append_tokens: int, append_tokens: int,
-                        gen_tokens: int, vocab_size: int, seed: int = 0) -> list[AgentTrajectory]:
-  """`agents` trajectories of `turns` turns each, with fixed append and generation lengths."""
+                        gen_tokens: int, vocab_size: int, seed: int = 0,
+                        length_jitter: float = 0.0) -> list[AgentTrajectory]:
+  """`agents` trajectories of `turns` turns each.
+
+  With length_jitter 0 every append and generation has the given length. With length_jitter j in
+  (0, 1), each agent's first append is first_append_tokens times a factor drawn uniformly from
+  [1 - j, 1 + j] (agents then differ in context length, hence in read size), and each later append
+  is append_tokens times its own such factor; generations keep their fixed length.
+  """
+  if not 0 <= length_jitter < 1:
+    raise ValueError(f"workload.length_jitter must be in [0, 1), got {length_jitter}")
   for name, value in (("agents", agents), ("turns", turns), ("append_tokens", append_tokens),
                       ("first_append_tokens", first_append_tokens), ("gen_tokens", gen_tokens),
                       ("vocab_size", vocab_size)):
@@ -48,6 +65,9 @@ def simple_trajectories(*, agents: int, turns: int, first_append_tokens: int, ap
     agent_turns = []
     for t in range(turns):
       n = first_append_tokens if t == 0 else append_tokens
+      if length_jitter:
+        jitter = np.random.default_rng([seed, a, t, 0x6A17]).uniform(-1, 1) * length_jitter
+        n = max(1, round(n * (1 + jitter)))
       agent_turns.append(Turn(append_ids=rng.integers(0, vocab_size, n, dtype=np.int32),
                               gen_tokens=gen_tokens))
     trajectories.append(AgentTrajectory(agent_id=f"agent{a:05d}", turns=tuple(agent_turns)))
