@@ -112,8 +112,11 @@ class DecodeWorker(threading.Thread):
       next_tokens = np.asarray(jnp.argmax(logits, axis=-1))
     self.step_times_s.append(time.perf_counter() - start)
     still = []
+    now = time.perf_counter()
     for row, request in enumerate(self._active):
       request.generated.append(int(next_tokens[row]))
+      if len(request.generated) == 2:
+        request.times["second_token"] = now
       if len(request.generated) >= request.gen_tokens:
         self._finish(request)
       else:

@@ -44,6 +44,8 @@ class OfflineRun:
   """Every decode step's wall time, all DEs."""
   link_records: dict[int, list]
   """Per node: (t_start, t_end, bytes) of every completed read, relative to the start."""
+  link_write_records: dict[int, list]
+  """Per node: (t_start, t_end, bytes) of every completed write, relative to the start."""
   forwards: dict[int, list]
   """Per PE group (node): per forward, per shard (predicted_s, measured_s) or None if idle."""
   loaded_forwards: dict[int, list]
@@ -118,6 +120,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       decode_step_s=[s for w in cluster.decode_workers for s in w.step_times_s],
       link_records={i: [(r.t_start - start, r.t_end - start, r.nbytes) for r in link.read_records]
                     for i, link in cluster.links.items()},
+      link_write_records={i: [(r.t_start - start, r.t_end - start, r.nbytes)
+                              for r in link.write_records] for i, link in cluster.links.items()},
       forwards={node: list(group.forwards) for node, group in cluster.prefill_groups.items()},
       loaded_forwards={node: [f for f, loaded in zip(group.forwards, group.loaded) if loaded]
                        for node, group in cluster.prefill_groups.items()},

@@ -5,6 +5,8 @@ Notebooks and scripts both call `OfflineJob.from_config(config, workdir).run()`.
   summary.json  {"runs": [{mode, jct_s, turns, tokens_prefilled, tokens_hit, bytes{...},
                  outputs_match_reference, snic_balance{...}, attn_balance{...}, ...}, ...]}
   turns.jsonl   one record per turn and mode: timestamps, hit and new tokens, read side, bytes
+  links.json    {"runs": [{mode, link_bytes_per_s, nodes: {node: {role, reads: [[t0, t1, bytes]],
+                 writes: [...]}}}]}: every storage-link transfer, seconds from the run's start
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ class OfflineJob:
       if progress:
         progress("reference: no-cache full recompute of every turn on one device")
       reference = run_reference(model, trajectories, self.runtimes[0].max_context_tokens)
-    runs, turn_lines = [], []
+    runs, turn_lines, link_runs = [], [], []
     # Fresh namespaces per invocation: a rerun into the same store starts cold, like the first run.
     run_id = uuid.uuid4().hex[:8]
     with KVBlockStore.open(self.store_spec, layout) as store:
@@ -166,6 +168,9 @@ class OfflineJob:
         runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
                          mode=name, base_mode=runtime.mode, switches=runtime.switches()))
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
+        link_runs.append(dict(mode=name, link_bytes_per_s=runtime.link_bytes_per_s, nodes={
+            str(node): dict(role=self._node_role(runtime, node), reads=run.link_records[node],
+                            writes=run.link_write_records[node]) for node in run.link_records}))
     summary = dict(runs=runs, run_id=run_id, model=self.model_config.name, topology=self.runtimes[0].topology.name,
                    link_bytes_per_s=self.runtimes[0].link_bytes_per_s,
                    link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC "
@@ -179,8 +184,15 @@ class OfflineJob:
       json.dump(summary, f, indent=2)
     with open(os.path.join(self.workdir, "turns.jsonl"), "w") as f:
       f.write("\n".join(turn_lines) + "\n")
+    with open(os.path.join(self.workdir, "links.json"), "w") as f:
+      json.dump(dict(runs=link_runs), f)
     return summary
 
+
+  @staticmethod
+  def _node_role(runtime: RuntimeConfig, node: int) -> str:
+    topo = runtime.topology
+    return "prefill" if node < topo.num_prefill_engines // topo.engines_per_node else "decode"
 
   def _cost_model(self, model, progress) -> CostModel:
     """The configured cost model, or one profiled now on the first PE's device (and saved)."""

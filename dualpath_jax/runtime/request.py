@@ -53,8 +53,8 @@ class TurnRequest:
   bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   """Bytes this turn moved per path."""
   times: dict[str, float] = dataclasses.field(default_factory=dict)
-  """perf_counter timestamps: ready, read_start, read_done, prefill_start, prefill_done,
-  decode_start, first_token, done."""
+  """perf_counter timestamps: ready, placed, read_start, read_done, prefill_start, prefill_done,
+  decode_start, first_token, second_token, done."""
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   error: BaseException | None = None
 
