@@ -1,0 +1,112 @@
+"""The offline experiment as configured from configs/offline.py: the scheduler override, the
+balance metrics every run reports, named variants, and config errors that name the field."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from dualpath_jax.runtime.offline_job import OfflineJob
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def offline_config(arg: str):
+  spec = importlib.util.spec_from_file_location("offline_config",
+                                                os.path.join(ROOT, "configs", "offline.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def small(arg: str, modes=("dualpath",)):
+  config = offline_config(arg + ",agents=3,turns=2,first_append_tokens=200,append_tokens=40")
+  config.unlock()
+  config.modes = modes
+  config.warmup = False
+  config.check_reference = False
+  config.store.driver = "memory"
+  config.store.path = "store"
+  return config
+
+
+@pytest.fixture(scope="module", params=["roundrobin", "dualpath"])
+def summary(request, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp(request.param))
+  job = OfflineJob.from_config(small(f"smoke,scheduler={request.param}"), workdir)
+  job.run()
+  with open(os.path.join(workdir, "summary.json")) as f:
+    return request.param, json.load(f), workdir
+
+
+def test_scheduler_override_reaches_the_run_and_balance_metrics_are_reported(summary):
+  scheduler, s, workdir = summary
+  (run,) = s["runs"]
+  assert run["switches"]["scheduler"] == scheduler
+  assert run["switches"]["batching"] == "quota"
+  for key in ("mean", "p50", "p90", "windows", "window_s", "links"):
+    assert key in run["snic_balance"]
+  assert run["snic_balance"]["links"] == 2  # 2P2D, two engines per node: one PE, one DE node
+  if run["snic_balance"]["windows"]:
+    assert 1.0 <= run["snic_balance"]["mean"] <= 2.0  # max/avg over two links
+  attn = run["attn_balance"]
+  for key in ("predicted_mean", "measured_mean", "forwards", "forwards_all_busy", "all_forwards"):
+    assert key in attn
+  assert attn["all_forwards"]["forwards"] == run["prefill_forwards"] > 0
+  for value in (attn["predicted_mean"], attn["all_forwards"]["predicted_mean"]):
+    assert value is None or 1.0 <= value <= 2.0  # max/avg over two shards
+  for name in ("config.json", "summary.json", "turns.jsonl", "links.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+
+
+def test_round_robin_alternates_read_sides(summary):
+  scheduler, _, workdir = summary
+  with open(os.path.join(workdir, "turns.jsonl")) as f:
+    turns = [json.loads(line) for line in f if line.strip()]
+  sides = [t["read_side"] for t in turns if t["hit_tokens"]]
+  assert set(sides) <= {"pe", "de"}
+  if scheduler == "roundrobin":
+    assert abs(sides.count("pe") - sides.count("de")) <= 1 + sum(t["turn"] == 0 for t in turns)
+
+
+def test_variants_name_runs_with_their_own_switches(tmp_path):
+  config = small("smoke", modes=("basic", "split"))
+  config.variants = {"split": {"mode": "dualpath", "split_reads": True}}
+  job = OfflineJob.from_config(config, str(tmp_path))
+  assert job.run_names == ("basic", "split")
+  assert [r.split_reads for r in job.runtimes] == [False, True]
+  assert [r.scheduler for r in job.runtimes] == ["roundrobin", "dualpath"]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("smoke,scheduler=fifo", "scheduler='fifo'"),
+    ("smoke,agents=x", "agents='x' is not an integer"),
+    ("smoke,colour=3", "bad override 'colour=3'"),
+    ("warp", "unknown variant 'warp'"),
+])
+def test_bad_config_arguments_name_the_problem(arg, message):
+  with pytest.raises(ValueError, match=message):
+    offline_config(arg)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("runtime", "batching", "fifo", "runtime.batching"),
+    ("runtime", "compute_quota_s", 0.0, "runtime.compute_quota_s"),
+    ("workload", "kind", "movies", "workload.kind"),
+    ("workload", "length_jitter", 1.5, "workload.length_jitter"),
+])
+def test_bad_fields_fail_before_any_run(tmp_path, section, key, value, message):
+  config = small("smoke")
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    OfflineJob.from_config(config, str(tmp_path))
+
+
+def test_unknown_variant_mode_and_run_name_are_reported(tmp_path):
+  config = small("smoke", modes=("nonesuch",))
+  with pytest.raises(ValueError, match="modes: 'nonesuch'"):
+    OfflineJob.from_config(config, str(tmp_path))
+  config.variants = {"nonesuch": {"mode": "fast"}}
+  with pytest.raises(ValueError, match="variants.nonesuch.mode"):
+    OfflineJob.from_config(config, str(tmp_path))
