@@ -133,7 +133,8 @@ def main(argv):
         agents=x.agents, turns=x.turns, first_append_tokens=x.first_append_tokens,
         append_tokens=x.append_tokens, gen_tokens=x.gen_tokens, modes=tuple(x.modes),
         warmup=x.warmup, check_reference=x.check_reference,
-        engines_per_node=x.engines_per_node))
+        engines_per_node=x.engines_per_node, runtime=x.runtime.to_dict(),
+        workload=x.workload.to_dict(), store=x.store.to_dict(), cost_model=x.cost_model))
         for topology in x.topologies for cap in x.link_caps]
     # The offline script applies these before jax starts; only matmul precision can change now.
     precision = base.get("matmul_precision") if hasattr(base, "get") else None

@@ -294,6 +294,13 @@ def test_read_side():
   assert choose_read_side(pe_queue_tokens=5, de_queue_tokens=4) == "de"
   assert choose_read_side(pe_queue_tokens=4, de_queue_tokens=5) == "pe"
   assert choose_read_side(pe_queue_tokens=0, de_queue_tokens=0) == "pe"
+  # Ties go to the link that read less recently; the queue always wins over history.
+  assert choose_read_side(pe_queue_tokens=0, de_queue_tokens=0, pe_recent_tokens=9,
+                          de_recent_tokens=3) == "de"
+  assert choose_read_side(pe_queue_tokens=0, de_queue_tokens=0, pe_recent_tokens=3,
+                          de_recent_tokens=3) == "pe"
+  assert choose_read_side(pe_queue_tokens=1, de_queue_tokens=2, pe_recent_tokens=99,
+                          de_recent_tokens=0) == "pe"
 
 
 def test_split_read_proportional_and_clamped():

@@ -36,11 +36,15 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    agents: int, turns: int, first_append_tokens: int, append_tokens: int,
                    gen_tokens: int, modes: Sequence[str] = ("basic", "dualpath", "oracle"),
                    warmup: bool = True, check_reference: bool = False,
-                   engines_per_node: int = 0) -> dict:
+                   engines_per_node: int = 0, runtime: Mapping | None = None,
+                   workload: Mapping | None = None, store: Mapping | None = None,
+                   cost_model: str = "") -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
   divides both engine counts, else 1. runtime.max_context_tokens grows to the longest context.
+  runtime / workload / store: further fields of those sections (e.g. compute_quota_s,
+  length_jitter, driver). cost_model: the cost model's JSON ('' keeps the base's).
   """
   p, d = parse_topology(topology)
   c = _to_dict(base)
@@ -59,6 +63,12 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   if "max_context_tokens" in c["runtime"]:
     c["runtime"]["max_context_tokens"] = max(int(c["runtime"]["max_context_tokens"]),
                                              -(-longest // 64) * 64)
+  c["runtime"].update(dict(runtime or {}))
+  c["workload"].update(dict(workload or {}))
+  if store:
+    c["store"] = dict(store)
+  if cost_model:
+    c["runtime"]["cost_model"] = cost_model
   c.update(modes=tuple(modes), warmup=bool(warmup), check_reference=bool(check_reference))
   return c
 

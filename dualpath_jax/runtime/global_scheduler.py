@@ -124,6 +124,13 @@ class GlobalScheduler:
     decided for it that wait for host-buffer room (a decided read joins the queue at once)."""
     return self.cluster.links[node].read_queue_tokens + self._planned_tokens[node]
 
+  def _recent_read_tokens(self, node: int) -> int:
+    """Tokens the node's link finished reading within the last READ_WINDOW_S (tie-break)."""
+    link = self.cluster.links[node]
+    since = time.perf_counter() - READ_WINDOW_S
+    return sum(r.nbytes for r in reversed(link.read_records[-64:]) if r.t_end >= since
+               ) // self.kv_bytes_per_token
+
   def _plan_reads(self, request: TurnRequest, sign: int) -> None:
     pe_blocks, de_blocks = request.read_split
     bt = request.block_tokens
@@ -221,7 +228,11 @@ class GlobalScheduler:
       return split_read(hit_blocks=hit, block_tokens=request.block_tokens, pe_queue_tokens=pe_q,
                         de_queue_tokens=de_q, pe_tokens_per_s=self.link_tokens_per_s,
                         de_tokens_per_s=self.link_tokens_per_s)
-    side = choose_read_side(pe_queue_tokens=pe_q, de_queue_tokens=de_q)
+    pe_node = self._pe_nodes[request.prefill_engine]
+    de_node = self._de_nodes[request.decode_engine]
+    side = choose_read_side(pe_queue_tokens=pe_q, de_queue_tokens=de_q,
+                            pe_recent_tokens=self._recent_read_tokens(pe_node),
+                            de_recent_tokens=self._recent_read_tokens(de_node))
     return (0, hit) if side == "de" else (hit, 0)
 
   def _assign_pe(self, request: TurnRequest, engine: int) -> None:

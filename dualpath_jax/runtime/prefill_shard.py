@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualpath_jax.model.prefill import (embed_tokens, embed_tokens_jit, last_token_logits_jit,
-                                        pow2_at_least, prefill_layer, prefill_layer_jit)
+from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, pow2_at_least,
+                                        prefill_layer_jit)
 from dualpath_jax.runtime.request import TurnRequest
 
 
@@ -216,21 +216,18 @@ class PrefillShard:
     else:
       prefixes = [self._prefix(request, cached, slice(None)) for request, cached, _ in chunks]
       prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
+    # Layer by layer over the resident prefix: the same compiled layer as the layerwise path
+    # (one whole-model program per shape would compile for minutes on large models).
     with self.tm.model_step():
-      x, new_kv = _prefill_hidden(self.model, tokens, prefix, prefix_len, new_len)
+      x = embed_tokens_jit(self.model, tokens)
+      new_kv = []
+      for l, layer in enumerate(self.model.layers):
+        x, kv = prefill_layer_jit(layer, x, prefix[l], prefix_len, new_len)
+        new_kv.append(kv)
+      new_kv = jnp.stack(new_kv)
     if not skip_io:
       self._send_rows(chunks, prefix, new_kv, 1, slice(None))
       prefix.delete()
     self.resident_layers = 0
     return x
 
-
-@jax.jit
-def _prefill_hidden(model, tokens, prefix_kv, prefix_len, new_len):
-  """Whole-model prefill up to the final hidden states (the logits come from last_token_logits)."""
-  x = embed_tokens(model, tokens)
-  new_kv = []
-  for l, layer in enumerate(model.layers):
-    x, kv = prefill_layer(layer, x, prefix_kv[l], prefix_len, new_len)
-    new_kv.append(kv)
-  return x, jnp.stack(new_kv)

@@ -144,9 +144,17 @@ def select_decode_engines(private_queue: Sequence[WaitingRequest],
   return assigned
 
 
-def choose_read_side(*, pe_queue_tokens: int, de_queue_tokens: int) -> str:
-  """'de' only if the DE node's read queue is strictly shorter, else 'pe' (PAPER.md 5.4)."""
-  return "de" if de_queue_tokens < pe_queue_tokens else "pe"
+def choose_read_side(*, pe_queue_tokens: int, de_queue_tokens: int, pe_recent_tokens: int = 0,
+                     de_recent_tokens: int = 0) -> str:
+  """The node with the shorter read queue (PAPER.md 5.4): 'pe' or 'de'.
+
+  Ties (typically two idle links) go to the node whose link read fewer tokens recently (the
+  paper is silent; sending every read of a lightly loaded system to the PE side would load one
+  link of the pair only), then to 'pe'.
+  """
+  if de_queue_tokens != pe_queue_tokens:
+    return "de" if de_queue_tokens < pe_queue_tokens else "pe"
+  return "de" if de_recent_tokens < pe_recent_tokens else "pe"
 
 
 def split_read(*, hit_blocks: int, block_tokens: int, pe_queue_tokens: int,
