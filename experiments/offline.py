@@ -3,8 +3,10 @@ r"""Offline agentic job on the disaggregated runtime: basic, dualpath and oracle
   python experiments/offline.py --workdir=/tmp/dualpath
   python experiments/offline.py --config=configs/offline.py:smoke --workdir=/tmp/smoke
 
-Writes WORKDIR/config.json, WORKDIR/summary.json (one entry of `runs` per mode) and
-WORKDIR/turns.jsonl (one record per turn and mode). The store lives in WORKDIR/store unless the
+Writes WORKDIR/config.json, WORKDIR/summary.json (one entry of `runs` per mode),
+WORKDIR/turns.jsonl (one record per turn and mode), WORKDIR/links.json (every storage-link
+transfer) and their figures (dualpath_jax/analysis/offline_plots.py): jct.png,
+ttft_breakdown.png, timeline.png, links_<mode>.png. The store lives in WORKDIR/store unless the
 config names another.
 """
 
@@ -42,6 +44,9 @@ def main(argv):
     print(f"{run['mode']:9s} JCT {run['jct_s']:8.2f} s  turns {run['turns']}  hit "
           f"{run['tokens_hit']}  prefilled {run['tokens_prefilled']}  outputs match reference: "
           f"{run['outputs_match_reference']}")
+  from dualpath_jax.analysis import offline_plots  # noqa: E402  (matplotlib: only once it ran)
+  for path in offline_plots.write_offline_plots(workdir):
+    print(f"figure: {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+r"""Ablation of the offline job (PAPER.md 6.9): techniques added to Basic one at a time.
+
+  python experiments/ablation.py --config=configs/ablation.py:smoke --workdir=/tmp/ablation
+  python experiments/ablation.py --config=configs/ablation.py:cpu --workdir=/tmp/ablation_cpu
+  python experiments/ablation.py --config=configs/ablation.py:gpu --workdir=$OUT/ablation
+
+Variants (the part of the argument before the first comma):
+  smoke  CI-sized, on configs/offline.py:smoke (tiny model, 2P2D, capped links; about a minute)
+  cpu    on configs/offline.py:cpu (small model, 4 agents x 4 turns; several minutes)
+  gpu    Qwen2.5-7B geometry in bfloat16 on the GPUs present (platform 'default'), 2P2D on four
+         devices, links capped at 1 GB/s per node and direction so that loading dominates;
+         8 agents x 8 turns (GPU_WORKLOAD); ~40 GB of store on disk over all runs
+Then the offline config's comma-separated key=value workload overrides, e.g.
+  --config=configs/ablation.py:smoke,agents=2,turns=2
+
+Every field is configs/offline.py's (the job runs them through OfflineJob); this file sets
+`variants`, named runs with every technique switch given explicitly (so that a `scheduler=`
+override of the base cannot leak into them), and `modes`, the runs in order:
+
+  run           mode      layerwise  dual_path  scheduler   batching      split_reads
+  basic         basic     False      False      roundrobin  token_budget  False
+  +layerwise    basic     True       False      roundrobin  token_budget  False
+  +dual_path    basic     True       True       roundrobin  token_budget  False
+  +scheduling   dualpath  True       True       dualpath    quota         False   (= dualpath)
+  +split_reads  dualpath  True       True       dualpath    quota         True    (beyond the paper)
+  oracle        oracle    True       True       dualpath    quota         False   (no KV I/O: bound)
+
+Run names become store namespace parts (any characters but '/'), file names (links_<run>.png,
+'+' written as 'plus_') and JSON keys. Pick some runs, or change one, with e.g.
+  --config.modes="('basic', '+layerwise', '+dual_path', '+scheduling')"
+  --config.variants['+dual_path'].scheduler=dualpath     (a name with '+' needs the [''] form)
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+VARIANTS = ("smoke", "cpu", "gpu")
+BASES = {"smoke": "smoke", "cpu": "cpu", "gpu": "cpu"}  # the configs/offline.py variant of each
+
+_OFF = dict(layerwise=False, dual_path=False, scheduler="roundrobin", batching="token_budget",
+            split_reads=False)
+_ON = dict(layerwise=True, dual_path=True, scheduler="dualpath", batching="quota",
+           split_reads=False)
+# gpu: 8 agents x 8 turns of ~4K-8K tokens; each run with store I/O persists ~4 GB of KV
+# (twice with the warm-up pass) and reads ~20 GB through the links.
+GPU_WORKLOAD = dict(agents=8, turns=8, first_append_tokens=4000, append_tokens=512,
+                    gen_tokens=32)
+RUNS = (
+    ("basic", dict(_OFF, mode="basic")),
+    ("+layerwise", dict(_OFF, mode="basic", layerwise=True)),
+    ("+dual_path", dict(_OFF, mode="basic", layerwise=True, dual_path=True)),
+    ("+scheduling", dict(_ON, mode="dualpath")),
+    ("+split_reads", dict(_ON, mode="dualpath", split_reads=True)),
+    ("oracle", dict(_ON, mode="oracle")),
+)
+
+
+def _offline_config(arg: str) -> ml_collections.ConfigDict:
+  """configs/offline.py's get_config(arg), loaded by path (configs/ is not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline.py")
+  spec = importlib.util.spec_from_file_location("_dualpath_offline_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, _, overrides = (arg or "smoke").partition(",")
+  if variant not in VARIANTS:
+    raise ValueError(f"config: unknown variant {variant!r}; choose one of {VARIANTS}")
+  c = _offline_config(",".join(p for p in (BASES[variant], overrides) if p))
+  with c.unlocked():
+    c.variant = variant
+    c.variants = ml_collections.ConfigDict({name: dict(switches) for name, switches in RUNS})
+    c.modes = tuple(name for name, _ in RUNS)
+    if variant == "gpu":
+      c.platform = "default"
+      c.matmul_precision = "default"  # bfloat16 matmuls; no token-equality check below
+      c.check_reference = False  # a 7B recompute of every turn costs more than the ablation
+      c.model.update(preset="qwen2.5-7b", dtype="bfloat16")
+      # 57 KB of KV per token: an 8K-token prefix reads ~0.5 GB, ~0.5 s at 1 GB/s, while the
+      # 512-token append prefills in tens of ms; loading dominates, as in the paper.
+      c.runtime.update(link_bytes_per_s=1e9, host_buffer_bytes=8 << 30,
+                       max_context_tokens=16384, kv_chunk_bytes=32 << 20,
+                       compute_quota_s=0.3, token_budget=8192, decode_batch_size=16)
+      given = {part.partition("=")[0] for part in overrides.split(",")}
+      for key, value in GPU_WORKLOAD.items():
+        if key not in given:  # the argument's overrides win
+          c.workload[key] = value
+  c.lock()
+  return c
