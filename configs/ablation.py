@@ -7,9 +7,9 @@ r"""Ablation of the offline job (PAPER.md 6.9): techniques added to Basic one at
 Variants (the part of the argument before the first comma):
   smoke  CI-sized, on configs/offline.py:smoke (tiny model, 2P2D, capped links; about a minute)
   cpu    on configs/offline.py:cpu (small model, 4 agents x 4 turns; several minutes)
-  gpu    Qwen2.5-7B geometry in bfloat16 on the GPUs present (platform 'default'), 2P2D on four
-         devices, links capped at 1 GB/s per node and direction so that loading dominates;
-         8 agents x 8 turns (GPU_WORKLOAD); ~40 GB of store on disk over all runs
+  gpu    Qwen2.5-7B geometry (random weights) in bfloat16 on four GPUs (platform 'default'),
+         2P2D with a storage link per GPU capped at 6.25 GB/s (the paper's per GPU), the store
+         in host memory (~130 GB over all runs), 16 agents x 4 turns (GPU_WORKLOAD)
 Then the offline config's comma-separated key=value workload overrides, e.g.
   --config=configs/ablation.py:smoke,agents=2,turns=2
 
@@ -43,10 +43,11 @@ _OFF = dict(layerwise=False, dual_path=False, scheduler="roundrobin", batching="
             split_reads=False)
 _ON = dict(layerwise=True, dual_path=True, scheduler="dualpath", batching="quota",
            split_reads=False)
-# gpu: 8 agents x 8 turns of ~4K-8K tokens; each run with store I/O persists ~4 GB of KV
-# (twice with the warm-up pass) and reads ~20 GB through the links.
-GPU_WORKLOAD = dict(agents=8, turns=8, first_append_tokens=4000, append_tokens=512,
-                    gen_tokens=32)
+# gpu: 16 agents x 4 turns of 12K-15K tokens (57 KB of KV per token: ~0.8 GB per read, 0.13 s
+# at 6.25 GB/s); each pass with store I/O keeps ~13 GB of KV in the memory store (twice per run
+# with the warm-up pass). gpu_bench's e2e_h100x4 has the same appends and generations.
+GPU_WORKLOAD = dict(agents=16, turns=4, first_append_tokens=12000, append_tokens=500,
+                    gen_tokens=150, length_jitter=0.2)
 RUNS = (
     ("basic", dict(_OFF, mode="basic")),
     ("+layerwise", dict(_OFF, mode="basic", layerwise=True)),
@@ -76,15 +77,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variants = ml_collections.ConfigDict({name: dict(switches) for name, switches in RUNS})
     c.modes = tuple(name for name, _ in RUNS)
     if variant == "gpu":
+      # As configs/gpu_bench.py:e2e_h100x4's 2P2D job: one engine per node, so that each GPU has
+      # its own storage link, capped at the paper's storage bandwidth per GPU (one 400 Gb/s
+      # storage NIC per 8-GPU node: 6.25 GB/s); the store in host memory (a local disk would be
+      # slower than the caps, and ~130 GB of KV over all passes would not fit it).
       c.platform = "default"
       c.matmul_precision = "default"  # bfloat16 matmuls; no token-equality check below
       c.check_reference = False  # a 7B recompute of every turn costs more than the ablation
       c.model.update(preset="qwen2.5-7b", dtype="bfloat16")
-      # 57 KB of KV per token: an 8K-token prefix reads ~0.5 GB, ~0.5 s at 1 GB/s, while the
-      # 512-token append prefills in tens of ms; loading dominates, as in the paper.
-      c.runtime.update(link_bytes_per_s=1e9, host_buffer_bytes=8 << 30,
-                       max_context_tokens=16384, kv_chunk_bytes=32 << 20,
-                       compute_quota_s=0.3, token_budget=8192, decode_batch_size=16)
+      c.topology.update(num_prefill_engines=2, num_decode_engines=2, devices_per_engine=1,
+                        engines_per_node=1)
+      c.runtime.update(link_bytes_per_s=6.25e9, compute_quota_s=0.3, max_batch_requests=4,
+                       token_budget=8192, host_buffer_bytes=48 << 30, decode_batch_size=8,
+                       max_context_tokens=32768, kv_chunk_bytes=64 << 20)
+      c.store.update(driver="memory", path="store")
       given = {part.partition("=")[0] for part in overrides.split(",")}
       for key, value in GPU_WORKLOAD.items():
         if key not in given:  # the argument's overrides win

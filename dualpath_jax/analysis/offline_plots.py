@@ -2,7 +2,7 @@
 
   run = load_run(workdir)                # config, summary, turns (a list), links, ablation
   print(summary_table(run["summary"]))   # one row per mode, plain text (no pandas)
-  fig = jct_figure(run)                  # a Figure: notebooks show it, fig.savefig(path) writes it
+  fig = jct_figure(run)                  # a matplotlib Figure; fig.savefig(path) writes it
   paths = write_offline_plots(workdir)   # jct.png, ttft_breakdown.png, timeline.png,
                                          # links_<mode>.png, each in the workdir
 
@@ -15,7 +15,9 @@ TTFT breakdown of one turn (turns.jsonl times, seconds from the run's start):
 Without overlap the five add up to the TTFT; the figure marks the mean TTFT as well.
 
 Figures are matplotlib Figures on the Agg canvas, built without pyplot: no global state and
-nothing to close, so scripts, tests and notebooks (a cell ending in a Figure shows it) share them.
+nothing to close, so scripts, tests and notebooks share them.
+matplotlib is imported only by the figure functions: loading, rows and tables work without it
+(e.g. on a GPU image that lacks it).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import os
 import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 BASELINE = "basic"
 # PAPER.md 6.9 (Fig. 12 right): JCT change vs Basic, techniques added cumulatively.
@@ -275,6 +279,8 @@ def _pct(fraction) -> str | None:
 
 
 def _figure(width: float = 8.0, height: float = 4.5, **subplots) -> tuple[Figure, object]:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
   fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
   FigureCanvasAgg(fig)
   return fig, fig.subplots(**subplots)
