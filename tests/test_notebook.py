@@ -163,15 +163,21 @@ def test_format_table():
 def test_notebook_runs_on_an_online_workdir(tmp_path, monkeypatch):
   workdir = tmp_path / "online"
   workdir.mkdir()
-  point = dict(aps=0.5, ttft_p50_s=0.2, ttft_p99_s=0.4, tpot_p50_s=0.01, slo_ok=True,
-               stop_reason="done", turns=12, ttft_breakdown_s=dict(queue=0.1))
-  summary = dict(runs=[dict(mode="dualpath", max_aps_slo=0.5, points=[point])], model="tiny")
+  point = dict(aps=0.5, agents=4, agents_finished=4, turns=12, slo_ok=True, stop_reason="done",
+               ttft_p50_s=0.2, ttft_p99_s=0.4, ttft_mean_s=0.25, ttst_p50_s=0.02,
+               ttst_p99_s=0.03, tpot_p50_s=0.01, tpot_p99_s=0.02, jct_mean_s=3.0,
+               ttft_breakdown_s=dict(queueing=0.05, read=0.1, read_to_prefill=0.0, prefill=0.05,
+                                     handoff=0.05))
+  summary = dict(runs=[dict(mode="dualpath", max_aps_slo=0.5, points=[point])], model="tiny",
+                 topology="2P2D", arrivals="poisson",
+                 slo=dict(ttft_s=4.0, tpot_s=0.05, stat="p90", scale=1.0))
   (workdir / "summary.json").write_text(json.dumps(summary))
   turn = dict(mode="dualpath", aps=0.5, agent="a", turn=0, times_s=dict(
       ready=0.0, prefill_start=0.1, prefill_done=0.2, first_token=0.3, done=0.5))
   (workdir / "turns.jsonl").write_text(json.dumps(turn) + "\n")
   namespace, printed = run_notebook(workdir, tmp_path / "out", monkeypatch)
-  assert namespace["FIGURES"] == []
-  assert "highest SLO-compliant APS 0.5" in printed and "ttft_p99_s" in printed
-  assert "no offline runs" in printed
+  assert {os.path.basename(p) for p in namespace["FIGURES"]} == {
+      "online_latency.png", "online_ttft_breakdown.png"}
+  assert all(is_png(p) for p in namespace["FIGURES"])
+  assert "max APS within SLO: 0.5" in printed and "no offline runs" in printed
   assert op.write_offline_plots(str(workdir)) == []

@@ -14,9 +14,10 @@
 # %% [markdown]
 # # Explore a DualPath run
 #
-# Reads one workdir of `experiments/offline.py` or `experiments/ablation.py` (and the tables of
-# an online run's summary) and shows: the summary per mode, JCT and the TTFT breakdown, the
-# storage links over time, the per-turn timeline, and the ablation's rows when present.
+# Reads one workdir of `experiments/offline.py`, `experiments/ablation.py` or
+# `experiments/online.py` and shows: the summary per mode, JCT and the TTFT breakdown, the
+# storage links over time, the per-turn timeline, and, when present, the online sweep and the
+# ablation's rows.
 #
 #     DUALPATH_WORKDIR=/tmp/smoke python experiments/notebooks/explore_run.py   # as a script
 #     jupytext --to ipynb experiments/notebooks/explore_run.py                  # as a notebook
@@ -147,26 +148,20 @@ if turns:
 
 # %% [markdown]
 # ## Online run
-# Shown when the summary's runs carry `points` (one per arrival rate), with the figures that
-# experiments/online.py left in the workdir (online_*.png).
+# Shown when the summary's runs carry `points` (one per arrival rate, experiments/online.py):
+# the sweep table, latency against APS and the TTFT breakdown per point
+# (dualpath_jax/analysis/online_plots.py).
 
 # %%
-ONLINE_COLUMNS = ("aps", "slo_ok", "ttft_p50_s", "ttft_p99_s", "ttst_p50_s", "tpot_p50_s",
-                  "tpot_p99_s", "jct_mean_s", "turns", "agents_finished", "stop_reason")
-for r in online:
-  points = r["points"]
-  scalar = [k for k in points[0] if all(isinstance(p.get(k), (int, float, str, bool, type(None)))
-                                        for p in points)]
-  keys = [k for k in ONLINE_COLUMNS if k in scalar] or scalar
-  print(f"\n{r.get('mode')}: {len(points)} points, highest SLO-compliant APS "
-        f"{r.get('max_aps_slo')}")
-  print(op.format_table(keys, [[round(p.get(k), 4) if isinstance(p.get(k), float) else p.get(k)
-                                for k in keys] for p in points]))
-if not online:
+if online:
+  from dualpath_jax.analysis import online_plots
+
+  online_summary = dict(summary, runs=online)
+  print(online_plots.sweep_table(online_summary))
+  show(online_plots.latency_figure(online_summary), "online_latency.png")
+  show(online_plots.breakdown_figure(online_summary), "online_ttft_breakdown.png")
+else:
   print("no online run in this workdir")
-for name in sorted(os.listdir(WORKDIR)) if online else ():
-  if name.startswith("online_") and name.endswith(".png"):
-    display_png(os.path.join(WORKDIR, name))
 
 # %% [markdown]
 # ## Ablation
