@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       runtime=ml_collections.ConfigDict(dict(compute_quota_s=0.03, max_batch_requests=8)),
       workload=ml_collections.ConfigDict(dict(length_jitter=0.5)),
       store=ml_collections.ConfigDict(dict(driver="memory", path="store")),
+      model=ml_collections.ConfigDict(dict(attention="einsum")),
       cost_model=""))
 
   if variant == "e2e_h100x4":
@@ -105,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 host_buffer_bytes=48 << 30, decode_batch_size=8,
                                 max_context_tokens=32768, kv_chunk_bytes=64 << 20)
     c.end_to_end.workload.update(length_jitter=0.2)
+    c.end_to_end.model.attention = "cudnn"  # fused attention: no [T, S] score matrix in HBM
   if variant == "smoke":
     c.platform = "cpu"
     c.sections = SECTIONS

@@ -134,7 +134,8 @@ def main(argv):
         append_tokens=x.append_tokens, gen_tokens=x.gen_tokens, modes=tuple(x.modes),
         warmup=x.warmup, check_reference=x.check_reference,
         engines_per_node=x.engines_per_node, runtime=x.runtime.to_dict(),
-        workload=x.workload.to_dict(), store=x.store.to_dict(), cost_model=x.cost_model))
+        workload=x.workload.to_dict(), store=x.store.to_dict(), cost_model=x.cost_model,
+        model=x.model.to_dict()))
         for topology in x.topologies for cap in x.link_caps]
     # The offline script applies these before jax starts; only matmul precision can change now.
     precision = base.get("matmul_precision") if hasattr(base, "get") else None

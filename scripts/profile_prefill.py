@@ -18,6 +18,8 @@ from absl import app, flags
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Model dtype.")
+_ATTENTION = flags.DEFINE_enum("attention", "einsum", ["einsum", "xla", "cudnn"],
+                               "Attention implementation (ModelConfig.attention).")
 _CACHED = flags.DEFINE_list("cached", ["0", "256", "1024"], "Cached (prefix) lengths to time.")
 _NEW = flags.DEFINE_list("new", ["64", "256", "512"], "New-token counts to time.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "2", "4"], "Rows per forward to time.")
@@ -38,7 +40,8 @@ def main(argv):
   from dualpath_jax.model import weights  # noqa: E402
   from dualpath_jax.runtime import cost_profile  # noqa: E402
 
-  config = model_config.get_preset(_PRESET.value, dtype=_DTYPE.value)
+  config = model_config.get_preset(_PRESET.value, dtype=_DTYPE.value,
+                                   attention=_ATTENTION.value)
   device = jax.devices()[0]
   model = jax.device_put(weights.init_random(config, seed=0), device)
   layout = KVLayout.for_model(config)
@@ -48,7 +51,7 @@ def main(argv):
       reps=_REPS.value, progress=lambda line: print(line, file=sys.stderr, flush=True))
   path = _OUT.value or cost_profile.default_path(config.name, config.dtype, device)
   about = dict(device_kind=device.device_kind, platform=device.platform, preset=config.name,
-               dtype=config.dtype, jax=jax.__version__,
+               dtype=config.dtype, attention=config.attention, jax=jax.__version__,
                date=datetime.date.today().isoformat(),
                command="python " + " ".join(sys.argv),
                what=("median wall time of one PE forward (embedding, every layer's prefill_layer "

@@ -261,3 +261,35 @@ def test_bfloat16_smoke():
                                          seq_lens)
   assert step_logits.dtype == jnp.float32 and np.isfinite(np.asarray(step_logits)).all()
   assert pages.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_kv_into_a_reused_buffer_equals_a_fresh_gather(dtype):
+  layout = KVLayout.for_model(M.get_preset("tiny", dtype=dtype))
+  rng = np.random.default_rng(3)
+  blocks = rng.integers(0, 256, (5, *layout.full_block_shape), dtype=np.uint8)
+  buffer = np.zeros(7 * layout.layer_block_bytes, np.uint8)  # larger than needed
+  for layer in range(layout.num_layers):
+    fresh = layout.layer_kv(blocks, layer)
+    reused = layout.layer_kv(blocks, layer, out=buffer)
+    assert reused.shape == fresh.shape and reused.dtype == fresh.dtype
+    np.testing.assert_array_equal(reused.view(np.uint8), fresh.view(np.uint8))
+  kv = layout.full_blocks_to_kv(blocks)
+  np.testing.assert_array_equal(layout.kv_to_full_blocks(kv), blocks)
+
+
+def test_dot_product_attention_matches_the_einsum_reference():
+  config = M.get_preset("tiny", dtype="float32")
+  model = M.Transformer(config, rngs=nnx.Rngs(0))
+  xla = M.Transformer(config.replace(attention="xla"), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 96)),
+                       jnp.int32)
+  prefix = M.empty_prefix_kv(config, 2, 64)
+  prefix_len = jnp.array([0, 0], jnp.int32)
+  new_len = jnp.array([96, 70], jnp.int32)
+  a, kv_a = M.prefill(model, tokens, prefix, prefix_len, new_len)
+  b, kv_b = M.prefill(xla, tokens, prefix, prefix_len, new_len)
+  np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], atol=2e-4, rtol=2e-4)
+  np.testing.assert_allclose(np.asarray(a)[1, :70], np.asarray(b)[1, :70], atol=2e-4, rtol=2e-4)
+  with pytest.raises(ValueError, match="ModelConfig.attention"):
+    config.replace(attention="flash")

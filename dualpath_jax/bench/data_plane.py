@@ -174,6 +174,11 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
       lambda: [layout.layer_kv(blocks, layer) for layer in range(layout.num_layers)],
       repeats, warmup)
   out["gather_gbps"] = total / s / 1e9
+  reused = np.empty(blocks.shape[0] * layout.layer_block_bytes, np.uint8)
+  s, _ = median_seconds(
+      lambda: [layout.layer_kv(blocks, layer, out=reused) for layer in range(layout.num_layers)],
+      repeats, warmup)
+  out["gather_reused_buffer_gbps"] = total / s / 1e9  # what the PE shard does (prefill_shard.py)
   layers = [layout.layer_kv(blocks, layer) for layer in range(layout.num_layers)]
   s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False) for h in layers],
                         repeats, warmup, cleanup=_delete)

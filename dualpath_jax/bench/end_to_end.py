@@ -38,7 +38,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    warmup: bool = True, check_reference: bool = False,
                    engines_per_node: int = 0, runtime: Mapping | None = None,
                    workload: Mapping | None = None, store: Mapping | None = None,
-                   cost_model: str = "") -> dict:
+                   cost_model: str = "", model: Mapping | None = None) -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
@@ -51,7 +51,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   for section in ("model", "topology", "runtime", "workload"):
     if not isinstance(c.get(section), dict):
       raise ValueError(f"end_to_end: the base offline config has no {section!r} section")
-  c["model"].update(preset=preset, dtype=dtype)
+  c["model"].update(dict(model or {}), preset=preset, dtype=dtype)
   per_node = engines_per_node or c["topology"].get("engines_per_node", 1)
   if p % per_node or d % per_node:
     per_node = 1

@@ -61,7 +61,7 @@ def sdpa_attention(implementation: str | None):
   The returned function counts how often it was traced (`.traces`), which shows that a swap took
   effect even where its outputs are bitwise those of the einsum (XLA on CPU).
   """
-  def attention(q, kv, mask):
+  def attention(q, kv, mask, *_):
     attention.traces += 1
     out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], mask=mask[:, None],
                                        implementation=implementation)

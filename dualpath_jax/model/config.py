@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
   """Geometry of a decoder-only GQA transformer (RoPE, SwiGLU, RMSNorm)."""
@@ -40,6 +43,10 @@ class ModelConfig:
   """Bias on the q/k/v projections (Qwen2.5 has it)."""
   dtype: str = "bfloat16"
   """Parameter, activation and KV dtype: 'bfloat16' by default, 'float32' in tests."""
+  attention: str = "einsum"
+  """How attention is computed (not a weight property): 'einsum' (the reference, float32 scores
+  materialised), or jax.nn.dot_product_attention with implementation 'xla' or 'cudnn' (fused
+  flash attention on NVIDIA GPUs, bf16/fp16 only)."""
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -53,6 +60,9 @@ class ModelConfig:
           f"ModelConfig.num_kv_heads ({self.num_kv_heads})")
     if self.head_dim % 2:
       raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                       f"{self.attention!r}")
     if self.dtype not in ("bfloat16", "float32", "float16"):
       raise ValueError(f"ModelConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 

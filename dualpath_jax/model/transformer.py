@@ -32,13 +32,20 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention(q: jax.Array, kv: jax.Array, mask: jax.Array) -> jax.Array:
-  """Reference GQA attention by einsum.
+def attention(q: jax.Array, kv: jax.Array, mask: jax.Array, implementation: str = "einsum"
+              ) -> jax.Array:
+  """GQA attention: the einsum reference, or jax.nn.dot_product_attention ('xla', 'cudnn').
 
   q [B, T, N, D]; kv [B, S, 2, H, D] (0 = K, 1 = V); mask [B, T, S] bool (True = may attend).
-  Returns [B, T, N, D] in q's dtype. A row with nothing to attend to gets a uniform average
-  instead of NaN (its scores are all the same finite minimum), which keeps padding rows finite.
+  Returns [B, T, N, D] in q's dtype. Einsum: a row with nothing to attend to gets a uniform
+  average instead of NaN (its scores are all the same finite minimum), which keeps padding rows
+  finite; prefill never builds such rows (a padding row still sees its first token).
   """
+  if implementation != "einsum":
+    # Query head n uses kv head n // (N / H): the same grouping as below.
+    out = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], mask=mask[:, None],
+                                       implementation=implementation)
+    return out.astype(q.dtype)
   batch, tokens, num_heads, head_dim = q.shape
   num_kv_heads = kv.shape[3]
   group = num_heads // num_kv_heads
@@ -106,7 +113,7 @@ class DecoderLayer(nnx.Module):
     k = rope(k, positions, c.rope_theta)
     new_kv = jnp.stack([k, v], axis=2)  # [B, T, 2, H, D]
     keys_values = jnp.concatenate([context_kv.astype(new_kv.dtype), new_kv], axis=1)
-    attn = attention(q, keys_values, mask).reshape(batch, tokens, c.num_heads * c.head_dim)
+    attn = attention(q, keys_values, mask, c.attention).reshape(batch, tokens, c.num_heads * c.head_dim)
     x = x + self.o_proj(attn)
     h = self.post_attention_norm(x)
     x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))

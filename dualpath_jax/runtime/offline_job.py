@@ -84,7 +84,8 @@ class OfflineJob:
     for edge_only in ("platform", "num_cpu_devices", "matmul_precision", "variant"):
       c.pop(edge_only, None)  # applied by the experiment script before jax starts
     m = dict(c["model"])
-    model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"))
+    model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"),
+                                    attention=m.pop("attention", "einsum"))
     seed, checkpoint = m.pop("seed", 0), m.pop("checkpoint", "")
     if m:
       raise ValueError(f"model: unknown key(s) {sorted(m)}")

@@ -57,6 +57,9 @@ class PrefillShard:
     """Layers of prefix KV on this PE's device now."""
     self.max_resident_layers = 0
     """Most layers of prefix KV ever on this PE's device at once (layerwise: at most 2)."""
+    self._gather_buffers: dict[tuple, np.ndarray] = {}
+    """Reused host buffers of layer gathers, per (side, row, layer parity): a layer's buffer is
+    free again two layers later, once the layer's compute (which read its H2D copy) finished."""
 
   def run_batch(self, chunks: list[tuple[TurnRequest, int, int]]) -> float:
     """Prefills `chunks` in one forward; returns its wall time. Sets first_token on last chunks."""
@@ -125,7 +128,17 @@ class PrefillShard:
     request.add_bytes("d2d", host.nbytes)
     return de_tm.d2d(de_tm.h2d(host), self.engine)
 
-  def _prefix(self, request: TurnRequest, cached: int, layers) -> jax.Array | None:
+  def _gather(self, blocks: np.ndarray, layer: int, side: str, row: int) -> np.ndarray:
+    """layout.layer_kv into this shard's reused buffer for (side, row, layer parity)."""
+    layout = self.cluster.layout
+    key, need = (side, row, layer % 2), blocks.shape[0] * layout.layer_block_bytes
+    buffer = self._gather_buffers.get(key)
+    if buffer is None or buffer.size < need:
+      buffer = self._gather_buffers[key] = np.empty(need, np.uint8)
+    return layout.layer_kv(blocks, layer, out=buffer)
+
+  def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
+              ) -> jax.Array | None:
     """The row's prefix KV on this PE: [cached, 2, H, D] for one layer (int) or
     [L, cached, 2, H, D] for all (slice(None)); None when there is none."""
     layout = self.cluster.layout
@@ -139,7 +152,8 @@ class PrefillShard:
       if side not in request.blocks:
         continue
       blocks = request.blocks[side]
-      host = layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks)
+      host = (self._gather(blocks, layers, side, row) if one and self._sends_kv()
+              else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
       if side == "pe":
         request.add_bytes("h2d", host.nbytes)
         parts.append(self.tm.h2d(host))
@@ -185,8 +199,14 @@ class PrefillShard:
     self.max_resident_layers = max(self.max_resident_layers, self.resident_layers)
     if self.cluster.runtime_config.skips_kv_io:
       return self.cluster.zeros_on(self.engine, (rows, tp, *layout.token_kv_shape))
-    prefixes = [self._prefix(request, cached, layer) for request, cached, _ in chunks]
+    prefixes = [self._prefix(request, cached, layer, row)
+                for row, (request, cached, _) in enumerate(chunks)]
     return self._stack_rows(prefixes, rows, tp, axis=0, layers=None)
+
+  def _sends_kv(self) -> bool:
+    """Each layer's KV goes to the DE, which waits for the layer's compute: what makes reusing
+    a gather buffer two layers later safe."""
+    return not self.cluster.runtime_config.skips_kv_io
 
   def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
     skip_io = self.cluster.runtime_config.skips_kv_io
