@@ -99,10 +99,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # in agentic traces (a load-oblivious scheduler then unbalances the storage links).
       length_jitter=0.5,
       preset="mal32k", scale=32,  # kind=agentic
-      path="", format="auto", sessions=True, max_sessions=0, max_requests=0,  # kind=trace
+      # kind=trace: lengths divided by trace_scale (8: the Mooncake conversation trace's median
+      # prompt of 6.9K tokens becomes ~860, within the smoke's 2,048-token context); the first
+      # max_requests requests (0 = all) rebuilt into sessions, at most max_sessions of them.
+      path="", format="auto", sessions=True, max_sessions=0, max_requests=0, trace_scale=8,
       max_turns=0))  # any kind: at most this many turns per trajectory (0 = all)
   c.store = ml_collections.ConfigDict(dict(driver="file", path=""))  # '' = WORKDIR/store
 
+  if variant == "smoke":
+    c.workload.update(max_requests=400, max_sessions=8)  # kind=trace: a CI-sized prefix
   if variant == "cpu":
     c.model.preset = "small"
     c.runtime.compute_quota_s = 0.1

@@ -110,3 +110,41 @@ def test_unknown_variant_mode_and_run_name_are_reported(tmp_path):
   config.variants = {"nonesuch": {"mode": "fast"}}
   with pytest.raises(ValueError, match="variants.nonesuch.mode"):
     OfflineJob.from_config(config, str(tmp_path))
+
+
+def _session_trace(path):
+  lines = []
+  for sid, lengths in (("a", (300, 420)), ("b", (250, 330))):
+    ids_so_far = []
+    for turn, n in enumerate(lengths):
+      count = -(-n // 64)
+      ids_so_far = ids_so_far + [hash((sid, k)) % 10**9 for k in range(len(ids_so_far), count)]
+      lines.append(json.dumps(dict(session_id=sid, turn=turn, input_length=n, output_length=5,
+                                   hash_ids=ids_so_far[:count], block_size=64)))
+  path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_session_trace_replays_through_the_offline_job(tmp_path):
+  trace = tmp_path / "sessions.jsonl"
+  _session_trace(trace)
+  config = small("smoke", modes=("dualpath",))
+  config.workload.kind = "trace"
+  config.workload.path = str(trace)
+  config.workload.trace_scale = 1
+  config.check_reference = True
+  job = OfflineJob.from_config(config, str(tmp_path / "out"))
+  assert job.workload_report.trajectories == 2 and job.workload_report.turns == 4
+  summary = job.run()
+  (run,) = summary["runs"]
+  assert run["turns"] == 4 and run["outputs_match_reference"] is True
+  assert run["tokens_hit"] > 0  # the second turn of each session hits the first turn's blocks
+
+
+def test_a_malformed_trace_line_is_reported_with_file_and_line(tmp_path):
+  trace = tmp_path / "bad.jsonl"
+  trace.write_text('{"session_id": "a", "turn": 0}\n')
+  config = small("smoke")
+  config.workload.kind = "trace"
+  config.workload.path = str(trace)
+  with pytest.raises(ValueError, match=rf"{trace}:1:"):
+    OfflineJob.from_config(config, str(tmp_path / "out"))

@@ -279,3 +279,17 @@ def test_session_wide_ids(tmp_path):
                hash_ids=[(1 << 64) - 1, -5], block_size=64)]
   (t,) = read_trace(_write(tmp_path, "w.jsonl", rows), vocab_size=VOCAB)
   assert t.turns[0].append_ids.shape == (128,)
+
+
+def test_scale_divides_lengths_and_keeps_shared_prefixes():
+  path = os.path.join(TRACES, "conversation_trace.jsonl")
+  if not os.path.exists(path):
+    pytest.skip("the real Mooncake trace is not here")
+  full = read_trace(path, vocab_size=512, max_requests=200, max_sessions=20)
+  scaled = read_trace(path, vocab_size=512, max_requests=200, max_sessions=20, scale=8)
+  assert [t.agent_id for t in full] == [t.agent_id for t in scaled]
+  for a, b in zip(full, scaled):
+    assert len(a.turns) == len(b.turns)
+    assert len(b.turns[0].append_ids) == max(1, len(a.turns[0].append_ids) // 8)
+  with pytest.raises(ValueError, match="scale"):
+    read_trace(path, vocab_size=512, max_requests=10, scale=16)  # 512 / 16 = 32 < 64

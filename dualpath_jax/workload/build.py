@@ -6,7 +6,8 @@ so that any kind can be picked from the command line); each kind reads its own f
   synthetic  agents, turns, first_append_tokens, append_tokens, gen_tokens, seed, length_jitter
   agentic    preset (mal32k | mal48k | mal64k), agents, seed, scale
   trace      path, format (auto | mooncake | session), sessions, max_sessions, max_requests (0 =
-             no limit), seed
+             no limit), seed, trace_scale (lengths divided by it; a 512-token trace block must
+             stay a multiple of 64 tokens: 1, 2, 4 or 8)
   recall     agents, turns, first_append_tokens, append_tokens, gen_tokens, seed (long-range
              recall prompts for the trained checkpoints: outputs depend on far-back context)
 
@@ -30,7 +31,8 @@ FIELDS = {
     "synthetic": ("agents", "turns", "first_append_tokens", "append_tokens", "gen_tokens", "seed",
                   "length_jitter"),
     "agentic": ("preset", "agents", "seed", "scale"),
-    "trace": ("path", "format", "sessions", "max_sessions", "max_requests", "seed"),
+    "trace": ("path", "format", "sessions", "max_sessions", "max_requests", "seed",
+              "trace_scale"),
     "recall": ("agents", "turns", "first_append_tokens", "append_tokens", "gen_tokens", "seed"),
 }
 COMMON = ("kind", "max_turns")
@@ -82,6 +84,8 @@ def build_workload(spec: Mapping, *, vocab_size: int, block_tokens: int, max_con
         args.pop(key)
     if not args.get("path"):
       raise ValueError("workload.path: the trace kind needs the path of a trace file")
+    if "trace_scale" in args:
+      args["scale"] = args.pop("trace_scale")
     trajectories = read_trace(args.pop("path"), **args, vocab_size=vocab_size,
                               block_tokens=block_tokens)
   else:

@@ -108,7 +108,7 @@ class _Request:
 
 def read_trace(path: str, *, format: str = "auto", vocab_size: int, block_tokens: int = 64,
                sessions: bool = True, max_sessions: int | None = None, seed: int = 0,
-               max_requests: int | None = None) -> list[AgentTrajectory]:
+               max_requests: int | None = None, scale: int = 1) -> list[AgentTrajectory]:
   """Agent trajectories of the trace at `path` (see the module docstring for the mapping).
 
   Args:
@@ -125,6 +125,10 @@ def read_trace(path: str, *, format: str = "auto", vocab_size: int, block_tokens
     seed: seeds the token contents (the same seed gives the same tokens for the same ids).
     max_requests: read only the first this many requests (non-blank lines), a time prefix of a
       Mooncake trace; None reads the whole file.
+    scale: divides every length by this integer (for CPU runs; sessions are rebuilt from the
+      unscaled trace): input and output lengths become length // scale (at least 1) and a trace
+      block holds block_size // scale tokens, which block_tokens must divide, so full blocks and
+      shared prefixes carry over block for block.
 
   Raises:
     TraceFormatError: a malformed line ("path:line: what is wrong").
@@ -133,6 +137,7 @@ def read_trace(path: str, *, format: str = "auto", vocab_size: int, block_tokens
   if format not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
   for name, value, low in (("vocab_size", vocab_size, 1), ("block_tokens", block_tokens, 1),
+                           ("scale", scale, 1),
                            ("max_sessions", max_sessions, 0), ("max_requests", max_requests, 0)):
     if value is None and name in ("max_sessions", "max_requests"):
       continue
@@ -148,13 +153,21 @@ def read_trace(path: str, *, format: str = "auto", vocab_size: int, block_tokens
     lines = _chain(first, lines)
   stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(path).split(".")[0]) or "trace"
   if format == "mooncake":
-    if MOONCAKE_BLOCK_TOKENS % block_tokens:
+    if MOONCAKE_BLOCK_TOKENS % scale or (MOONCAKE_BLOCK_TOKENS // scale) % block_tokens:
       raise ValueError(f"block_tokens {block_tokens} does not divide the Mooncake block size "
-                       f"{MOONCAKE_BLOCK_TOKENS}: the trace's hits would not carry over")
+                       f"{MOONCAKE_BLOCK_TOKENS} / scale {scale}: the trace's hits would not "
+                       "carry over")
     return _read_mooncake(path, lines, stem=stem, vocab_size=vocab_size, sessions=sessions,
-                          max_sessions=max_sessions, seed=seed)
+                          max_sessions=max_sessions, seed=seed, scale=scale)
   return _read_sessions(path, lines, stem=stem, vocab_size=vocab_size, block_tokens=block_tokens,
-                        max_sessions=max_sessions, seed=seed)
+                        max_sessions=max_sessions, seed=seed, scale=scale)
+
+
+def _scaled(r: _Request, scale: int) -> _Request:
+  if scale == 1:
+    return r
+  return dataclasses.replace(r, input_length=max(1, r.input_length // scale),
+                             output_length=max(1, r.output_length // scale))
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -276,8 +289,8 @@ def _parse_session(path: str, lineno: int, obj: dict, block_size: int | None) ->
 
 
 def _read_mooncake(path: str, lines, *, stem: str, vocab_size: int, sessions: bool,
-                   max_sessions: int | None, seed: int) -> list[AgentTrajectory]:
-  bt = MOONCAKE_BLOCK_TOKENS
+                   max_sessions: int | None, seed: int, scale: int = 1) -> list[AgentTrajectory]:
+  bt = MOONCAKE_BLOCK_TOKENS // scale
   id_key = _key(seed, 0x6D6F6F6E)     # "moon": global block-id scope of the file
   tail_key = _key(seed, 0x7461696C)   # "tail": request-unique tails, by line
   requests: list[_Request] = []
@@ -297,14 +310,15 @@ def _read_mooncake(path: str, lines, *, stem: str, vocab_size: int, sessions: bo
   if not sessions:
     return [AgentTrajectory(
         agent_id=f"{stem}-r{r.line:05d}", arrival_s=r.time_s,
-        turns=(Turn(append_ids=tokens(r, 0), gen_tokens=r.output_length),)) for r in requests]
+        turns=(Turn(append_ids=tokens(r, 0), gen_tokens=r.output_length),))
+        for r in (_scaled(r, scale) for r in requests)]
 
   chains = _mooncake_sessions(requests)
   if max_sessions is not None:
     chains = chains[:max_sessions]
   out = []
   for n, chain in enumerate(chains):
-    rs = [requests[i] for i in chain]
+    rs = [_scaled(requests[i], scale) for i in chain]
     gaps = [b.time_s - a.time_s for a, b in itertools.pairwise(rs)]
     turns = _turns(rs, tokens, think=[0.0, *gaps])
     out.append(AgentTrajectory(agent_id=f"{stem}-s{n:05d}", turns=turns, arrival_s=rs[0].time_s))
@@ -346,7 +360,7 @@ def _mooncake_sessions(requests: list[_Request]) -> list[list[int]]:
 
 
 def _read_sessions(path: str, lines, *, stem: str, vocab_size: int, block_tokens: int,
-                   max_sessions: int | None, seed: int) -> list[AgentTrajectory]:
+                   max_sessions: int | None, seed: int, scale: int = 1) -> list[AgentTrajectory]:
   block_size = None
   by_session: dict[str, list[_Request]] = {}
   arrival: dict[str, float | None] = {}
@@ -354,9 +368,10 @@ def _read_sessions(path: str, lines, *, stem: str, vocab_size: int, block_tokens
     r, bs = _parse_session(path, lineno, obj, block_size)
     if block_size is None:
       block_size = bs
-      if bs % block_tokens:
+      if bs % scale or (bs // scale) % block_tokens:
         raise ValueError(f"{path}:{lineno}: block_tokens {block_tokens} does not divide the "
-                         f"trace's block_size {bs}: the trace's hits would not carry over")
+                         f"trace's block_size {bs} / scale {scale}: the trace's hits would not "
+                         "carry over")
     turns = by_session.setdefault(r.session, [])
     if obj["turn"] != len(turns):
       what = (f"turn {obj['turn']} follows turn {len(turns) - 1}" if turns
@@ -378,13 +393,14 @@ def _read_sessions(path: str, lines, *, stem: str, vocab_size: int, block_tokens
 
     def tokens(r: _Request, start: int, scope=scope) -> np.ndarray:
       keys = _block_keys(scope, r.hash_ids)
-      return _tokens(keys, block_size, _key(scope, 0x7461696C, r.line), start, r.input_length,
-                     vocab_size)
+      return _tokens(keys, block_size // scale, _key(scope, 0x7461696C, r.line), start,
+                     r.input_length, vocab_size)
 
     name = f"{stem}-{re.sub(r'[^A-Za-z0-9._-]', '_', sid)}"
     if name in used:
       name = f"{name}-{n}"
     used.add(name)
+    rs = [_scaled(r, scale) for r in rs]
     out.append(AgentTrajectory(agent_id=name, turns=_turns(rs, tokens, [r.think_s for r in rs]),
                                arrival_s=arrival.get(sid)))
   return out
