@@ -49,8 +49,9 @@ def cli_run(tmp_path_factory):
              "--config.aps_list=(2.0, 8.0)", "--config.warmup=False",
              "--config.store.driver=memory", "--config.store.path=store",
              "--config.slo.scale=100.0"]
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          check=False)
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)

@@ -333,7 +333,7 @@ def run_online(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout
     eta = max(start + max(offsets, default=0.0) - now, pace)
     progress(f"[{name} aps={aps:g}] turns {len(records)}/{total}  agents {arrived}/"
              f"{len(trajectories)} arrived, {finished} finished  elapsed {elapsed:6.1f}s  "
-             f"eta {eta:6.1f}s (at most, stopping rule aside)")
+             f"eta {eta:6.1f}s (unless the stopping rule ends it sooner)")
 
   reason = None
   try:

@@ -77,7 +77,7 @@ class OnlineJob:
   drain_timeout_s: float
   """Longest the turns in flight at a point's stop may take to finish."""
   warmup_agents: int
-  """Trajectories of the untimed warm-up pass per mode (0: all)."""
+  """Trajectories of the untimed warm-up passes per mode (0: all)."""
 
   @property
   def workdir(self) -> str:
