@@ -18,5 +18,9 @@
   host_buffer.py     a node's bounded host buffer
   traffic.py         a per-engine traffic manager: every KV move, model work first, byte counters
   offline.py         the offline job: all agents at t=0, JCT; the no-cache reference
-  offline_job.py     config -> typed records -> runs -> config.json, summary.json, turns.jsonl
+  offline_job.py     config -> typed records -> runs -> config.json, summary.json, turns.jsonl,
+                     links.json
+  online.py          online serving: Poisson (or trace) agent arrivals, think times, TTFT, TTST,
+                     TPOT and the TTFT breakdown per turn, the paper's stopping rule
+  online_job.py      an APS sweep per mode: the largest SLO-compliant APS
 """

@@ -94,6 +94,7 @@ class DecodeWorker(threading.Thread):
     request.generated = [request.first_token]
     request.times["first_token"] = time.perf_counter()
     if request.gen_tokens == 1:
+      request.times["last_token"] = request.times["first_token"]
       self._finish(request)
     else:
       self._active.append(request)
@@ -117,6 +118,8 @@ class DecodeWorker(threading.Thread):
       request.generated.append(int(next_tokens[row]))
       if len(request.generated) == 2:
         request.times["second_token"] = now
+      if len(request.generated) == request.gen_tokens:
+        request.times["last_token"] = now
       if len(request.generated) >= request.gen_tokens:
         self._finish(request)
       else:

@@ -54,7 +54,7 @@ class TurnRequest:
   """Bytes this turn moved per path."""
   times: dict[str, float] = dataclasses.field(default_factory=dict)
   """perf_counter timestamps: ready, placed, read_start, read_done, prefill_start, prefill_done,
-  decode_start, first_token, second_token, done."""
+  decode_start, first_token, second_token, last_token, done (persisted)."""
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   error: BaseException | None = None
 
