@@ -13,9 +13,9 @@ counts in its TTFT. Per turn:
 
   TTFT  first_token - arrival
   TTST  second_token - first_token
-  TPOT  (last_token - first_token) / (gen_tokens - 1). The runtime stamps no last token yet, so
-        `last_token` falls back to `done`, which includes the persistence of the turn's blocks
-        (an over-estimate); with gen_tokens == 2 the second token is the last (exact).
+  TPOT  (last_token - first_token) / (gen_tokens - 1); the DE stamps last_token when the turn's
+        last token is decoded (before its blocks are persisted). Records without it (older runs)
+        fall back to `done`, which includes persistence (an over-estimate).
   TTFT breakdown, consecutive segments that sum to TTFT:
         queueing  arrival -> read_start (prefill_start when nothing is read): the client's lag,
                   the global scheduler's wait for room, placement
