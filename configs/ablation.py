@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.platform = "default"
       c.matmul_precision = "default"  # bfloat16 matmuls; no token-equality check below
       c.check_reference = False  # a 7B recompute of every turn costs more than the ablation
-      c.model.update(preset="qwen2.5-7b", dtype="bfloat16")
+      c.model.update(preset="qwen2.5-7b", dtype="bfloat16", checkpoint="")  # random weights
       c.topology.update(num_prefill_engines=2, num_decode_engines=2, devices_per_engine=1,
                         engines_per_node=1)
       c.runtime.update(link_bytes_per_s=6.25e9, compute_quota_s=0.3, max_batch_requests=4,

@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       runtime=ml_collections.ConfigDict(dict(compute_quota_s=0.03, max_batch_requests=8)),
       workload=ml_collections.ConfigDict(dict(length_jitter=0.5)),
       store=ml_collections.ConfigDict(dict(driver="memory", path="store")),
-      model=ml_collections.ConfigDict(dict(attention="einsum")),
+      model=ml_collections.ConfigDict(dict(attention="einsum", checkpoint="")),
       cost_model=""))
 
   if variant == "e2e_h100x4":

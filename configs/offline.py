@@ -66,8 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.platform = "cpu"  # 'cpu' simulates num_cpu_devices devices; 'default' takes jax's backend
   c.num_cpu_devices = 8
 
+  # checkpoint: 'recall' = the repository's trained recall checkpoint of the preset
+  # (checkpoints/<preset>-recall, docs/checkpoints.md), whose outputs depend on far-back context
+  # so that token equality checks the KV; '' = random weights (seed); else an orbax folder.
   c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", seed=0,
-                                           checkpoint=""))
+                                           checkpoint="recall"))
   # Sliding window of the storage-link balance metric (max/avg bytes over the links).
   c.snic_window_s = 0.5
   c.variants = ml_collections.ConfigDict()  # name -> dict(mode=..., switch overrides)

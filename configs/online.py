@@ -78,8 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.platform = "cpu"  # 'cpu' simulates num_cpu_devices devices; 'default' takes jax's backend
   c.num_cpu_devices = 8
 
+  # checkpoint: 'recall' = the repository's trained recall checkpoint of the preset
+  # (checkpoints/<preset>-recall, docs/checkpoints.md), whose outputs depend on far-back context
+  # so that token equality checks the KV; '' = random weights (seed); else an orbax folder.
   c.model = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", seed=0,
-                                           checkpoint=""))
+                                           checkpoint="recall"))
   c.variants = ml_collections.ConfigDict()  # name -> dict(mode=..., switch overrides)
   c.topology = ml_collections.ConfigDict(dict(num_prefill_engines=2, num_decode_engines=2,
                                               devices_per_engine=1, engines_per_node=2))
@@ -135,7 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "gpu":
     c.modes = ("basic", "dualpath", "oracle")
     c.platform = "default"
-    c.model.update(preset="qwen2.5-7b", dtype="bfloat16")
+    c.model.update(preset="qwen2.5-7b", dtype="bfloat16", checkpoint="")  # random weights
     c.topology.engines_per_node = 1
     c.runtime.update(
         link_bytes_per_s=6.25e9,  # one 400 Gb/s storage NIC per 8-GPU node, per GPU

@@ -17,6 +17,7 @@ from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.offline import run_offline, run_reference
 from dualpath_jax.runtime.request import TurnRequest
 from dualpath_jax.scheduler.quota import CostModel
+from dualpath_jax.tasks.trained import load_trained
 from dualpath_jax.workload import simple_trajectories
 
 # A fixed cost model (not a profile): what the batch selector predicts is then deterministic.
@@ -55,7 +56,11 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def model(cfg):
-  return weights.init_random(cfg, 0)
+  # The recall-trained checkpoint: its tokens depend on far-back context, so equality with the
+  # recompute checks the loaded KV (tests/test_recall_runtime.py shows a corrupt block breaks it).
+  trained = load_trained("tiny")
+  assert trained.config == cfg
+  return trained
 
 
 @pytest.fixture(scope="module")

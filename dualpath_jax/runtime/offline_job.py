@@ -35,6 +35,23 @@ from dualpath_jax.workload.synthetic import AgentTrajectory
 BYTE_KEYS = ("store_read_pe_side", "store_read_de_side", "store_write", "h2d", "d2h", "d2d")
 
 
+def _resolve_checkpoint(checkpoint: str, preset: str) -> str:
+  """'recall' -> the trained recall checkpoint of `preset`; a folder must exist; '' stays."""
+  if checkpoint == "recall":
+    from dualpath_jax.tasks import trained
+    if preset not in trained.TRAIN_COMMANDS:
+      raise ValueError(f"model.checkpoint: no recall checkpoint for preset {preset!r} (there are "
+                       f"{sorted(trained.TRAIN_COMMANDS)}); use '' for random weights")
+    path = trained.checkpoint_dir(preset)
+    if not path.is_dir():
+      raise ValueError(f"model.checkpoint: no trained {preset} recall checkpoint at {path}; "
+                       f"train it with: {trained.TRAIN_COMMANDS[preset]}")
+    return str(path)
+  if checkpoint and not os.path.isdir(checkpoint):
+    raise ValueError(f"model.checkpoint: no checkpoint folder at {checkpoint!r}")
+  return checkpoint
+
+
 def _typed(cls, section: str, values: Mapping):
   """cls(**values) with unknown keys reported by their config path."""
   fields = {f.name for f in dataclasses.fields(cls)}
@@ -89,6 +106,7 @@ class OfflineJob:
     seed, checkpoint = m.pop("seed", 0), m.pop("checkpoint", "")
     if m:
       raise ValueError(f"model: unknown key(s) {sorted(m)}")
+    checkpoint = _resolve_checkpoint(checkpoint, model.name)
     topology = _typed(TopologyConfig, "topology", c["topology"])
     build_topology(topology)  # the device split must fit the devices present, before any run
     if not c["modes"]:
