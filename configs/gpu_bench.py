@@ -21,13 +21,16 @@ Sections run in the order ceilings, data_plane, engine, end_to_end; pick some wi
           uncapped with the store in host memory (the host links are then the NICs); 16 agents,
           contexts of 16K-26K tokens, appends ~500, forced generations of 150. Run
           scripts/profile_prefill.py first in the same call so that the jobs share its cost model.
+  pd_sweep_x8  the P/D sweep of an 8-GPU host (PAPER.md Figure 8): e2e_h100x4's jobs over 1P7D,
+          2P6D, 4P4D and 6P2D, capped links only
+  pd_sweep_smoke  the same sweep on 8 simulated CPU devices with the tiny model (minutes)
 end_to_end is off in h100x4: add it to `sections` and set end_to_end.* (preset, topologies,
 link_caps, agents, turns, ...), or use e2e_h100x4.
 """
 
 import ml_collections
 
-VARIANTS = ("smoke", "h100x4", "e2e_h100x4")
+VARIANTS = ("smoke", "h100x4", "e2e_h100x4", "pd_sweep_x8", "pd_sweep_smoke")
 SECTIONS = ("ceilings", "data_plane", "engine", "end_to_end")
 
 
@@ -107,6 +110,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 max_context_tokens=32768, kv_chunk_bytes=64 << 20)
     c.end_to_end.workload.update(length_jitter=0.2)
     c.end_to_end.model.attention = "cudnn"  # fused attention: no [T, S] score matrix in HBM
+  if variant in ("pd_sweep_x8", "pd_sweep_smoke"):
+    c.sections = ("end_to_end",)
+    c.budget_s = 560.0
+    c.end_to_end.update(
+        preset="qwen2.5-7b", dtype="bfloat16", topologies=("1P7D", "2P6D", "4P4D", "6P2D"),
+        link_caps=(6.25e9,), agents=16, turns=3, first_append_tokens=12000, append_tokens=500,
+        gen_tokens=150, engines_per_node=1, warmup=True)
+    c.end_to_end.runtime.update(compute_quota_s=0.3, max_batch_requests=4, token_budget=8192,
+                                host_buffer_bytes=48 << 30, decode_batch_size=8,
+                                max_context_tokens=32768, kv_chunk_bytes=64 << 20)
+    c.end_to_end.workload.update(length_jitter=0.2)
+    c.end_to_end.model.attention = "cudnn"
+  if variant == "pd_sweep_smoke":
+    c.platform = "cpu"
+    c.num_cpu_devices = 8
+    c.budget_s = 0.0
+    c.end_to_end.update(preset="tiny", dtype="float32", link_caps=(1e6,), agents=8, turns=3,
+                        first_append_tokens=400, append_tokens=64, gen_tokens=8)
+    c.end_to_end.runtime.update(compute_quota_s=0.03, token_budget=2048, max_batch_requests=8,
+                                host_buffer_bytes=256 << 20, max_context_tokens=2048,
+                                kv_chunk_bytes=4 << 20)
+    c.end_to_end.workload.update(length_jitter=0.5)
+    c.end_to_end.model.attention = "einsum"
   if variant == "smoke":
     c.platform = "cpu"
     c.sections = SECTIONS
