@@ -46,11 +46,8 @@ def main(argv):
   unknown = [s for s in config.sections if s not in SECTIONS]
   if unknown:
     sys.exit(f"error: sections: unknown {unknown}; choose from {SECTIONS}")
-  if config.platform == "cpu":  # must happen before jax initialises its backends
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={config.num_cpu_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax  # noqa: E402  (after the device flags above)
+  from dualpath_jax.platform import start_jax
+  jax = start_jax(config.platform, config.num_cpu_devices)
   import jaxlib  # noqa: E402
 
   from dualpath_jax.bench import ceilings, data_plane, end_to_end, engine, hardware  # noqa: E402

@@ -25,12 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 def main(argv):
   del argv
   config = _CONFIG.value
-  if config.platform == "cpu":  # must happen before jax initialises its backends
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={config.num_cpu_devices}")
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax  # noqa: E402  (after the device flags above)
-  jax.config.update("jax_default_matmul_precision", config.matmul_precision)
+  from dualpath_jax.platform import start_jax
+  start_jax(config.platform, config.num_cpu_devices, config.matmul_precision)
   from dualpath_jax.runtime import offline_job  # noqa: E402
   workdir = os.path.abspath(_WORKDIR.value)
   try:

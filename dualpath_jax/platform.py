@@ -1,0 +1,25 @@
+"""Choosing the JAX backend from a config, before JAX starts (one place for every entry point)."""
+
+from __future__ import annotations
+
+import os
+
+
+def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None = None):
+  """Sets the device flags for `platform` and imports jax; returns the jax module.
+
+  platform 'cpu' simulates `num_cpu_devices` host devices (XLA_FLAGS, JAX_PLATFORMS=cpu);
+  'default' takes jax's own backend. Must run before anything imports jax: the flags are read
+  once, when jax initialises its backends. matmul_precision sets XLA's float32 matmul precision
+  for the process ('highest' keeps float32 exact enough for token equality on GPUs).
+  """
+  if platform not in ("cpu", "default"):
+    raise ValueError(f"platform: expected 'cpu' or 'default', got {platform!r}")
+  if platform == "cpu":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={num_cpu_devices}")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax  # noqa: PLC0415  (after the flags above, on purpose)
+  if matmul_precision:
+    jax.config.update("jax_default_matmul_precision", matmul_precision)
+  return jax
