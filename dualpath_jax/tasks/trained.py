@@ -24,10 +24,16 @@ from dualpath_jax.model.transformer import Transformer
 CHECKPOINTS_DIR = pathlib.Path(__file__).resolve().parents[2] / "checkpoints"
 """The repository's checkpoints/ folder."""
 TRAIN_COMMANDS = {
-    "tiny": "python scripts/train_recall.py --preset=tiny --out=checkpoints/tiny-recall",
+    # Two stages: the second fine-tunes the first on 1,024-token streams with far-back queries.
+    "tiny": ("python scripts/train_recall.py --preset=tiny --out=/tmp/tiny-recall-stage1 && "
+             "python scripts/train_recall.py --preset=tiny --init_from=/tmp/tiny-recall-stage1 "
+             "--out=checkpoints/tiny-recall --steps=400 --curriculum= --seq_len=1024 "
+             "--batch_tokens=4096 --example_fraction=0.75 --example_min_distance=768 --lr=5e-4 "
+             "--warmup=20 --seed=1"),
     "small": "python scripts/train_recall.py --preset=small --out=checkpoints/small-recall",
 }
-"""The command (run from the repository root) that writes each preset's checkpoint."""
+"""The commands (run from the repository root) that wrote each preset's checkpoint
+(docs/checkpoints.md says on which device)."""
 LONGEST_CONTEXT = {"tiny": 1024, "small": 2048}
 """The longest context each preset is used with, where its accuracy is measured."""
 
@@ -56,7 +62,12 @@ def load_trained(preset: str, *, dtype: str = "float32") -> Transformer:
 def corrupt_block(kv: np.ndarray, *, layer: int, block: int, block_tokens: int = 64,
                   mode: str = "noise", seed: int = 0) -> np.ndarray:
   """A copy of prefix KV [L, B, T, 2, H, D] with tokens [block * bt, (block + 1) * bt) of one
-  layer replaced: by zeros, or by Gaussian noise with the K and V scales of that layer."""
+  layer replaced: by zeros, or by Gaussian noise with the K and V scales of that layer.
+
+  With the recall checkpoints, corrupt the last layer of `recall.answer_block`: that is where the
+  induction head reads the answer. Layer 0's prefix KV hardly matters to a prefill on top of it
+  (tiny's previous-token head reads the new tokens), so corrupting it changes no answer.
+  """
   kv = np.array(kv)
   lo, hi = block * block_tokens, min((block + 1) * block_tokens, kv.shape[2])
   if not 0 <= layer < kv.shape[0] or not 0 <= lo < kv.shape[2]:
@@ -80,7 +91,7 @@ def prefix_kv(model: Transformer, tokens: np.ndarray) -> np.ndarray:
   batch, length = tokens.shape
   _, kv = prefill_jit(model, jnp.asarray(tokens, jnp.int32), empty_prefix_kv(model.config, batch),
                       jnp.zeros(batch, jnp.int32), jnp.full(batch, length, jnp.int32))
-  return np.asarray(kv)
+  return np.array(kv)  # a writable copy
 
 
 def greedy_answers(model: Transformer, prompts: np.ndarray, num_tokens: int, *,
