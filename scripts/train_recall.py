@@ -1,15 +1,25 @@
-r"""Trains a preset on long-range associative recall (dualpath_jax/tasks/recall.py) on CPU.
+r"""Trains a preset on long-range associative recall (dualpath_jax/tasks/recall.py).
 
-  python scripts/train_recall.py --preset=tiny --out=checkpoints/tiny-recall
   python scripts/train_recall.py --preset=small --out=checkpoints/small-recall
+  python scripts/train_recall.py --preset=tiny --out=/tmp/tiny-recall-stage1   # then stage 2:
+  python scripts/train_recall.py --preset=tiny --init_from=/tmp/tiny-recall-stage1 \
+      --out=checkpoints/tiny-recall --steps=400 --curriculum= --seq_len=1024 --batch_tokens=4096 \
+      --example_fraction=0.75 --example_min_distance=768 --lr=5e-4 --warmup=20 --seed=1
 
-Data is drawn on the fly from the generator (fixed seeds: the run is deterministic on one
-machine). The loss is next-token cross-entropy over whole streams, with the recall positions
+Data is drawn on the fly from the generator, with fixed seeds: a run is deterministic on one
+machine (bit-identical parameters on re-runs, `params_sha256` in train.json), not across
+machines. The loss is next-token cross-entropy over whole streams, with the recall positions
 (value tokens of queries) weighted 1 and all others `--other_weight`; the curriculum trains on
 short streams first and ends at --seq_len. Writes the orbax checkpoint (float32) to --out and
---out/train.json: the training curve (loss and recall-token accuracy every --log_every steps),
-wall time, and held-out recall accuracy (greedy, exact match and per token) at each
+--out/train.json: the flags, the training curve (loss and recall-token accuracy every --log_every
+steps), wall time, and held-out recall accuracy (greedy, exact match and per token) at each
 --eval_lengths, measured by tasks/trained.py's prefill path.
+
+Runs on any JAX backend. The first stages ran on one H200 (2-3 minutes each); on the shared 2-core
+CPU sandbox a 1,024-token step of tiny takes seconds, so the full recipes take hours there (the
+tiny second stage took 6.5 minutes). Whether an induction circuit forms is sensitive to the seed
+and the numerics: tiny seeds 1 and 2 of the same recipe reached 45% and 26% exact match at 1,024
+tokens (docs/checkpoints.md).
 """
 
 import hashlib
@@ -59,7 +69,7 @@ _INIT_FROM = flags.DEFINE_string(
 _FORCE = flags.DEFINE_bool("force", False, "Overwrite an existing checkpoint folder.")
 
 DEFAULTS = {
-    # The recipes of the committed checkpoints (docs/checkpoints.md).
+    # The recipes of the committed checkpoints (docs/checkpoints.md); tiny's first stage.
     "tiny": dict(steps=5000, seq_len=1024, curriculum=["0.5:256", "0.25:512"], lr=3e-3,
                  eval_lengths=["512", "1024"]),
     "small": dict(steps=4500, seq_len=2048, curriculum=["0.3:256", "0.3:1024"], lr=1e-3,

@@ -4,8 +4,8 @@ Generator invariants: the answer really follows the query key's one earlier occu
 streams are deterministic in the seed; agents never share a prefix. Checkpoint: it loads and
 answers held-out prompts at the longest tiny context (1,024 tokens) through prefill with and
 without a cached prefix. Mutation: corrupting the last layer's KV of the 64-token block that holds
-the answer changes the greedy answer, so token equality with a reference does prove that loaded
-KV is right.
+the answer changes the greedy answer (and corrupting another block does not), so token equality
+with a reference does prove that loaded KV is right.
 """
 
 import numpy as np
@@ -144,7 +144,13 @@ def test_trained_tiny_answers_far_back_queries_with_and_without_a_cached_prefix(
 
 
 def test_corrupting_the_answer_block_changes_the_answer(model, held_out):
-  """Data-plane mutation: prefix KV from a prefill, one layer of one 64-token block corrupted."""
+  """Data-plane mutation: prefix KV from a prefill, one layer of one 64-token block corrupted.
+
+  The last layer's: there the induction head reads the answer block's K and V. Layer 0's prefix
+  KV does not decide tiny's answers (its previous-token head reads the new tokens), so a runtime
+  mutation test must corrupt the last layer (or all) to be detected by token equality.
+  The control: corrupting another block leaves the answer unchanged.
+  """
   prompts, answers = held_out
   cached = (LONGEST - 1) // BT * BT
   checked = 0
@@ -154,12 +160,14 @@ def test_corrupting_the_answer_block_changes_the_answer(model, held_out):
     if not np.array_equal(clean[0], answer):
       continue  # a miss of the model itself proves nothing either way
     block = recall.answer_block(prompt, BT)
+    other = (block + 5) % (cached // BT)  # a block that holds neither the key nor the answer
     assert block * BT < cached
     for mode in ("noise", "zeros"):
-      corrupt = lambda kv, mode=mode: trained.corrupt_block(  # noqa: E731
-          kv, layer=model.config.num_layers - 1, block=block, block_tokens=BT, mode=mode)
-      got = trained.greedy_answers(model, prompt[None], A, cached_tokens=cached, cached_kv=prefix,
-                                   corrupt=corrupt)
-      assert not np.array_equal(got[0], answer), (mode, block)
+      for corrupted, changes in ((block, True), (other, False)):
+        corrupt = lambda kv, b=corrupted, mode=mode: trained.corrupt_block(  # noqa: E731
+            kv, layer=model.config.num_layers - 1, block=b, block_tokens=BT, mode=mode)
+        got = trained.greedy_answers(model, prompt[None], A, cached_tokens=cached,
+                                     cached_kv=prefix, corrupt=corrupt)
+        assert np.array_equal(got[0], answer) != changes, (mode, corrupted, block)
     checked += 1
   assert checked >= 6
