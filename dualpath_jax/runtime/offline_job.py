@@ -161,10 +161,9 @@ class OfflineJob:
     os.makedirs(self.workdir, exist_ok=True)
     with open(os.path.join(self.workdir, "config.json"), "w") as f:
       json.dump(self.config_dict, f, indent=2)
-    model = (weights.restore_weights(self.checkpoint, self.model_config) if self.checkpoint
-             else weights.init_random(self.model_config, seed=self.seed))
+    model = self.load_model()
     layout = KVLayout.for_model(self.model_config)
-    cost_model = self._cost_model(model, progress)
+    cost_model = self.cost_model(model, progress)
     trajectories = list(self.trajectories)
     reference = None
     if self.check_reference:
@@ -213,7 +212,12 @@ class OfflineJob:
     topo = runtime.topology
     return "prefill" if node < topo.num_prefill_engines // topo.engines_per_node else "decode"
 
-  def _cost_model(self, model, progress) -> CostModel:
+  def load_model(self):
+    """The configured checkpoint's weights, or random ones (seed) when there is none."""
+    return (weights.restore_weights(self.checkpoint, self.model_config) if self.checkpoint
+            else weights.init_random(self.model_config, seed=self.seed))
+
+  def cost_model(self, model, progress) -> CostModel:
     """The configured cost model, or one profiled now on the first PE's device (and saved)."""
     if self.cost_model_path:
       return cost_profile.load(self.cost_model_path)

@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable
 
 from dualpath_jax.kvstore import KVBlockStore, KVLayout
-from dualpath_jax.model import weights
 from dualpath_jax.runtime.offline import run_offline
 from dualpath_jax.runtime.offline_job import BYTE_KEYS, OfflineJob
 from dualpath_jax.runtime.online import (ARRIVALS, BREAKDOWN, PAPER_TPOT_S, PAPER_TTFT_S, OnlineRun,
@@ -139,10 +138,9 @@ class OnlineJob:
     os.makedirs(self.workdir, exist_ok=True)
     with open(os.path.join(self.workdir, "config.json"), "w") as f:
       json.dump(self.config_dict, f, indent=2)
-    model = (weights.restore_weights(base.checkpoint, base.model_config) if base.checkpoint
-             else weights.init_random(base.model_config, seed=base.seed))
+    model = base.load_model()
     layout = KVLayout.for_model(base.model_config)
-    cost_model = base._cost_model(model, progress)
+    cost_model = base.cost_model(model, progress)
     trajectories = list(base.trajectories)
     own_rate = trace_rate(trajectories) if self.arrivals == "trace" else None
     runs, turn_lines = [], []
