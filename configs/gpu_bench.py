@@ -87,9 +87,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       link_caps=(0.0, 4e6),  # bytes/s per node; 0 = uncapped
       agents=4, turns=4, first_append_tokens=1000, append_tokens=128, gen_tokens=16,
       modes=("basic", "dualpath", "oracle"),
-      warmup=True, check_reference=False,
+      # warm-up pass: its agents and turns (0 = all); primed_turns: turns of every agent run
+      # untimed before the clock starts (configs/offline.py)
+      warmup=True, warmup_agents=0, warmup_turns=0, primed_turns=0, check_reference=False,
       engines_per_node=0,  # 0 = the base config's where it divides P and D, else 1
       target_speedup_over_bound=0.85,
+      target_jct_over_oracle=1.15,  # dualpath JCT at most 1.15x oracle's
+      target_decode_inflation=0.05,  # decode step time with KV traffic at most 5% above without
       # Further fields of the offline config's sections, and the cost model's JSON ('' = the
       # base config's: 'auto', the profile for this device kind or one made at start-up).
       runtime=ml_collections.ConfigDict(dict(compute_quota_s=0.03, max_batch_requests=8)),

@@ -57,7 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.variant = variant
   c.modes = ("basic", "dualpath", "oracle")  # CLI: --config.modes="('basic', 'dualpath')"
   # Run each mode once untimed first (own namespaces, uncapped links): JCT excludes compilation.
+  # warmup_agents / warmup_turns: the first agents and turns only (0 = all), a cheaper pass.
   c.warmup = True
+  c.warmup_agents = 0
+  c.warmup_turns = 0
+  # Turns of every agent run untimed before the clock starts, their KV stored in the timed run's
+  # own namespaces: agents that resume with early context in storage (0 = time every turn).
+  c.primed_turns = 0
   # Compare every generated token with a no-cache full recompute on one device.
   c.check_reference = True
   # XLA's float32 matmul precision for the whole process. 'highest' keeps float32 exact enough

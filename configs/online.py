@@ -66,8 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.variant = variant
     c.modes = ("basic", "dualpath")  # CLI: --config.modes="('basic', 'dualpath', 'oracle')"
     # Untimed warm-up per mode (offline, own namespaces, uncapped links, then online passes):
-    # no point's latencies include compilation. warmup_agents: its trajectories (0 = all).
-    c.warmup_agents = 0
+    # no point's latencies include compilation. warmup_agents (configs/offline.py): its
+    # trajectories (0 = all).
     c.check_reference = False  # online runs compare latencies, not tokens
     workload = dict(agents=6, turns=3)  # online replay uses Turn.think_s (0 for synthetic)
     # Online serving.

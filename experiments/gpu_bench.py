@@ -129,7 +129,8 @@ def main(argv):
         base, preset=x.preset, dtype=x.dtype, topology=topology, link_bytes_per_s=cap,
         agents=x.agents, turns=x.turns, first_append_tokens=x.first_append_tokens,
         append_tokens=x.append_tokens, gen_tokens=x.gen_tokens, modes=tuple(x.modes),
-        warmup=x.warmup, check_reference=x.check_reference,
+        warmup=x.warmup, warmup_agents=x.warmup_agents, warmup_turns=x.warmup_turns,
+        primed_turns=x.primed_turns, check_reference=x.check_reference,
         engines_per_node=x.engines_per_node, runtime=x.runtime.to_dict(),
         workload=x.workload.to_dict(), store=x.store.to_dict(), cost_model=x.cost_model,
         model=x.model.to_dict()))
@@ -142,6 +143,7 @@ def main(argv):
     try:
       return end_to_end.run_end_to_end(
           jobs, os.path.join(out_dir, "end_to_end"), target_efficiency=x.target_speedup_over_bound,
+          target_oracle_ratio=x.target_jct_over_oracle, target_inflation=x.target_decode_inflation,
           num_devices=len(devices), log=log, out_of_time=log.out_of_time, on_update=update)
     finally:
       if precision:

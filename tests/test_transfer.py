@@ -93,6 +93,12 @@ def test_traffic_manager_chunks_and_counts(topo):
   counts = tm.bytes_by_path
   assert counts["h2d"] == counts["d2d"] == counts["d2h"] == host.nbytes
   assert tm.bytes_by_link["d2d:pe0->de0"] == host.nbytes
+  # One record per move (not per piece), in order, with its ends named: engines by name (this
+  # manager's own, or a destination Engine), other arrays by their device ids.
+  foreign = "dev" + "+".join(str(d.id) for d in de.devices)
+  assert [m[2:] for m in tm.move_records] == [("h2d", "host", "pe0"), ("d2d", "pe0", "de0"),
+                                              ("d2h", foreign, "host")]
+  assert all(t0 <= t1 for t0, t1, *_ in tm.move_records)
 
 
 def test_kv_moves_wait_for_model_steps(topo):

@@ -1,7 +1,9 @@
 """End to end: offline jobs (basic / dualpath / oracle) per topology and link cap, and the bound.
 
-Each job is `runtime.offline_job.OfflineJob.from_config(config, workdir).run()`; only its
-summary's `runs[*].mode` and `runs[*].jct_s` are read. Configs are built from a base offline
+Each job is `runtime.offline_job.OfflineJob.from_config(config, workdir).run()`; from its
+summary per mode: JCT, decode step medians and the decode step-time inflation under KV traffic
+(runtime/metrics.py decode_inflation), and from its turns.jsonl the TTFT breakdown
+(analysis/offline_plots.py ttft_breakdown). Configs are built from a base offline
 config (configs/offline.py, whatever fields it has today) with a few parameters replaced, so that
 switches added to the offline config later keep their defaults here.
 
@@ -13,6 +15,7 @@ storage links to the P prefill nodes' links, and never beats skipping the I/O al
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +38,8 @@ def _to_dict(config) -> dict:
 def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_per_s: float,
                    agents: int, turns: int, first_append_tokens: int, append_tokens: int,
                    gen_tokens: int, modes: Sequence[str] = ("basic", "dualpath", "oracle"),
-                   warmup: bool = True, check_reference: bool = False,
+                   warmup: bool = True, warmup_agents: int = 0, warmup_turns: int = 0,
+                   primed_turns: int = 0, check_reference: bool = False,
                    engines_per_node: int = 0, runtime: Mapping | None = None,
                    workload: Mapping | None = None, store: Mapping | None = None,
                    cost_model: str = "", model: Mapping | None = None) -> dict:
@@ -69,7 +73,9 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
     c["store"] = dict(store)
   if cost_model:
     c["runtime"]["cost_model"] = cost_model
-  c.update(modes=tuple(modes), warmup=bool(warmup), check_reference=bool(check_reference))
+  c.update(modes=tuple(modes), warmup=bool(warmup), warmup_agents=int(warmup_agents),
+           warmup_turns=int(warmup_turns), primed_turns=int(primed_turns),
+           check_reference=bool(check_reference))
   return c
 
 
@@ -78,9 +84,13 @@ def job_name(topology: str, link_bytes_per_s: float) -> str:
 
 
 def speedups(jct_s: Mapping[str, float], num_prefill: int, num_decode: int,
-             target_efficiency: float) -> dict:
-  """Speedups over basic and the bound min((P + D) / P, basic / oracle), where JCTs allow."""
+             target_efficiency: float, target_oracle_ratio: float = 1.15) -> dict:
+  """Speedups over basic and the bound min((P + D) / P, basic / oracle), where JCTs allow;
+  dualpath JCT / oracle JCT against `target_oracle_ratio`."""
   out = {}
+  if jct_s.get("dualpath") and jct_s.get("oracle"):
+    out["dualpath_over_oracle"] = jct_s["dualpath"] / jct_s["oracle"]
+    out["oracle_ratio_met"] = bool(out["dualpath_over_oracle"] <= target_oracle_ratio)
   basic = jct_s.get("basic")
   if not basic:
     return out
@@ -98,14 +108,34 @@ def speedups(jct_s: Mapping[str, float], num_prefill: int, num_decode: int,
   return out
 
 
+def _per_mode(summary: Mapping, job_dir: str) -> dict:
+  """Decode step medians, inflation under KV traffic and the TTFT breakdown, per mode."""
+  from dualpath_jax.analysis.offline_plots import ttft_breakdown
+  out = dict(primed_turns=summary.get("primed_turns", 0),
+             decode_step_median_s={r["mode"]: r.get("decode_step_median_s")
+                                   for r in summary["runs"]},
+             decode_inflation={r["mode"]: r.get("decode_inflation") for r in summary["runs"]},
+             bytes={r["mode"]: r.get("bytes") for r in summary["runs"]},
+             snic_balance_mean={r["mode"]: (r.get("snic_balance") or {}).get("mean")
+                                for r in summary["runs"]})
+  turns_path = os.path.join(job_dir, "turns.jsonl")
+  if os.path.exists(turns_path):
+    with open(turns_path) as f:
+      out["ttft_breakdown_s"] = ttft_breakdown([json.loads(line) for line in f if line.strip()])
+  return out
+
+
 def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_efficiency: float,
-                   num_devices: int, log: Callable[[str], None] = print,
+                   num_devices: int, target_oracle_ratio: float = 1.15,
+                   target_inflation: float = 0.05, log: Callable[[str], None] = print,
                    out_of_time: Callable[[], bool] = lambda: False,
                    on_update: Callable[[dict], None] | None = None) -> dict:
   """Runs each (name, config dict) offline job in WORKDIR/name; JCTs, speedups and bounds."""
   from dualpath_jax.runtime.offline_job import OfflineJob
 
-  result = dict(target_dualpath_speedup_over_bound=target_efficiency, jobs=[])
+  result = dict(target_dualpath_speedup_over_bound=target_efficiency,
+                target_dualpath_jct_over_oracle=target_oracle_ratio,
+                target_decode_inflation=target_inflation, jobs=[])
   for name, config in jobs:
     p = config["topology"]["num_prefill_engines"]
     d = config["topology"]["num_decode_engines"]
@@ -123,7 +153,13 @@ def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_eff
         job = OfflineJob.from_config(config, os.path.join(workdir, name))
         summary = job.run(progress=lambda line, name=name: log(f"end_to_end[{name}] {line}"))
         row["jct_s"] = {run["mode"]: float(run["jct_s"]) for run in summary["runs"]}
-        row.update(speedups(row["jct_s"], p, d, target_efficiency))
+        row.update(speedups(row["jct_s"], p, d, target_efficiency, target_oracle_ratio))
+        row.update(_per_mode(summary, os.path.join(workdir, name)))
+        worst = [v["inflation"] for v in row["decode_inflation"].values()
+                 if v and v.get("inflation") is not None]
+        if worst:
+          row["decode_inflation_max"] = max(worst)
+          row["inflation_met"] = bool(max(worst) <= target_inflation)
         log(f"end_to_end: {name} JCT " + ", ".join(f"{m} {s:.2f} s"
                                                    for m, s in row["jct_s"].items())
             + (f"; dualpath speedup {row['dualpath_speedup']:.2f} of bound {row['bound']:.2f}"

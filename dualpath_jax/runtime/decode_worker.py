@@ -45,8 +45,9 @@ class DecodeWorker(threading.Thread):
     self._pending: list[TurnRequest] = []
     self._active: list[TurnRequest] = []
     self._stopping = False
-    self.step_times_s: list[float] = []
-    """Wall time of every decode step (for step-time inflation under KV traffic)."""
+    self.step_records: list[tuple[float, float, int]] = []
+    """(t_start, t_end, active sequences) of every decode step, perf_counter seconds (for the
+    step-time inflation under KV traffic, runtime/metrics.py decode_inflation)."""
 
   def submit(self, request: TurnRequest) -> None:
     with self._cond:
@@ -111,7 +112,7 @@ class DecodeWorker(threading.Thread):
       logits, self.pool = paged.decode_step_jit(self.model, self.pool, place(tokens),
                                                 place(block_tables), place(seq_lens))
       next_tokens = np.asarray(jnp.argmax(logits, axis=-1))
-    self.step_times_s.append(time.perf_counter() - start)
+    self.step_records.append((start, time.perf_counter(), len(self._active)))
     still = []
     now = time.perf_counter()
     for row, request in enumerate(self._active):

@@ -4,6 +4,8 @@
                  (paper: round robin 1.53, DualPath 1.18)
   attn_balance   attention time of a PE group's data-parallel shards: max/mean per forward,
                  predicted and measured (paper: 1.06 with the compute quota)
+  decode_inflation  decode step time of the DEs while KV moves touch their devices, against
+                 steps without (the interference the traffic manager exists to prevent)
 """
 
 from __future__ import annotations
@@ -131,4 +133,52 @@ def attn_balance(forwards: Sequence[Sequence[tuple[float, float] | None]]) -> di
       "measured_max": max(measured) if counted else None,
       "forwards": len(forwards),
       "forwards_all_busy": counted,
+  }
+
+
+def decode_inflation(decode_steps: Mapping[str, Sequence[tuple[float, float, int]]],
+                     kv_moves: Sequence[tuple]) -> dict:
+  """Decode step-time inflation from KV traffic on the DEs' devices.
+
+  decode_steps: per DE (engine name), its steps as (t_start, t_end, active sequences).
+  kv_moves: device-side KV moves as (t_start, t_end, path, source, destination), the ends being
+  engine names. A step is "with KV" if a move with the DE at either end overlaps it in time.
+  Steps are compared within the same DE and active-sequence count (their work is the same up to
+  context lengths): per (DE, count) with both kinds, median with KV / median without - 1;
+  `inflation` is their mean weighted by the steps with KV (None where no pair exists).
+  `inflation_by_path` repeats it counting only moves of one path (h2d, d2h, d2d).
+  """
+  def overlapping(de: str, paths=None) -> list[list[bool]]:
+    moves = [(m[0], m[1]) for m in kv_moves if de in (m[3], m[4])
+             and (paths is None or m[2] in paths)]
+    return [any(m0 < t1 and m1 > t0 for m0, m1 in moves) for t0, t1, _ in decode_steps[de]]
+
+  def inflation(paths=None) -> tuple[float | None, int, int]:
+    weighted, weight, clean_steps = 0.0, 0, 0
+    for de, steps in decode_steps.items():
+      flags = overlapping(de, paths)
+      groups: dict[int, tuple[list, list]] = {}
+      for (t0, t1, active), with_kv in zip(steps, flags):
+        groups.setdefault(active, ([], []))[with_kv].append(t1 - t0)
+      for clean, loaded in groups.values():
+        if clean and loaded:
+          weighted += (float(np.median(loaded)) / float(np.median(clean)) - 1.0) * len(loaded)
+          weight += len(loaded)
+          clean_steps += len(clean)
+    return (weighted / weight if weight else None), weight, clean_steps
+
+  all_steps = [t1 - t0 for steps in decode_steps.values() for t0, t1, _ in steps]
+  flags = [f for de in decode_steps for f in overlapping(de)]
+  with_kv = [d for d, f in zip(all_steps, flags) if f]
+  without = [d for d, f in zip(all_steps, flags) if not f]
+  value, compared_kv, compared_clean = inflation()
+  return {
+      "inflation": value,
+      "steps": len(all_steps), "steps_with_kv": len(with_kv),
+      "compared_steps_with_kv": compared_kv, "compared_steps_without": compared_clean,
+      "median_step_s_with_kv": float(np.median(with_kv)) if with_kv else None,
+      "median_step_s_without": float(np.median(without)) if without else None,
+      "inflation_by_path": {path: inflation({path})[0] for path in ("h2d", "d2h", "d2d")},
+      "method": "per DE and active-sequence count: median step with a KV move touching the DE "
+                "/ median without - 1, weighted by steps with KV",
   }

@@ -1,5 +1,12 @@
 """The offline agentic job (PAPER.md section 6.7): all agents start at t=0, JCT when all finish.
 
+Primed turns: with `primed_turns=k` every agent first runs its turns 0..k-1 untimed, on the same
+cluster and into the same store namespaces; the clock starts when all of them have ended, and
+all agents then start turn k at once. This emulates agents that resume with their early context
+already in storage: a run with a few turns would otherwise be dominated by the first turn's
+uncached prefill, which the paper's trajectories of 60-157 turns amortise. Records, bytes, link
+transfers, forwards and decode steps of the primed turns are left out of the run's results.
+
 Each agent's turn k+1 is submitted when its turn k ends; its prompt is the agent's whole context
 (earlier appends and generated tokens) plus the next append. The hit length is what the client
 knows (PAPER.md section 6.4): the whole blocks the store holds for the prompt (a lookup), or, in
@@ -42,6 +49,11 @@ class OfflineRun:
   """Most layers of prefix KV any PE held on its device at once."""
   decode_step_s: list[float]
   """Every decode step's wall time, all DEs."""
+  decode_steps: dict[str, list]
+  """Per DE: (t_start, t_end, active sequences) of every decode step, relative to the start."""
+  kv_moves: list
+  """Every device-side KV move: (t_start, t_end, path, source engine, destination engine)
+  relative to the start (runtime.traffic.TrafficManager.move_records)."""
   link_records: dict[int, list]
   """Per node: (t_start, t_end, bytes) of every completed read, relative to the start."""
   link_write_records: dict[int, list]
@@ -66,9 +78,15 @@ def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_
 
 def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,
                 trajectories: Sequence[AgentTrajectory], *, cost_model: CostModel,
-                namespace_prefix: str = "", label: str = "",
+                namespace_prefix: str = "", label: str = "", primed_turns: int = 0,
                 progress: Callable[[str], None] | None = None, devices=None) -> OfflineRun:
-  """Runs every trajectory to its end on a fresh Cluster; returns the run's records."""
+  """Runs every trajectory to its end on a fresh Cluster; returns the run's records.
+
+  primed_turns: the first turns of every agent, run untimed before the clock starts (module
+  docstring).
+  """
+  if isinstance(primed_turns, bool) or not isinstance(primed_turns, int) or primed_turns < 0:
+    raise ValueError(f"primed_turns must be a non-negative int, got {primed_turns!r}")
   done_queue: queue.Queue = queue.Queue()
   cluster = Cluster(runtime_config, model, store, layout, cost_model=cost_model,
                     on_turn_done=done_queue.put, devices=devices)
@@ -76,9 +94,12 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   contexts = {t.agent_id: [] for t in trajectories}
   with_kv = {t.agent_id: 0 for t in trajectories}
   by_agent = {t.agent_id: t for t in trajectories}
-  total = sum(len(t.turns) for t in trajectories)
+  primed = {t.agent_id: min(primed_turns, len(t.turns)) for t in trajectories}
+  total_primed = sum(primed.values())
+  total = sum(len(t.turns) for t in trajectories) - total_primed
   records, generated = [], {}
   start = time.perf_counter()
+  marks = None  # counters when the clock starts (after the primed turns)
 
   def submit(agent_id: str, turn: int) -> None:
     trajectory = by_agent[agent_id]
@@ -91,9 +112,26 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                                gen_tokens=trajectory.turns[turn].gen_tokens, hashes=hashes,
                                hit_blocks=hit, block_tokens=bt))
 
-  try:
+  def start_clock() -> None:
+    nonlocal start, marks
+    start = time.perf_counter()
+    marks = dict(bytes=cluster.bytes_by_path(),
+                 forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()})
     for trajectory in trajectories:
-      submit(trajectory.agent_id, 0)
+      if primed[trajectory.agent_id] < len(trajectory.turns):
+        submit(trajectory.agent_id, primed[trajectory.agent_id])
+
+  name = label or runtime_config.mode
+  try:
+    primed_done = 0
+    if total_primed:
+      if progress is not None:
+        progress(f"[{name}] priming: turns 0..{primed_turns - 1} of every agent, untimed")
+      for trajectory in trajectories:
+        if primed[trajectory.agent_id]:
+          submit(trajectory.agent_id, 0)
+    else:
+      start_clock()
     while len(records) < total:
       request: TurnRequest = done_queue.get(timeout=600)
       if request.error is not None:
@@ -102,28 +140,45 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       contexts[agent_id] = request.prompt.tolist() + request.generated
       with_kv[agent_id] = len(contexts[agent_id]) - 1
       generated[(agent_id, request.turn)] = list(request.generated)
+      if request.turn < primed[agent_id]:
+        primed_done += 1
+        if request.turn + 1 < primed[agent_id]:
+          submit(agent_id, request.turn + 1)
+        elif primed_done == total_primed:
+          start_clock()
+        continue
       records.append(_record(request, agent_id, start, layout))
       if progress is not None:
         elapsed = time.perf_counter() - start
         eta = elapsed / len(records) * (total - len(records))
-        progress(f"[{label or runtime_config.mode}] turns {len(records)}/{total}  elapsed {elapsed:6.1f}s"
+        progress(f"[{name}] turns {len(records)}/{total}  elapsed {elapsed:6.1f}s"
                  f"  eta {eta:6.1f}s")
       if request.turn + 1 < len(by_agent[agent_id].turns):
         submit(agent_id, request.turn + 1)
     jct_s = time.perf_counter() - start
   finally:
     cluster.close()
+  if marks is None:  # no turn was timed (every turn primed)
+    start_clock()
+  since = lambda records: [(r.t_start - start, r.t_end - start, r.nbytes)  # noqa: E731
+                           for r in records if r.t_start >= start]
+  first = marks["forwards"]
+  steps = {w.engine.name: [(t0 - start, t1 - start, n) for t0, t1, n in w.step_records
+                           if t0 >= start] for w in cluster.decode_workers}
   return OfflineRun(
-      mode=runtime_config.mode, jct_s=jct_s, turns=records, bytes=cluster.bytes_by_path(),
-      generated=generated,
+      mode=runtime_config.mode, jct_s=jct_s, turns=records, generated=generated,
+      bytes={k: v - marks["bytes"].get(k, 0) for k, v in cluster.bytes_by_path().items()},
       max_prefix_layers_on_pe=max(s.max_resident_layers for s in cluster.prefill_shards),
-      decode_step_s=[s for w in cluster.decode_workers for s in w.step_times_s],
-      link_records={i: [(r.t_start - start, r.t_end - start, r.nbytes) for r in link.read_records]
-                    for i, link in cluster.links.items()},
-      link_write_records={i: [(r.t_start - start, r.t_end - start, r.nbytes)
-                              for r in link.write_records] for i, link in cluster.links.items()},
-      forwards={node: list(group.forwards) for node, group in cluster.prefill_groups.items()},
-      loaded_forwards={node: [f for f, loaded in zip(group.forwards, group.loaded) if loaded]
+      decode_step_s=[t1 - t0 for records in steps.values() for t0, t1, _ in records],
+      decode_steps=steps,
+      kv_moves=[(t0 - start, t1 - start, *rest) for tm in cluster.traffic.values()
+                for t0, t1, *rest in tm.move_records if t0 >= start],
+      link_records={i: since(link.read_records) for i, link in cluster.links.items()},
+      link_write_records={i: since(link.write_records) for i, link in cluster.links.items()},
+      forwards={node: list(group.forwards[first[node]:])
+                for node, group in cluster.prefill_groups.items()},
+      loaded_forwards={node: [f for f, loaded in zip(group.forwards[first[node]:],
+                                                      group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
       describe=cluster.describe())
 

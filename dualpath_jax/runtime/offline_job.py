@@ -26,7 +26,7 @@ from dualpath_jax.model import config as model_config
 from dualpath_jax.model import weights
 from dualpath_jax.runtime import cost_profile
 from dualpath_jax.runtime.config import MODES, RuntimeConfig
-from dualpath_jax.runtime.metrics import attn_balance, snic_balance
+from dualpath_jax.runtime.metrics import attn_balance, decode_inflation, snic_balance
 from dualpath_jax.runtime.offline import OfflineRun, run_offline, run_reference
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.build import WorkloadReport, build_workload
@@ -91,6 +91,14 @@ class OfflineJob:
   """Orbax checkpoint folder, or '' for random weights."""
   warmup: bool
   """Run each mode once untimed first, so that JCT excludes compilation."""
+  warmup_agents: int
+  """Trajectories of the warm-up pass (the first ones; 0 = all)."""
+  warmup_turns: int
+  """Turns per trajectory of the warm-up pass (0 = all). Fewer agents and turns make a cheaper
+  pass that still compiles the programs of first turns (no hit) and later ones (hits)."""
+  primed_turns: int
+  """Turns of every agent run untimed before the clock starts, into the timed run's own
+  namespaces (runtime/offline.py): agents that resume with their early context stored."""
   check_reference: bool
   """Compare every generated token with a no-cache recompute."""
 
@@ -147,6 +155,10 @@ class OfflineJob:
     store = dict(c["store"])
     if store.get("driver", "file") == "file" and not store.get("path"):
       store["path"] = os.path.join(workdir, "store")
+    counts = {key: c.get(key, 0) for key in ("warmup_agents", "warmup_turns", "primed_turns")}
+    for key, value in counts.items():
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative int, got {value!r}")
     if runtimes[0].host_buffer_bytes < layout.full_block_bytes:
       raise ValueError(f"runtime.host_buffer_bytes: {runtimes[0].host_buffer_bytes} is smaller "
                        f"than one Full Block ({layout.full_block_bytes} bytes)")
@@ -154,8 +166,15 @@ class OfflineJob:
                run_names=tuple(c["modes"]), cost_model_path=cost_model_path,
                snic_window_s=float(window), store_spec=StoreSpec.from_dict(store),
                trajectories=tuple(trajectories), workload_report=report, seed=seed,
-               checkpoint=checkpoint, warmup=bool(c["warmup"]),
+               checkpoint=checkpoint, warmup=bool(c["warmup"]), **counts,
                check_reference=bool(c["check_reference"]))
+
+  def warmup_trajectories(self) -> list[AgentTrajectory]:
+    """The warm-up pass's trajectories: warmup_agents of them, warmup_turns turns each."""
+    chosen = list(self.trajectories)[:self.warmup_agents or None]
+    if self.warmup_turns:
+      chosen = [dataclasses.replace(t, turns=t.turns[:self.warmup_turns]) for t in chosen]
+    return chosen
 
   def run(self, progress: Callable[[str], None] | None = None) -> dict:
     os.makedirs(self.workdir, exist_ok=True)
@@ -176,13 +195,15 @@ class OfflineJob:
     with KVBlockStore.open(self.store_spec, layout) as store:
       for name, runtime in zip(self.run_names, self.runtimes):
         if self.warmup:
+          warm = self.warmup_trajectories()
           if progress:
-            progress(f"[{name}] warm-up pass (untimed, uncapped links, own namespaces)")
+            progress(f"[{name}] warm-up pass (untimed, uncapped links, own namespaces; "
+                     f"{len(warm)} agents, {sum(len(t.turns) for t in warm)} turns)")
           run_offline(dataclasses.replace(runtime, link_bytes_per_s=None), model, store, layout,
-                      trajectories, cost_model=cost_model,
-                      namespace_prefix=f"{run_id}-warmup-{name}-")
+                      warm, cost_model=cost_model, namespace_prefix=f"{run_id}-warmup-{name}-")
         run = run_offline(runtime, model, store, layout, trajectories, cost_model=cost_model,
-                          namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name)
+                          namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name,
+                          primed_turns=self.primed_turns)
         runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
                          mode=name, base_mode=runtime.mode, switches=runtime.switches()))
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
@@ -195,6 +216,11 @@ class OfflineJob:
                                    "of link_bytes_per_s" if self.runtimes[0].link_bytes_per_s
                                    else "uncapped"),
                    warmup_excluded_from_jct=self.warmup,
+                   warmup_agents=self.warmup_agents, warmup_turns=self.warmup_turns,
+                   primed_turns=self.primed_turns,
+                   primed_turns_meaning=("turns of every agent run untimed before the clock "
+                                         "starts (their KV stored): JCT and every metric cover "
+                                         "the later turns only") if self.primed_turns else None,
                    workload=dataclasses.asdict(self.workload_report), cost_model=cost_model.to_dict(),
                    cost_model_path=self.cost_model_path or os.path.join(self.workdir,
                                                                          "cost_model.json"))
@@ -253,6 +279,7 @@ def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float =
       ttft_mean_s=statistics.fmean(ttft) if ttft else None,
       ttft_p99_s=float(np.percentile(ttft, 99)) if ttft else None,
       decode_step_median_s=statistics.median(steps) if steps else None,
+      decode_inflation=decode_inflation(run.decode_steps, run.kv_moves),
       max_prefix_layers_on_pe=run.max_prefix_layers_on_pe,
       read_side_counts={side: sum(t["read_side"] == side for t in run.turns)
                         for side in ("pe", "de", "split", "none")},

@@ -33,7 +33,7 @@ from dualpath_jax.runtime.online import (ARRIVALS, BREAKDOWN, PAPER_TPOT_S, PAPE
                                          Slo, run_online, stat_of, trace_rate)
 
 ONLINE_KEYS = ("aps_list", "arrivals", "seed", "slo", "steady_window_s", "steady_lag_s",
-               "steady_tolerance", "max_point_duration_s", "drain_timeout_s", "warmup_agents")
+               "steady_tolerance", "max_point_duration_s", "drain_timeout_s")
 SLO_KEYS = ("ttft_s", "tpot_s", "scale", "stat")
 COMPLIANCE = ("a point is SLO-compliant when it did not stop for an SLO break, every turn in "
               "flight at its stop finished, and slo.stat of its turns' TTFT <= slo.ttft_s and of "
@@ -75,9 +75,6 @@ class OnlineJob:
   """Longest a point takes arrivals (None: no limit)."""
   drain_timeout_s: float
   """Longest the turns in flight at a point's stop may take to finish."""
-  warmup_agents: int
-  """Trajectories of the untimed warm-up passes per mode (0: all)."""
-
   @property
   def workdir(self) -> str:
     return self.base.workdir
@@ -88,7 +85,7 @@ class OnlineJob:
     c = dict(full)
     online = {key: c.pop(key) for key in ONLINE_KEYS if key in c}
     missing = sorted(set(ONLINE_KEYS) - set(online) - {"steady_lag_s", "drain_timeout_s",
-                                                        "warmup_agents", "max_point_duration_s"})
+                                                        "max_point_duration_s"})
     if missing:
       raise ValueError(f"config: missing online key(s) {missing}")
     aps_list = online["aps_list"]
@@ -117,11 +114,11 @@ class OnlineJob:
     max_duration = _positive("max_point_duration_s", online.get("max_point_duration_s"),
                              none_ok=True)
     drain = _positive("drain_timeout_s", online.get("drain_timeout_s", 120.0))
-    warmup_agents = online.get("warmup_agents", 0)
-    if isinstance(warmup_agents, bool) or not isinstance(warmup_agents, int) or warmup_agents < 0:
-      raise ValueError(f"warmup_agents must be a non-negative int, got {warmup_agents!r}")
     c["check_reference"] = False  # online runs are timed, not compared token by token
     base = OfflineJob.from_config(c, workdir)
+    if base.primed_turns:
+      raise ValueError(f"primed_turns: {base.primed_turns} is for offline jobs; online arrivals "
+                       f"start every agent at its first turn (use 0)")
     if online["arrivals"] == "trace":
       missing = [t.agent_id for t in base.trajectories if t.arrival_s is None]
       if missing:
@@ -131,7 +128,7 @@ class OnlineJob:
     return cls(base=base, config_dict=full, aps_list=tuple(sorted(set(map(float, aps_list)))),
                arrivals=online["arrivals"], seed=seed, slo=slo, steady_window_s=window,
                steady_lag_s=lag, steady_tolerance=tolerance, max_point_duration_s=max_duration,
-               drain_timeout_s=drain, warmup_agents=warmup_agents)
+               drain_timeout_s=drain)
 
   def run(self, progress: Callable[[str], None] | None = None) -> dict:
     base = self.base
@@ -218,7 +215,7 @@ class OnlineJob:
     links: the largest batches) and online passes at the lowest and highest APS (the batches of
     light and heavy load) leave few shapes to compile inside a timed point.
     """
-    trajectories = list(self.base.trajectories)[:self.warmup_agents or None]
+    trajectories = self.base.warmup_trajectories()
     if progress:
       progress(f"[{name}] warm-up: an offline pass and online passes at {self.aps_list[0]:g} and "
                f"{self.aps_list[-1]:g} agents/s (untimed, {len(trajectories)} agents)")

@@ -14,6 +14,10 @@ them idle. On one host there are no virtual lanes to configure; what this class 
     chunk would be enqueued ahead of the step). Pieces are joined on the destination with one
     device-side concatenate.
   * counters: bytes per path (PATHS) and per link, and the seconds KV moves spent waiting.
+  * move records: (t_start, t_end, path, source, destination) of every device-side move (H2D,
+    D2H, D2D), from its first piece's issue to the return of the call (all pieces but the last
+    have landed by then; the last may still be in flight). Decode step-time inflation is
+    measured against them (runtime/metrics.py decode_inflation).
 
 What it does not do: it cannot preempt a transfer already issued, does not shape bandwidth (the
 storage links emulate NIC speeds; see storage_link.py), and does not emulate IB virtual lanes or
@@ -88,6 +92,9 @@ class TrafficManager:
     self._bytes_by_link: collections.Counter = collections.Counter()
     self._kv_wait_s = 0.0
     self._kv_chunks = 0
+    self.move_records: list[tuple[float, float, str, str, str]] = []
+    """(t_start, t_end, path, source, destination) per device move; perf_counter seconds; the
+    ends are engine names (or 'host', or 'dev<ids>' for a bare sharding)."""
 
   # --- model work ------------------------------------------------------------------------------
 
@@ -118,7 +125,9 @@ class TrafficManager:
 
   # --- device moves ----------------------------------------------------------------------------
 
-  def _chunked(self, shape, itemsize, issue, path: str, link: str, nbytes: int):
+  def _chunked(self, shape, itemsize, issue, path: str, link: str, nbytes: int,
+               ends: tuple[str, str]):
+    t_start = time.perf_counter()
     pieces, previous = [], None
     for rows in _row_slices(shape, itemsize, self.config.chunk_bytes):
       if previous is not None:
@@ -127,6 +136,8 @@ class TrafficManager:
       previous = issue(rows)
       pieces.append(previous)
     self._count(path, link, nbytes)
+    with self._cond:
+      self.move_records.append((t_start, time.perf_counter(), path, *ends))
     return pieces
 
   def h2d(self, host_array: np.ndarray, dst: device_move.Destination | None = None) -> jax.Array:
@@ -135,7 +146,8 @@ class TrafficManager:
     dst = self.engine if dst is None else dst
     pieces = self._chunked(host_array.shape, host_array.itemsize,
                            lambda rows: host_device.host_to_device(host_array[rows], dst),
-                           "h2d", f"host:{self._name(dst)}", host_array.nbytes)
+                           "h2d", f"host:{self._name(dst)}", host_array.nbytes,
+                           ("host", self._name(dst)))
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
 
   def d2h(self, x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
@@ -144,16 +156,18 @@ class TrafficManager:
     whole = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
     self._chunked(x.shape, x.dtype.itemsize,
                   lambda rows: host_device.device_to_host(x if whole else x[rows], out[rows]),
-                  "d2h", f"host:{self._name(x.sharding)}", x.nbytes)
+                  "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
+                  (self._name(x.sharding), "host"))
     return out
 
   def d2d(self, x: jax.Array, dst: device_move.Destination) -> jax.Array:
     """Device -> device onto another engine (or sharding), through the mover."""
     slices = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
-    link = f"d2d:{self._name(x.sharding)}->{self._name(dst)}"
+    src_name, dst_name = self._name(x.sharding), self._name(dst)
+    link = f"d2d:{src_name}->{dst_name}"
     pieces = self._chunked(x.shape, x.dtype.itemsize,
                            lambda rows: self.mover.move(x if len(slices) == 1 else x[rows], dst),
-                           "d2d", link, x.nbytes)
+                           "d2d", link, x.nbytes, (src_name, dst_name))
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
 
   # --- store I/O -------------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""Primed turns (run untimed before the clock starts), the cheaper warm-up pass, and the decode
+step-time inflation metric that the GPU benchmark's end-to-end jobs report."""
+
+import pytest
+
+from dualpath_jax.runtime.metrics import decode_inflation
+from dualpath_jax.runtime.offline_job import OfflineJob
+from test_offline_job import small
+
+
+def _config(**top):
+  config = small("smoke", modes=("dualpath", "oracle"))
+  config.workload.turns = 3
+  config.check_reference = True
+  for key, value in top.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def primed(tmp_path_factory):
+  job = OfflineJob.from_config(_config(primed_turns=1), str(tmp_path_factory.mktemp("primed")))
+  return job, job.run()
+
+
+def test_primed_turns_are_left_out_of_the_timed_run(primed):
+  job, summary = primed
+  agents = len(job.trajectories)
+  assert summary["primed_turns"] == 1
+  for run in summary["runs"]:
+    assert run["turns"] == agents * 2  # turns 1 and 2 of every agent
+    # The primed turn stored each agent's KV in the run's own namespaces: every timed turn hits.
+    assert run["tokens_hit"] > 0
+  dualpath = summary["runs"][0]
+  assert dualpath["outputs_match_reference"] is True  # primed turns included in the comparison
+  # Reads happen only for timed turns here (turn 0 has nothing to read), and every read record
+  # lies inside the timed run.
+  assert dualpath["bytes"]["store_read_pe_side"] + dualpath["bytes"]["store_read_de_side"] > 0
+
+
+def test_primed_turns_records_start_after_the_clock(primed):
+  job, summary = primed
+  import json
+  import os
+  with open(os.path.join(job.workdir, "turns.jsonl")) as f:
+    turns = [json.loads(line) for line in f]
+  assert {t["turn"] for t in turns} == {1, 2}
+  assert all(t["hit_tokens"] > 0 for t in turns)
+  assert all(v >= 0 for t in turns for v in t["times_s"].values())
+  with open(os.path.join(job.workdir, "links.json")) as f:
+    links = json.load(f)
+  for run in links["runs"]:
+    for node in run["nodes"].values():
+      assert all(t0 >= 0 for t0, _, _ in node["reads"] + node["writes"])
+
+
+def test_decode_inflation_is_reported_per_run(primed):
+  _, summary = primed
+  for run in summary["runs"]:
+    d = run["decode_inflation"]
+    assert d["steps"] > 0 and d["steps_with_kv"] <= d["steps"]
+    assert set(d["inflation_by_path"]) == {"h2d", "d2h", "d2d"}
+
+
+def test_warmup_pass_takes_the_first_agents_and_turns(tmp_path):
+  job = OfflineJob.from_config(_config(warmup_agents=2, warmup_turns=1), str(tmp_path))
+  warm = job.warmup_trajectories()
+  assert [t.agent_id for t in warm] == [t.agent_id for t in job.trajectories[:2]]
+  assert all(len(t.turns) == 1 for t in warm)
+  assert len(OfflineJob.from_config(_config(), str(tmp_path)).warmup_trajectories()) == \
+      len(job.trajectories)
+
+
+@pytest.mark.parametrize("key, value", [("primed_turns", -1), ("warmup_agents", 1.5),
+                                        ("warmup_turns", True)])
+def test_bad_counts_are_reported_by_name(tmp_path, key, value):
+  config = dict(_config().to_dict(), **{key: value})  # a plain dict: no ConfigDict type check
+  with pytest.raises(ValueError, match=key):
+    OfflineJob.from_config(config, str(tmp_path))
+
+
+def test_decode_inflation_compares_steps_of_the_same_de_and_batch():
+  steps = {"de0": [(0.0, 0.010, 4), (0.1, 0.112, 4), (0.2, 0.210, 4), (0.3, 0.330, 2),
+                   (0.4, 0.415, 2)],
+           "de1": [(0.0, 0.020, 4)]}
+  moves = [(0.105, 0.106, "d2d", "pe0", "de0"),  # inside de0's second step
+           (0.305, 0.31, "h2d", "host", "pe0"),  # touches no DE: ignored
+           (0.0, 0.05, "h2d", "host", "de1")]  # de1 has no clean step to compare with
+  result = decode_inflation(steps, moves)
+  assert result["steps"] == 6 and result["steps_with_kv"] == 2
+  assert result["compared_steps_with_kv"] == 1 and result["compared_steps_without"] == 2
+  assert result["inflation"] == pytest.approx(0.012 / 0.010 - 1)
+  assert result["inflation_by_path"]["d2d"] == pytest.approx(0.2)
+  assert result["inflation_by_path"]["h2d"] is None
+  assert decode_inflation({"de0": []}, [])["inflation"] is None
