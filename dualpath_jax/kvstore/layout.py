@@ -5,13 +5,16 @@ Shapes (L layers, T tokens, H kv heads, D head dim, B = block_tokens, W = token_
   model KV of one layer        [T, 2, H, D]
   Full Block                [L, B, W]          uint8; W = 2 * H * D * itemsize
   Layer Block               [1, B, W]          uint8; a view of one layer of a Full Block
-  paged pool (decode)       [L, pages, B, 2, H, D]; one page holds one block's tokens
+  paged pool (decode)       per layer, K and V apart: [H, pages, B, D] each; page p of all 2L
+                            arrays holds one block's tokens (model/paged.py, PagedPool)
 
 A Full Block is the byte view of the model KV of B tokens, so Full Block <-> [L, B, 2, H, D] is a
 free reinterpretation (`np.ndarray.view`), and a Layer Block is a slice of a Full Block: no layout
 conversion is ever needed. The only copies are the ones the data movement itself needs: cutting a
 sequence's KV into per-block contiguous buffers (a transpose of the token axis in front of the
-layer axis) and gathering one layer across blocks for a layerwise transfer.
+layer axis) and gathering one layer across blocks for a layerwise transfer. (The DE's paged pool
+splits K from V and puts the head axis first, the layout its paged-attention kernel reads; that
+transpose happens on the device as KV enters or leaves the pool.)
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import numpy as np
 
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+PAGED_ATTENTION_IMPLEMENTATIONS = ("gather", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,13 @@ class ModelConfig:
   """How attention is computed (not a weight property): 'einsum' (the reference, float32 scores
   materialised), or jax.nn.dot_product_attention with implementation 'xla' or 'cudnn' (fused
   flash attention on NVIDIA GPUs, bf16/fp16 only)."""
+  paged_attention: str = "gather"
+  """How paged decode (paged.decode_step) reads the pool (not a weight property): 'gather' copies
+  each sequence's pages into a dense [B, S, 2, H, D] context per layer and runs `attention` on it;
+  'pallas' runs JAX's Triton paged-attention kernel
+  (jax.experimental.pallas.ops.gpu.paged_attention), which reads the pages in place. 'pallas'
+  runs in Pallas interpret mode automatically when jax.default_backend() is 'cpu' (slow: tests
+  and tiny models only); page_tokens and head_dim must be powers of 2 on GPUs (Triton)."""
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -63,6 +71,9 @@ class ModelConfig:
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got "
                        f"{self.attention!r}")
+    if self.paged_attention not in PAGED_ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.paged_attention must be one of "
+                       f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {self.paged_attention!r}")
     if self.dtype not in ("bfloat16", "float32", "float16"):
       raise ValueError(f"ModelConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 
@@ -97,7 +108,8 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-  """Returns the preset `name`, with field overrides (e.g. dtype='float32')."""
+  """Returns the preset `name`, with field overrides (e.g. dtype='float32',
+  paged_attention='pallas')."""
   if name not in PRESETS:
     raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
   unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}

@@ -1,9 +1,18 @@
 """Paged KV pool on a decode engine, its host-side page table, and batched decode.
 
-Pool layout (KVLayout's paged pool): pages [L, num_pages, page_tokens, 2, H, D] in the model dtype.
-A page holds `page_tokens` consecutive tokens of one sequence in every layer, so with page_tokens
-equal to block_tokens a Full Block [L, B, 2, H, D] is exactly one page (`write_full_blocks_to_pages`).
-Token t of a sequence lives at page block_table[t // page_tokens], slot t % page_tokens.
+Pool layout (KVLayout's paged pool): a `PagedPool` pytree of 2 * L separate arrays, K and V of
+every layer, each [H, num_pages, page_tokens, D] in the model dtype (the layout JAX's Pallas GPU
+paged-attention kernel reads in place; one array per layer and per K/V because slicing a layer out
+of a larger array for a pallas_call makes XLA copy it). Page p of every array together holds
+`page_tokens` consecutive tokens of one sequence in every layer, so with page_tokens equal to
+block_tokens a Full Block [L, B, 2, H, D] is exactly one page (`write_full_blocks_to_pages`).
+Token t of a sequence lives at page block_table[t // page_tokens], slot t % page_tokens. The
+public inputs and outputs stay in the model's KV layout: KV [L, T, 2, H, D] in
+(`write_kv_to_pages`) and out (`read_kv_from_pages`), Full Blocks [n, L, B, 2, H, D] in.
+
+Decode attention (ModelConfig.paged_attention): 'gather' copies each row's pages into a dense
+context per layer and runs the model's attention on it; 'pallas' writes the new token's K/V into
+its page slot first and calls the Pallas kernel on the pool with lengths = seq_lens + 1.
 
 Page SCRATCH_PAGE (0) is never given to a sequence. Padding rows of a decode batch point all their
 page ids at it with seq_len 0: they write their (ignored) KV into its slot 0 and attend to that slot
@@ -131,8 +140,50 @@ class PageTable:
     return table, block_tables, seq_lens
 
 
-def init_pool(config: ModelConfig, num_pages: int, page_tokens: int) -> jax.Array:
-  """Zeros [L, num_pages, page_tokens, 2, H, D] in the model dtype.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedPool:
+  """A decode engine's paged KV pool: K and V pages of every layer as separate arrays (a pytree:
+  jit, donation and jax.device_put treat it like an array)."""
+
+  k: tuple[jax.Array, ...]
+  """Per layer: K pages [H, num_pages, page_tokens, D], model dtype (after RoPE)."""
+  v: tuple[jax.Array, ...]
+  """Per layer: V pages [H, num_pages, page_tokens, D], model dtype."""
+
+  @property
+  def num_layers(self) -> int:
+    """Layers (L)."""
+    return len(self.k)
+
+  @property
+  def num_pages(self) -> int:
+    """Pages in the pool, SCRATCH_PAGE included."""
+    return self.k[0].shape[1]
+
+  @property
+  def page_tokens(self) -> int:
+    """Tokens per page."""
+    return self.k[0].shape[2]
+
+  @property
+  def kv_tail(self) -> tuple[int, int]:
+    """(H, D) of every page array."""
+    return self.k[0].shape[0], self.k[0].shape[3]
+
+  @property
+  def dtype(self):
+    """The KV dtype (the model dtype)."""
+    return self.k[0].dtype
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of all pages of all layers."""
+    return sum(int(a.nbytes) for a in self.k + self.v)
+
+
+def init_pool(config: ModelConfig, num_pages: int, page_tokens: int) -> PagedPool:
+  """Zeros: K and V [H, num_pages, page_tokens, D] per layer in the model dtype.
 
   Zeros matter: masked slots are multiplied by 0 in attention, which only stays 0 for finite data.
   """
@@ -141,57 +192,94 @@ def init_pool(config: ModelConfig, num_pages: int, page_tokens: int) -> jax.Arra
                      f"got {num_pages}")
   if page_tokens <= 0:
     raise ValueError(f"init_pool: page_tokens must be positive, got {page_tokens}")
-  return jnp.zeros((config.num_layers, num_pages, page_tokens, 2, config.num_kv_heads,
-                    config.head_dim), config.jnp_dtype)
+  shape = (config.num_kv_heads, num_pages, page_tokens, config.head_dim)
+  zeros = lambda: jnp.zeros(shape, config.jnp_dtype)  # noqa: E731  (distinct buffers)
+  return PagedPool(k=tuple(zeros() for _ in range(config.num_layers)),
+                   v=tuple(zeros() for _ in range(config.num_layers)))
 
 
-def _check_pool(pages: jax.Array, kv_tail: tuple[int, ...], what: str) -> None:
-  if pages.ndim != 6 or tuple(pages.shape[3:]) != tuple(kv_tail):
-    raise ValueError(f"pages: expected [L, num_pages, page_tokens, {', '.join(map(str, kv_tail))}]"
-                     f" to match {what}, got {list(pages.shape)}")
+def _check_pool(pool, kv_tail: tuple[int, ...] | None, what: str = "") -> None:
+  """pool must be a PagedPool whose every array is [H, num_pages, page_tokens, D] alike, with
+  (H, D) = kv_tail[-2:] unless kv_tail is None (the trailing [..., H, D] of `what`)."""
+  if not isinstance(pool, PagedPool):
+    raise ValueError(f"pages: expected a PagedPool (init_pool), got {type(pool).__name__}")
+  if len(pool.k) != len(pool.v) or not pool.k:
+    raise ValueError(f"pages: expected as many K as V layers (> 0), got {len(pool.k)} K and "
+                     f"{len(pool.v)} V")
+  first = pool.k[0]
+  for array in pool.k + pool.v:
+    if array.ndim != 4 or array.shape != first.shape or array.dtype != first.dtype:
+      raise ValueError(f"pages: every K/V array must be [H, num_pages, page_tokens, D] of one "
+                       f"shape and dtype, got {list(array.shape)} {array.dtype} next to "
+                       f"{list(first.shape)} {first.dtype}")
+  if kv_tail is None:
+    return
+  heads, head_dim = kv_tail[-2:]
+  if (first.shape[0], first.shape[3]) != (heads, head_dim):
+    raise ValueError(f"pages: expected [H={heads}, num_pages, page_tokens, D={head_dim}] to match "
+                     f"{what}, got {list(first.shape)}")
+
+
+def _layer_kv_to_pages(kv_layer, num_pages):
+  """[n * page_tokens, 2, H, D] -> (K, V) [H, n, page_tokens, D]."""
+  per_page = kv_layer.reshape(num_pages, -1, *kv_layer.shape[1:])  # [n, pt, 2, H, D]
+  return (jnp.transpose(per_page[:, :, 0], (2, 0, 1, 3)),
+          jnp.transpose(per_page[:, :, 1], (2, 0, 1, 3)))
+
+
+def _set_pages(pool, page_ids, kv):
+  """kv [L, n * page_tokens, 2, H, D] into pages page_ids [n] of every layer."""
+  new_k, new_v = [], []
+  for layer in range(pool.num_layers):
+    k, v = _layer_kv_to_pages(kv[layer].astype(pool.dtype), page_ids.shape[0])
+    new_k.append(pool.k[layer].at[:, page_ids].set(k))
+    new_v.append(pool.v[layer].at[:, page_ids].set(v))
+  return PagedPool(k=tuple(new_k), v=tuple(new_v))
 
 
 def _write_kv(pages, kv, page_ids):
-  num_layers, tokens = kv.shape[:2]
-  page_tokens = pages.shape[2]
-  padded = jnp.pad(kv, [(0, 0), (0, page_ids.shape[0] * page_tokens - tokens)] + [(0, 0)] * 3)
-  per_page = padded.reshape(num_layers, page_ids.shape[0], page_tokens, *kv.shape[2:])
-  return pages.at[:, page_ids].set(per_page.astype(pages.dtype))
+  tokens = kv.shape[1]
+  padded = jnp.pad(kv, [(0, 0), (0, page_ids.shape[0] * pages.page_tokens - tokens)] + [(0, 0)] * 3)
+  return _set_pages(pages, page_ids, padded)
 
 
 _write_kv_donated = jax.jit(_write_kv, donate_argnums=0)
 
 
-def write_kv_to_pages(pages: jax.Array, kv: jax.Array, page_ids) -> jax.Array:
+def write_kv_to_pages(pages: PagedPool, kv: jax.Array, page_ids) -> PagedPool:
   """Writes a sequence's KV [L, T, 2, H, D] into its pages page_ids [ceil(T / page_tokens)].
 
   T need not be page-aligned: the last page's tail slots get zeros. `pages` is donated.
   """
   page_ids = jnp.asarray(page_ids, jnp.int32)
-  _check_pool(pages, kv.shape[2:], "kv")
-  if kv.ndim != 5 or kv.shape[0] != pages.shape[0]:
-    raise ValueError(f"kv: expected [L={pages.shape[0]}, T, 2, H, D], got {list(kv.shape)}")
-  needed = -(-kv.shape[1] // pages.shape[2])
+  _check_pool(pages, kv.shape[-2:], "kv")
+  if kv.ndim != 5 or kv.shape[0] != pages.num_layers or kv.shape[2] != 2:
+    raise ValueError(f"kv: expected [L={pages.num_layers}, T, 2, H, D], got {list(kv.shape)}")
+  needed = -(-kv.shape[1] // pages.page_tokens)
   if page_ids.shape != (needed,):
-    raise ValueError(f"page_ids: {kv.shape[1]} tokens need {needed} pages of {pages.shape[2]} "
+    raise ValueError(f"page_ids: {kv.shape[1]} tokens need {needed} pages of {pages.page_tokens} "
                      f"tokens, got page_ids of shape {list(page_ids.shape)}")
   return _write_kv_donated(pages, jnp.asarray(kv), page_ids)
 
 
 def _write_blocks(pages, blocks_typed, page_ids):
-  return pages.at[:, page_ids].set(jnp.swapaxes(blocks_typed, 0, 1).astype(pages.dtype))
+  # [n, L, B, 2, H, D] -> [L, n * B, 2, H, D]
+  kv = jnp.swapaxes(blocks_typed, 0, 1).reshape(blocks_typed.shape[1], -1,
+                                                 *blocks_typed.shape[3:])
+  return _set_pages(pages, page_ids, kv)
 
 
 _write_blocks_donated = jax.jit(_write_blocks, donate_argnums=0)
 
 
-def write_full_blocks_to_pages(pages: jax.Array, blocks_typed, page_ids) -> jax.Array:
+def write_full_blocks_to_pages(pages: PagedPool, blocks_typed, page_ids) -> PagedPool:
   """Full Blocks [n, L, B, 2, H, D] (KVLayout.full_blocks_as_kv) -> pages page_ids [n], one each.
 
   Requires page_tokens == B. `pages` is donated.
   """
   page_ids = jnp.asarray(page_ids, jnp.int32)
-  expected = (pages.shape[0], pages.shape[2], *pages.shape[3:])
+  _check_pool(pages, tuple(blocks_typed.shape[-2:]), "blocks_typed")
+  expected = (pages.num_layers, pages.page_tokens, 2, *pages.kv_tail)
   if blocks_typed.ndim != 6 or tuple(blocks_typed.shape[1:]) != expected:
     raise ValueError(f"blocks_typed: expected [n, {', '.join(map(str, expected))}] (page_tokens "
                      f"= block_tokens), got {list(blocks_typed.shape)}")
@@ -200,59 +288,128 @@ def write_full_blocks_to_pages(pages: jax.Array, blocks_typed, page_ids) -> jax.
   return _write_blocks_donated(pages, jnp.asarray(blocks_typed), page_ids)
 
 
+def _gather_layer(pool, layer, block_tables):
+  """Layer `layer`'s pages block_tables [..., n] as dense KV [..., n * page_tokens, 2, H, D]."""
+  def dense(pages):  # [H, num_pages, pt, D] -> [..., n * pt, H, D]
+    gathered = pages[:, block_tables]  # [H, ..., n, pt, D]
+    gathered = jnp.moveaxis(gathered, 0, -2)  # [..., n, pt, H, D]
+    return gathered.reshape(*block_tables.shape[:-1], -1, *gathered.shape[-2:])
+  return jnp.stack([dense(pool.k[layer]), dense(pool.v[layer])], axis=-3)
+
+
 def _read_kv(pages, page_ids, num_tokens):
-  gathered = pages[:, page_ids]  # [L, n, page_tokens, 2, H, D]
-  return gathered.reshape(pages.shape[0], -1, *pages.shape[3:])[:, :num_tokens]
+  return jnp.stack([_gather_layer(pages, layer, page_ids)[:num_tokens]
+                    for layer in range(pages.num_layers)])
 
 
 _read_kv_jit = jax.jit(_read_kv, static_argnames=("num_tokens",))
 
 
-def read_kv_from_pages(pages: jax.Array, page_ids, num_tokens: int) -> jax.Array:
+def read_kv_from_pages(pages: PagedPool, page_ids, num_tokens: int) -> jax.Array:
   """The first `num_tokens` tokens' KV [L, T, 2, H, D] of the pages page_ids, in order."""
   page_ids = jnp.asarray(page_ids, jnp.int32)
-  if page_ids.ndim != 1 or not 0 <= num_tokens <= page_ids.shape[0] * pages.shape[2]:
+  _check_pool(pages, None)
+  if page_ids.ndim != 1 or not 0 <= num_tokens <= page_ids.shape[0] * pages.page_tokens:
     raise ValueError(f"read_kv_from_pages: num_tokens={num_tokens} does not fit page_ids of shape "
-                     f"{list(page_ids.shape)} with {pages.shape[2]} tokens a page")
+                     f"{list(page_ids.shape)} with {pages.page_tokens} tokens a page")
   return _read_kv_jit(pages, page_ids, num_tokens=int(num_tokens))
 
 
-def decode_step(model: Transformer, pages: jax.Array, tokens: jax.Array, block_tables: jax.Array,
-                seq_lens: jax.Array) -> tuple[jax.Array, jax.Array]:
+# Pallas kernel blocking: up to MAX_K_SPLITS partitions of a row's pages run in parallel (their
+# partial softmaxes are merged at the end), and each loop iteration of a partition reads about
+# COMPUTE_BLOCK_TOKENS tokens (the kernel's default: 8 pages of 16 tokens).
+PALLAS_MAX_K_SPLITS = 16
+PALLAS_COMPUTE_BLOCK_TOKENS = 128
+
+
+def pallas_blocking(pages_per_seq: int, page_tokens: int) -> tuple[int, int, int]:
+  """(k_splits, pages_per_compute_block, padded pages_per_seq) for the Pallas paged kernel.
+
+  The kernel needs padded % k_splits == 0 and (padded / k_splits) % pages_per_compute_block == 0;
+  Triton loads need pages_per_compute_block * page_tokens * head_dim to be a power of 2, so
+  pages_per_compute_block is a power of 2. Padding pages (SCRATCH_PAGE) lie past every row's length: the
+  kernel masks them and skips partitions that start past it.
+  """
+  if pages_per_seq <= 0 or page_tokens <= 0:
+    raise ValueError(f"pallas_blocking: pages_per_seq and page_tokens must be positive, got "
+                     f"{pages_per_seq}, {page_tokens}")
+  k_splits = min(PALLAS_MAX_K_SPLITS, pages_per_seq)
+  per_split = -(-pages_per_seq // k_splits)
+  per_block = max(1, min(PALLAS_COMPUTE_BLOCK_TOKENS // page_tokens, per_split))
+  per_block = 1 << (per_block.bit_length() - 1)  # largest power of 2 <= per_block
+  per_split = -(-per_split // per_block) * per_block
+  k_splits = -(-pages_per_seq // per_split)
+  return k_splits, per_block, k_splits * per_split
+
+
+def _pallas_attention(q, k_pages, v_pages, block_tables, lengths):
+  """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel."""
+  from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+  k_splits, per_block, padded = pallas_blocking(block_tables.shape[1], k_pages.shape[2])
+  block_tables = jnp.pad(block_tables, [(0, 0), (0, padded - block_tables.shape[1])],
+                         constant_values=SCRATCH_PAGE)
+  # The kernel does not scale the scores (nor does its reference): scale q by head_dim ** -0.5 as
+  # transformer.attention scales its float32 scores (in bf16 this rounds q once more).
+  q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
+  return paged_attention(q, k_pages, v_pages, block_tables, lengths, k_splits=k_splits,
+                         pages_per_compute_block=per_block,
+                         interpret=jax.default_backend() == "cpu")
+
+
+def decode_step(model: Transformer, pages: PagedPool, tokens: jax.Array, block_tables: jax.Array,
+                seq_lens: jax.Array) -> tuple[jax.Array, PagedPool]:
   """One decode step for a batch of sequences of different lengths (`decode_step_jit` donates).
 
-  pages [L, num_pages, page_tokens, 2, H, D]; tokens [B] int32; block_tables [B, P] int32;
+  pages: the PagedPool (init_pool); tokens [B] int32; block_tables [B, P] int32;
   seq_lens [B] int32 (tokens already in the pool = the new token's position).
   Writes each new token's KV at page block_tables[b, seq_lens[b] // page_tokens], slot
   seq_lens[b] % page_tokens; that page must already be in the row's block table (see
   PageTable.prepare_decode: out-of-range indices would be clamped, not caught, under jit).
+  Attention follows model.config.paged_attention ('gather' or 'pallas', see the module doc).
   Returns (logits [B, vocab] float32, updated pages).
   """
   config = model.config
-  _check_pool(pages, (2, config.num_kv_heads, config.head_dim), "the model config")
+  _check_pool(pages, (config.num_kv_heads, config.head_dim), "the model config")
   batch = tokens.shape[0]
-  if pages.shape[0] != config.num_layers or pages.dtype != config.jnp_dtype:
+  if pages.num_layers != config.num_layers or pages.dtype != config.jnp_dtype:
     raise ValueError(f"pages: expected L={config.num_layers} layers of {config.dtype}, "
-                     f"got {list(pages.shape)} {pages.dtype}")
+                     f"got {pages.num_layers} of {pages.dtype}")
   if tokens.ndim != 1 or seq_lens.shape != (batch,) or block_tables.ndim != 2 \
       or block_tables.shape[0] != batch:
     raise ValueError(f"decode_step: expected tokens [B], block_tables [B, P], seq_lens [B], got "
                      f"{list(tokens.shape)}, {list(block_tables.shape)}, {list(seq_lens.shape)}")
-  page_tokens = pages.shape[2]
+  page_tokens = pages.page_tokens
   context_tokens = block_tables.shape[1] * page_tokens
+  block_tables = block_tables.astype(jnp.int32)
   seq_lens = seq_lens.astype(jnp.int32)
-  # The new token attends to the pool's first seq_lens slots and to itself (the last key).
-  context_ok = jnp.arange(context_tokens, dtype=jnp.int32)[None, :] < seq_lens[:, None]
-  mask = jnp.concatenate([context_ok, jnp.ones((batch, 1), bool)], axis=-1)[:, None, :]
   write_page = jnp.take_along_axis(block_tables, (seq_lens // page_tokens)[:, None], axis=1)[:, 0]
   write_slot = seq_lens % page_tokens
+  positions = seq_lens[:, None]
+  # The new token attends to the pool's first seq_lens slots and to itself.
+  if config.paged_attention == "gather":  # itself: the last key, after the dense context
+    context_ok = jnp.arange(context_tokens, dtype=jnp.int32)[None, :] < seq_lens[:, None]
+    mask = jnp.concatenate([context_ok, jnp.ones((batch, 1), bool)], axis=-1)[:, None, :]
+
+  def write(layer_pages, new):  # [H, num_pages, pt, D] <- new [B, H, D] at (write_page, slot)
+    return layer_pages.at[:, write_page, write_slot].set(
+        jnp.swapaxes(new, 0, 1).astype(layer_pages.dtype))
+
+  new_k, new_v = list(pages.k), list(pages.v)
   x = model.embed(tokens[:, None])  # [B, 1, hidden]
-  for layer_index, layer in enumerate(model.layers):
-    context = pages[layer_index][block_tables]  # [B, P, page_tokens, 2, H, D]
-    context = context.reshape(batch, context_tokens, *pages.shape[3:])
-    x, new_kv = layer(x, seq_lens[:, None], context, mask)
-    pages = pages.at[layer_index, write_page, write_slot].set(new_kv[:, 0])
-  return model.logits(x[:, 0]), pages
+  for index, layer in enumerate(model.layers):
+    if config.paged_attention == "gather":
+      context = _gather_layer(pages, index, block_tables)  # [B, context_tokens, 2, H, D]
+      x, new_kv = layer(x, positions, context, mask)
+      new_k[index] = write(new_k[index], new_kv[:, 0, 0])
+      new_v[index] = write(new_v[index], new_kv[:, 0, 1])
+    else:
+      q, k, v = layer.project_qkv(x, positions)
+      # The token's own K/V goes into its slot first: the kernel reads it from there.
+      new_k[index], new_v[index] = write(new_k[index], k[:, 0]), write(new_v[index], v[:, 0])
+      attn = _pallas_attention(q[:, 0], new_k[index], new_v[index], block_tables, seq_lens + 1)
+      x = layer.output_and_mlp(x, attn.reshape(batch, 1, config.num_heads * config.head_dim))
+  return model.logits(x[:, 0]), PagedPool(k=tuple(new_k), v=tuple(new_v))
 
 
 # The pool is donated: XLA updates it in place instead of copying all of it every step.

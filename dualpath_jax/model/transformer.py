@@ -2,7 +2,9 @@
 
 Each `DecoderLayer` takes the KV it attends to as an argument (`context_kv`) and returns the KV of
 its own tokens (`new_kv`), so one code path serves a full forward pass, prefill on top of a cached
-prefix (prefill.py) and paged decode (paged.py); where the KV lives is the caller's business.
+prefix (prefill.py) and paged decode (paged.py); where the KV lives is the caller's business. A
+caller with its own attention (paged decode by the Pallas kernel) calls the layer's two halves
+around it: `project_qkv` (norm, projections, RoPE) and `output_and_mlp`.
 
 Cached K is stored after RoPE (as Hugging Face does), so cached KV is position-bound: token j of a
 sequence always sits at absolute position j.
@@ -95,6 +97,31 @@ class DecoderLayer(nnx.Module):
     self.up_proj = _linear(c.hidden_size, c.intermediate_size, bias=False, **kw)
     self.down_proj = _linear(c.intermediate_size, c.hidden_size, bias=False, **kw)
 
+  def project_qkv(self, x: jax.Array, positions: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The attention inputs of T new tokens: input norm, q/k/v projections, RoPE on q and k.
+
+    x [B, T, hidden]; positions [B, T] int32 (absolute).
+    Returns (q [B, T, N, D], k [B, T, H, D], v [B, T, H, D]) in the model dtype.
+    """
+    c = self.config
+    batch, tokens, _ = x.shape
+    h = self.input_norm(x)
+    q = self.q_proj(h).reshape(batch, tokens, c.num_heads, c.head_dim)
+    k = self.k_proj(h).reshape(batch, tokens, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(h).reshape(batch, tokens, c.num_kv_heads, c.head_dim)
+    return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+  def output_and_mlp(self, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """The rest of the layer after attention: o_proj + residual, then the MLP block + residual.
+
+    x [B, T, hidden] (the layer's input); attn [B, T, N * D] (attention output, heads flattened).
+    Returns x_out [B, T, hidden].
+    """
+    x = x + self.o_proj(attn)
+    h = self.post_attention_norm(x)
+    return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+
   def __call__(self, x: jax.Array, positions: jax.Array, context_kv: jax.Array,
                mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One layer over T new tokens that attend to S context tokens and to each other.
@@ -105,19 +132,11 @@ class DecoderLayer(nnx.Module):
     """
     c = self.config
     batch, tokens, _ = x.shape
-    h = self.input_norm(x)
-    q = self.q_proj(h).reshape(batch, tokens, c.num_heads, c.head_dim)
-    k = self.k_proj(h).reshape(batch, tokens, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(h).reshape(batch, tokens, c.num_kv_heads, c.head_dim)
-    q = rope(q, positions, c.rope_theta)
-    k = rope(k, positions, c.rope_theta)
+    q, k, v = self.project_qkv(x, positions)
     new_kv = jnp.stack([k, v], axis=2)  # [B, T, 2, H, D]
     keys_values = jnp.concatenate([context_kv.astype(new_kv.dtype), new_kv], axis=1)
     attn = attention(q, keys_values, mask, c.attention).reshape(batch, tokens, c.num_heads * c.head_dim)
-    x = x + self.o_proj(attn)
-    h = self.post_attention_norm(x)
-    x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
-    return x, new_kv
+    return self.output_and_mlp(x, attn), new_kv
 
 
 class Transformer(nnx.Module):

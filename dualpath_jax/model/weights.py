@@ -22,6 +22,10 @@ from dualpath_jax.model.transformer import Transformer
 ShardingSpec = Union[jax.sharding.Sharding, Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding]]
 
 
+# ModelConfig fields a restore may change freely: they do not describe the weights.
+_NOT_GEOMETRY = ("name", "dtype", "attention", "paged_attention")
+
+
 def _checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
@@ -42,6 +46,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint: no checkpoint folder at {path}")
   restored = _checkpointer().restore(path, ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+  # Fields added after a checkpoint was written (e.g. paged_attention) take their defaults.
   return ModelConfig(**restored["model_config"])
 
 
@@ -50,14 +55,16 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
   """Restores a Transformer from `path`, placing every parameter directly with `sharding`.
 
   `config` defaults to the stored one; if given, it must describe the same geometry (its dtype
-  may differ: parameters are cast on restore). `sharding` defaults to the first device.
+  may differ: parameters are cast on restore; so may its name and the fields that only choose how
+  attention is computed, `attention` and `paged_attention`). `sharding` defaults to the first
+  device.
   """
   path = os.path.abspath(os.fspath(path))
   stored = read_config(path)
   if config is None:
     config = stored
   for field in dataclasses.fields(ModelConfig):
-    if field.name in ("name", "dtype"):
+    if field.name in _NOT_GEOMETRY:
       continue
     if getattr(config, field.name) != getattr(stored, field.name):
       raise ValueError(f"checkpoint {path}: model.{field.name} is {getattr(stored, field.name)!r} "

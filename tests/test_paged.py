@@ -1,0 +1,143 @@
+"""The paged pool and its two decode attentions on the tiny preset in float32.
+
+The Pallas paged-attention kernel (interpret mode on CPU) gives the gather path's logits and pool
+step after step, for rows of different lengths crossing page boundaries and a padding row; the
+pool is 2L separate [H, pages, page_tokens, D] arrays that Full Blocks and KV round-trip through;
+`paged_attention` is a choice of computation, not of weights (checkpoints ignore it).
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from dualpath_jax import model as M
+from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.model import paged, weights
+
+ATOL = 1e-5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def models():
+  """The same weights (same seed, same shapes) under both decode attentions."""
+  gather = M.Transformer(M.get_preset("tiny", dtype="float32"), rngs=nnx.Rngs(0))
+  pallas = M.Transformer(M.get_preset("tiny", dtype="float32", paged_attention="pallas"),
+                         rngs=nnx.Rngs(0))
+  for a, b in zip(jax.tree_util.tree_leaves(nnx.state(gather, nnx.Param)),
+                  jax.tree_util.tree_leaves(nnx.state(pallas, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return gather, pallas
+
+
+# (page_tokens, max_pages): pallas_blocking gives 8 splits of 1 page; and 11 splits of 2 pages
+# with the table padded by one SCRATCH_PAGE column and 2 pages a compute block.
+@pytest.mark.parametrize("page_tokens,max_pages", [(16, 8), (4, 21)])
+def test_pallas_decode_equals_gather_decode(models, page_tokens, max_pages):
+  gather_model, pallas_model = models
+  config = gather_model.config
+  steps, batch_size = 5, 4
+  # Crossings: one within the steps, a page-aligned prompt (opens a page at the first step), one
+  # at the first step's next token; the fourth row is padding.
+  prompt_lens = [30, 32, 47]
+  rng = np.random.default_rng(5)
+  table = M.PageTable(num_pages=90, page_tokens=page_tokens,
+                      free_pages=tuple(int(p) for p in rng.permutation(np.arange(1, 90))))
+  prompts = rng.integers(0, config.vocab_size, (3, 64), dtype=np.int32)
+  prompt_logits, prompt_kv = M.prefill_jit(gather_model, prompts, M.empty_prefix_kv(config, 3),
+                                           np.zeros(3, np.int32), np.array(prompt_lens, np.int32))
+  pools = {}
+  for name in ("gather", "pallas"):
+    pool = M.init_pool(config, table.num_pages, page_tokens)
+    for seq, length in enumerate(prompt_lens):
+      pages = table.allocate(seq, length).block_tables[seq]
+      pool = M.write_kv_to_pages(pool, prompt_kv[:, seq, :length], pages)
+    pools[name] = pool
+  for seq, length in enumerate(prompt_lens):
+    table = table.allocate(seq, length)
+  next_tokens = [int(np.argmax(prompt_logits[seq, length - 1]))
+                 for seq, length in enumerate(prompt_lens)]
+  crossed = set()
+  for _ in range(steps):
+    table, block_tables, seq_lens = table.prepare_decode([0, 1, 2], batch_size=batch_size,
+                                                         max_pages=max_pages)
+    crossed |= {seq for seq in range(3) if seq_lens[seq] % page_tokens == 0}
+    tokens = np.array(next_tokens + [0], np.int32)
+    want, pools["gather"] = M.decode_step_jit(gather_model, pools["gather"], tokens,
+                                              block_tables, seq_lens)
+    got, pools["pallas"] = M.decode_step_jit(pallas_model, pools["pallas"], tokens, block_tables,
+                                             seq_lens)
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.isfinite(got).all()  # the padding row too
+    np.testing.assert_allclose(got[:3], want[:3], atol=ATOL, rtol=0)
+    next_tokens = [int(np.argmax(want[seq])) for seq in range(3)]  # both paths get the same
+  assert crossed == {0, 1, 2}, "every sequence should open a new page during the steps"
+  for seq, length in enumerate(prompt_lens):
+    pages = table.block_tables[seq]
+    kv = [np.asarray(M.read_kv_from_pages(pools[name], pages, length + steps))
+          for name in ("gather", "pallas")]
+    np.testing.assert_allclose(kv[1], kv[0], atol=ATOL, rtol=0)
+
+
+def test_pallas_blocking_meets_the_kernel_constraints():
+  for pages_per_seq in (1, 2, 3, 7, 8, 16, 17, 21, 129, 1000):
+    for page_tokens in (4, 16, 64, 256):
+      k_splits, per_block, padded = paged.pallas_blocking(pages_per_seq, page_tokens)
+      assert padded >= pages_per_seq and padded % k_splits == 0
+      assert (padded // k_splits) % per_block == 0
+      assert per_block & (per_block - 1) == 0  # a power of 2 (Triton loads)
+      assert k_splits <= paged.PALLAS_MAX_K_SPLITS
+      # No split lies wholly in the padding.
+      assert (k_splits - 1) * (padded // k_splits) < pages_per_seq
+  assert paged.pallas_blocking(129, 64) == (13, 2, 130)  # 8K context in 64-token pages
+
+
+def test_pool_is_separate_per_layer_arrays_and_round_trips():
+  config = M.get_preset("tiny", dtype="float32")
+  layout = KVLayout.for_model(config, block_tokens=16)
+  pool = M.init_pool(config, 12, layout.block_tokens)
+  assert isinstance(pool, M.PagedPool) and len(pool.k) == len(pool.v) == config.num_layers
+  shape = (config.num_kv_heads, 12, 16, config.head_dim)
+  assert all(a.shape == shape and a.dtype == np.float32 for a in pool.k + pool.v)
+  assert pool.nbytes == 2 * config.num_layers * np.prod(shape) * 4
+  assert len({id(a) for a in pool.k + pool.v}) == 2 * config.num_layers
+  # A pytree: device_put with one sharding places every array and keeps the record.
+  pool = jax.device_put(pool, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  assert isinstance(pool, M.PagedPool)
+
+  rng = np.random.default_rng(2)
+  kv = rng.standard_normal((config.num_layers, 48, 2, config.num_kv_heads, config.head_dim),
+                           dtype=np.float32)
+  typed = layout.full_blocks_as_kv(layout.kv_to_full_blocks(kv))  # [3, L, 16, 2, H, D]
+  pool = M.write_full_blocks_to_pages(pool, typed, [7, 2, 5])
+  np.testing.assert_array_equal(np.asarray(M.read_kv_from_pages(pool, [7, 2, 5], 48)), kv)
+  # Where a token lives: token 20 is block 1 (page 2), slot 4; K of layer 1 head-first.
+  np.testing.assert_array_equal(np.asarray(pool.k[1][:, 2, 4]), kv[1, 20, 0])
+  np.testing.assert_array_equal(np.asarray(pool.v[0][:, 7, 15]), kv[0, 15, 1])
+  np.testing.assert_array_equal(np.asarray(pool.k[0][:, paged.SCRATCH_PAGE]), 0)
+  with pytest.raises(ValueError, match="PagedPool"):
+    M.read_kv_from_pages(pool.k[0], [7], 16)
+  with pytest.raises(ValueError, match="blocks_typed"):
+    M.write_full_blocks_to_pages(pool, typed[:, :, :8], [7, 2, 5])
+
+
+def test_paged_attention_is_validated_and_not_a_weight_property(tmp_path):
+  with pytest.raises(ValueError, match="ModelConfig.paged_attention"):
+    M.get_preset("tiny", paged_attention="flash")
+  assert M.get_preset("tiny").paged_attention == "gather"
+  # A checkpoint written before the field existed restores under either value.
+  path = os.path.join(REPO, "checkpoints", "tiny-recall")
+  stored = weights.read_config(path)
+  assert stored.paged_attention == "gather"
+  model = weights.restore_weights(path, stored.replace(paged_attention="pallas", attention="xla"))
+  assert model.config.paged_attention == "pallas" and model.layers[0].config.attention == "xla"
+  # One saved with the other value restores too.
+  weights.save_weights(tmp_path / "ckpt", model)
+  assert weights.read_config(tmp_path / "ckpt").paged_attention == "pallas"
+  restored = weights.restore_weights(tmp_path / "ckpt", stored)
+  assert restored.config.paged_attention == "gather"
+  with pytest.raises(ValueError, match="model.num_layers"):
+    weights.restore_weights(path, stored.replace(num_layers=3))
