@@ -90,15 +90,52 @@ def test_engine(smoke):
     assert positive(r["median_s"]) and 0 < r["mfu"] < 2 and r["logits_finite"]
   sdpa = variants["layerwise_sdpa"]
   assert sdpa["sdpa_traced"] is True and sdpa["first_layer_rel_err_vs_einsum"] < 0.05
-  assert [r["batch"] for r in e["decode"]] == [1, 4]
-  for r in e["decode"]:
-    assert "error" not in r, r
-    assert positive(r["step_s"]) and 0 < r["roofline_fraction"] < 2 and r["logits_finite"]
-    assert r["bytes_read"] == r["weight_bytes_read"] + r["kv_bytes_read"]
+  check_decode_rows(e, batches=[1, 4])
   pm = e["peak_memory"]
   assert "error" not in pm, pm
   assert pm["bound_bytes"] > pm["weights_bytes"] > 0 and pm["logits_finite"]
   assert pm["peak_bytes"] is None or positive(pm["peak_bytes"])  # no memory_stats on CPU
+
+
+def check_decode_rows(e, batches):
+  """Each decode attention: one fixed-cost row (batch 1, context 0, no target), then every batch
+  under every attention, batch by batch."""
+  attentions = e["decode_attentions"]
+  assert attentions and set(attentions) <= {"gather", "pallas"}
+  fixed = [r for r in e["decode"] if r.get("diagnostic") == "fixed_cost"]
+  assert [(r["paged_attention"], r["batch"], r["context"]) for r in fixed] == [
+      (a, 1, 0) for a in attentions]
+  assert all("met" not in r and r["kv_bytes_read"] == 0 for r in fixed)
+  measured = [(r["batch"], r["paged_attention"]) for r in e["decode"] if "diagnostic" not in r]
+  assert measured == [(b, a) for b in batches for a in attentions]
+  for r in e["decode"]:
+    assert "error" not in r, r
+    assert positive(r["step_s"]) and 0 < r["roofline_fraction"] < 2 and r["logits_finite"]
+    assert r["bytes_read"] == r["weight_bytes_read"] + r["kv_bytes_read"]
+  names = [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode")]
+  assert len(names) == len(e["decode"]) and len(set(names)) == len(names)
+
+
+def test_engine_decode_under_both_attentions():
+  """In-process, decode only: the pallas kernel (interpret mode on CPU) next to the gather."""
+  import jax
+
+  from dualpath_jax.bench import engine
+  from dualpath_jax.model import get_preset
+  card = hardware.CardSpec(name="cpu", peak_flops=1e12, hbm_bytes_per_s=1e11, source="test")
+  e = engine.measure_engine(
+      jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(), append_tokens=16,
+      prefill_variants=(), sdpa_implementation=None, decode_batches=(2,), decode_context=100,
+      peak_context=0, block_tokens=16, repeats=1, warmup=1, decode_steps=2, card=card,
+      target_prefill_mfu=0.4, target_decode_roofline=0.6, decode_attentions=("gather", "pallas"),
+      log=lambda _: None)
+  check_decode_rows(e, batches=[2])
+  with pytest.raises(ValueError, match="engine.decode_attentions"):
+    engine.measure_engine(
+        jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(), append_tokens=16,
+        prefill_variants=(), sdpa_implementation=None, decode_batches=(2,), decode_context=100,
+        peak_context=0, block_tokens=16, repeats=1, warmup=1, decode_steps=2, card=card,
+        target_prefill_mfu=0.4, target_decode_roofline=0.6, decode_attentions=("flash",))
 
 
 def test_end_to_end(smoke):

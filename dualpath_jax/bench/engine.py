@@ -10,11 +10,16 @@ All with the model's own code and random weights (init_random) of a preset's tru
                               this measurement only, for jax.nn.dot_product_attention with a given
                               implementation ('cudnn' on GPUs); the model code is not changed
             MFU = cost.prefill_flops(last_token_logits_only) / median seconds / peak FLOP/s.
-  decode    decode_step_jit on a paged pool, `batch` sequences of `context` tokens each. The
+  decode    decode_step_jit on a paged pool, `batch` sequences of `context` tokens each, once per
+            decode attention (ModelConfig.paged_attention: 'gather' copies the pages into a
+            dense context, 'pallas' reads them in place; row key `paged_attention`). The
             roofline reads every weight but the embedding table once and the batch's KV once:
             (weights + batch * context * kv_bytes_per_token) / HBM bytes/s; fraction = roofline
             time / measured step time. 'step_s' syncs every step (as a DE that samples does);
-            'pipelined_step_s' issues the steps back to back and divides.
+            'pipelined_step_s' issues the steps back to back and divides. One diagnostic row
+            per decode attention (`diagnostic: 'fixed_cost'`, batch 1, context 0: the new
+            token's page only, no target) shows the per-step cost that is not KV reading
+            (weights, dispatch).
   peak      a layerwise prefill of `append_tokens` on a `peak_context`-token prefix streamed from
             host Full Blocks layer by layer (layout.layer_kv -> transfer.host_to_device, layer l+1
             in flight while layer l computes, each layer deleted after use, as the PE worker
@@ -46,12 +51,6 @@ def _tree_bytes(tree) -> int:
 @functools.partial(jax.jit, static_argnames=("shape", "dtype"))
 def _normal(key, shape, dtype):
   return jax.random.normal(key, shape, dtype)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _fill_layer(pool, key, layer):
-  values = jax.random.normal(key, pool.shape[1:], pool.dtype)
-  return jax.lax.dynamic_update_index_in_dim(pool, values, layer, 0)
 
 
 def sdpa_attention(implementation: str | None):
@@ -126,16 +125,26 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
                    decode_context: int, peak_context: int, block_tokens: int, repeats: int,
                    warmup: int, decode_steps: int, card: hardware.CardSpec,
                    target_prefill_mfu: float, target_decode_roofline: float, seed: int = 0,
+                   decode_attentions: Sequence[str] = ("gather",),
                    log: Callable[[str], None] = print,
                    out_of_time: Callable[[], bool] = lambda: False,
                    on_update: Callable[[dict], None] | None = None) -> dict:
-  """Prefill, decode and peak-memory numbers of `model_config` on `device`."""
+  """Prefill, decode and peak-memory numbers of `model_config` on `device`.
+
+  decode_attentions: the ModelConfig.paged_attention values to measure decode with, each at
+  every batch size (the model's own value is not used for decode).
+  """
   from dualpath_jax.model import cost, weights
+  from dualpath_jax.model.config import PAGED_ATTENTION_IMPLEMENTATIONS
 
   unknown = set(prefill_variants) - set(PREFILL_VARIANTS)
   if unknown:
     raise ValueError(f"engine.prefill_variants: expected some of {PREFILL_VARIANTS}, "
                      f"got {prefill_variants}")
+  decode_attentions = tuple(decode_attentions)
+  if not set(decode_attentions) <= set(PAGED_ATTENTION_IMPLEMENTATIONS):
+    raise ValueError(f"engine.decode_attentions: expected some of "
+                     f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {decode_attentions}")
   config = model_config
   result = dict(
       device=str(device), card=dict(name=card.name, peak_flops=card.peak_flops,
@@ -145,6 +154,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
       attention="model: einsum (dualpath_jax.model.transformer.attention, float32 scores); "
                 f"layerwise_sdpa: jax.nn.dot_product_attention(implementation="
                 f"{sdpa_implementation!r})",
+      decode_attentions=list(decode_attentions),
       append_tokens=append_tokens, repeats=repeats, warmup=warmup,
       targets=dict(prefill_mfu=target_prefill_mfu, decode_roofline_fraction=target_decode_roofline,
                    peak_bytes="<= bound"),
@@ -197,19 +207,32 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
     # Whole-model prefill compiles all layers into one program (slow to compile): last.
     prefill_at([v for v in prefill_variants if v != "whole"])
 
-    # --- decode ------------------------------------------------------------------------------
-    for batch in decode_batches:
+    # --- decode: the fixed-cost rows first, then each batch under every attention ------------
+    # The same parameter arrays under each decode attention (weights.with_config: no copy).
+    decode_models = {name: weights.with_config(model, config.replace(paged_attention=name))
+                     for name in decode_attentions}
+    runs = ([(name, 1, 0, "fixed_cost") for name in decode_attentions]
+            + [(name, batch, decode_context, None) for batch in decode_batches
+               for name in decode_attentions])
+    for name, batch, context, diagnostic in runs:
+      what = f"decode {name} batch {batch} ctx {context}"
       if out_of_time():
-        result.setdefault("skipped", []).append(f"decode batch {batch}: time budget")
+        result.setdefault("skipped", []).append(f"{what}: time budget")
         continue
       try:
-        row = _decode_row(model, config, batch, decode_context, block_tokens, decode_steps,
-                          warmup, weights_bytes, card, target_decode_roofline, seed, log)
+        row = _decode_row(decode_models[name], config, batch, context, block_tokens,
+                          decode_steps, warmup, weights_bytes, card, target_decode_roofline,
+                          seed, log)
       except Exception as e:  # noqa: BLE001
-        row = dict(batch=batch, context=decode_context, error=repr(e))
-        log(f"engine: decode batch {batch} FAILED: {e!r}")
+        row = dict(batch=batch, context=context, error=repr(e))
+        log(f"engine: {what} FAILED: {e!r}")
+      row = dict(paged_attention=name, **row)
+      if diagnostic:
+        row["diagnostic"] = diagnostic
+        row.pop("met", None)  # no target: the step's cost besides reading KV
       result["decode"].append(row)
       update()
+    del decode_models
 
     if "whole" in prefill_variants:
       prefill_at(["whole"])
@@ -296,15 +319,18 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
 def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weights_bytes, card,
                 target, seed, log):
   from dualpath_jax.model import cost
-  from dualpath_jax.model.paged import decode_step_jit
+  from dualpath_jax.model.paged import PagedPool, decode_step_jit
 
   pages_per_seq = context // page_tokens + 1  # room for the new token's slot
   num_pages = 1 + batch * pages_per_seq
-  shape = (config.num_layers, num_pages, page_tokens, 2, config.num_kv_heads, config.head_dim)
+  shape = (config.num_kv_heads, num_pages, page_tokens, config.head_dim)
   key = jax.random.key(seed + 7919 * batch)
-  pool = jnp.zeros(shape, config.jnp_dtype)
-  for layer in range(config.num_layers):  # layer by layer: no pool-sized temporaries
-    pool = _fill_layer(pool, jax.random.fold_in(key, layer), layer)
+  # Array by array (the pool's own layout): no pool-sized temporaries.
+  pool = PagedPool(
+      k=tuple(_normal(jax.random.fold_in(key, 2 * layer), shape, config.jnp_dtype)
+              for layer in range(config.num_layers)),
+      v=tuple(_normal(jax.random.fold_in(key, 2 * layer + 1), shape, config.jnp_dtype)
+              for layer in range(config.num_layers)))
   block_tables = (1 + jnp.arange(batch * pages_per_seq, dtype=jnp.int32)).reshape(
       batch, pages_per_seq)
   seq_lens = jnp.full((batch,), context, jnp.int32)
@@ -332,18 +358,20 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
   row = dict(batch=batch, context=context, first_call_s=first_call_s, step_s=step_s,
              min_step_s=min(times), pipelined_step_s=pipelined_s, bytes_read=read_bytes,
              weight_bytes_read=weights_bytes - embed_bytes, kv_bytes_read=kv_bytes,
-             pool_bytes=int(state["pool"].nbytes), tokens_per_s=batch / step_s,
+             pool_bytes=state["pool"].nbytes, tokens_per_s=batch / step_s,
              logits_finite=bool(jnp.all(jnp.isfinite(logits))))
   if card.hbm_bytes_per_s:
     roofline_s = read_bytes / card.hbm_bytes_per_s
     row.update(roofline_s=roofline_s, roofline_fraction=roofline_s / step_s,
                pipelined_roofline_fraction=roofline_s / pipelined_s,
                met=bool(roofline_s / step_s >= target))
-  log(f"engine: decode batch {batch:3d} ctx {context}: {step_s * 1e3:8.3f} ms/step "
+  log(f"engine: decode {model.config.paged_attention:6s} batch {batch:3d} ctx {context}: "
+      f"{step_s * 1e3:8.3f} ms/step "
       f"(pipelined {pipelined_s * 1e3:.3f})"
       + (f" roofline {row['roofline_s'] * 1e3:.3f} ms -> {row['roofline_fraction']:.3f}"
          if "roofline_s" in row else "") + f" (first call {first_call_s:.1f} s)")
-  state["pool"].delete()
+  for array in jax.tree_util.tree_leaves(state["pool"]):
+    array.delete()
   return row
 
 

@@ -86,6 +86,19 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
   return nnx.merge(graphdef, abstract_params, rest)
 
 
+def with_config(model: Transformer, config: ModelConfig) -> Transformer:
+  """`model`'s parameters (the same arrays, not copied) under `config`, which may differ from
+  model.config only in how attention is computed (`attention`, `paged_attention`) and its name."""
+  for field in dataclasses.fields(ModelConfig):
+    if field.name in ("name", "attention", "paged_attention"):
+      continue
+    if getattr(config, field.name) != getattr(model.config, field.name):
+      raise ValueError(f"with_config: model.{field.name} is {getattr(model.config, field.name)!r} "
+                       f"but {getattr(config, field.name)!r} was asked for")
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, nnx.state(model))
+
+
 def init_random(config: ModelConfig, seed: int = 0) -> Transformer:
   """A randomly initialised model (deterministic in `seed`)."""
   return Transformer(config, rngs=nnx.Rngs(seed))
