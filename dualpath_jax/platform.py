@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 
 
-def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None = None):
+def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None = None,
+              compilation_cache_dir: str = ""):
   """Sets the device flags for `platform` and imports jax; returns the jax module.
 
   platform 'cpu' simulates `num_cpu_devices` host devices (XLA_FLAGS, JAX_PLATFORMS=cpu);
   'default' takes jax's own backend. Must run before anything imports jax: the flags are read
   once, when jax initialises its backends. matmul_precision sets XLA's float32 matmul precision
   for the process ('highest' keeps float32 exact enough for token equality on GPUs).
+  compilation_cache_dir: where XLA's persistent compilation cache lives ('' = off). On GPUs its
+  keys leave out which device a program runs on (jax strips the device assignment there), so
+  engines of one model on different GPUs, and later jobs of the same process, reuse one
+  compile instead of compiling the same program once per device.
   """
   if platform not in ("cpu", "default"):
     raise ValueError(f"platform: expected 'cpu' or 'default', got {platform!r}")
@@ -22,4 +27,7 @@ def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None 
   import jax  # noqa: PLC0415  (after the flags above, on purpose)
   if matmul_precision:
     jax.config.update("jax_default_matmul_precision", matmul_precision)
+  if compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return jax

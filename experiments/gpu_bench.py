@@ -47,7 +47,8 @@ def main(argv):
   if unknown:
     sys.exit(f"error: sections: unknown {unknown}; choose from {SECTIONS}")
   from dualpath_jax.platform import start_jax
-  jax = start_jax(config.platform, config.num_cpu_devices)
+  jax = start_jax(config.platform, config.num_cpu_devices,
+                  compilation_cache_dir=config.compilation_cache_dir)
   import jaxlib  # noqa: E402
 
   from dualpath_jax.bench import ceilings, data_plane, end_to_end, engine, hardware  # noqa: E402
@@ -115,7 +116,7 @@ def main(argv):
       sdpa_implementation=e.sdpa_implementation or None,
       decode_batches=tuple(e.decode_batches), decode_context=e.decode_context,
       peak_context=e.peak_context, block_tokens=e.block_tokens, repeats=e.repeats,
-      warmup=e.warmup, decode_steps=e.decode_steps,
+      warmup=e.warmup, decode_steps=e.decode_steps, decode_attentions=tuple(e.decode_attentions),
       card=hardware.detect_card(devices[0], peak_flops=e.peak_flops,
                                 hbm_bytes_per_s=e.hbm_bytes_per_s),
       target_prefill_mfu=e.target_prefill_mfu, target_decode_roofline=e.target_decode_roofline,

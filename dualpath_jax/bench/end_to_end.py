@@ -133,6 +133,7 @@ def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_eff
   """Runs each (name, config dict) offline job in WORKDIR/name; JCTs, speedups and bounds."""
   from dualpath_jax.runtime.offline_job import OfflineJob
 
+  profiled = ""  # a cost model the first job profiled at start-up, reused by the later ones
   result = dict(target_dualpath_speedup_over_bound=target_efficiency,
                 target_dualpath_jct_over_oracle=target_oracle_ratio,
                 target_decode_inflation=target_inflation, jobs=[])
@@ -150,8 +151,12 @@ def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_eff
       try:
         log(f"end_to_end: {name} ({row['topology']}, preset {row['preset']}, link "
             f"{row['link_bytes_per_s'] or 'uncapped'})")
+        if profiled and config["runtime"].get("cost_model", "auto") in ("", "auto"):
+          config = dict(config, runtime=dict(config["runtime"], cost_model=profiled))
         job = OfflineJob.from_config(config, os.path.join(workdir, name))
         summary = job.run(progress=lambda line, name=name: log(f"end_to_end[{name}] {line}"))
+        if not job.cost_model_path:
+          profiled = summary["cost_model_path"]
         row["jct_s"] = {run["mode"]: float(run["jct_s"]) for run in summary["runs"]}
         row.update(speedups(row["jct_s"], p, d, target_efficiency, target_oracle_ratio))
         row.update(_per_mode(summary, os.path.join(workdir, name)))

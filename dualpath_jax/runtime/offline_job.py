@@ -109,8 +109,9 @@ class OfflineJob:
     for edge_only in ("platform", "num_cpu_devices", "matmul_precision", "variant"):
       c.pop(edge_only, None)  # applied by the experiment script before jax starts
     m = dict(c["model"])
-    model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"),
-                                    attention=m.pop("attention", "einsum"))
+    # attention / paged_attention: how attention is computed, not a property of the weights.
+    model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"), **{
+        key: m.pop(key) for key in ("attention", "paged_attention") if key in m})
     seed, checkpoint = m.pop("seed", 0), m.pop("checkpoint", "")
     if m:
       raise ValueError(f"model: unknown key(s) {sorted(m)}")
