@@ -8,6 +8,7 @@
 # Parts: 'micro' = ceilings, data plane and engine (configs/gpu_bench.py:h100x4, ~2-3 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4. Seconds per part: PART_LIMIT_S (default 280; micro 200).
+# MICRO_FLAGS: further flags of the micro run, e.g. "--config.sections=('engine',)".
 # Decode in the end-to-end jobs uses the Pallas paged-attention kernel unless micro's decode rows
 # show that it failed on this card; the fallback ('gather') is logged and in the job's config.
 # On the GPU image, ml_collections comes from wheels in .whl/ (no network there).
@@ -26,7 +27,7 @@ for part in "$@"; do
       timeout "${MICRO_LIMIT_S:-200}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:h100x4 \
           --config.engine.prefill_variants="('layerwise','layerwise_sdpa')" \
-          --out="$OUT/micro" > "$OUT/micro.log" 2>&1
+          ${MICRO_FLAGS:-} --out="$OUT/micro" > "$OUT/micro.log" 2>&1
       echo "micro: exit $?"
       paged=$(python3 - "$OUT/micro/gpu_bench.json" <<'EOF'
 import json, sys

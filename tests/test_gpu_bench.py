@@ -140,7 +140,7 @@ def test_engine_decode_under_both_attentions():
 
 def test_end_to_end(smoke):
   jobs = smoke[0]["end_to_end"]["jobs"]
-  assert [j["name"] for j in jobs] == ["2P2D_uncapped", "2P2D_cap1e+06"]
+  assert [j["name"] for j in jobs] == ["2P2D_uncapped", "2P2D_cap0.001GBps"]
   for j in jobs:
     assert "error" not in j and "skipped" not in j, j
     assert set(j["jct_s"]) == {"basic", "dualpath", "oracle"}

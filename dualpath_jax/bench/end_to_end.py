@@ -80,7 +80,9 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
 
 
 def job_name(topology: str, link_bytes_per_s: float) -> str:
-  return f"{topology}_" + (f"cap{link_bytes_per_s:g}" if link_bytes_per_s else "uncapped")
+  """'1P3D_cap6.25GBps', '2P2D_uncapped' (letters, digits, '.', '_' only: safe file names)."""
+  return f"{topology}_" + (f"cap{link_bytes_per_s / 1e9:g}GBps".replace("e-", "em")
+                           if link_bytes_per_s else "uncapped")
 
 
 def speedups(jct_s: Mapping[str, float], num_prefill: int, num_decode: int,

@@ -51,7 +51,8 @@ class Cluster:
                                   full_block_bytes=layout.full_block_bytes, node_id=i)
                     for i in per_node}
     mover = make_mover(runtime_config.mover)
-    traffic_config = TrafficConfig(chunk_bytes=runtime_config.kv_chunk_bytes)
+    traffic_config = TrafficConfig(chunk_bytes=runtime_config.kv_chunk_bytes,
+                                   max_kv_wait_s=float(runtime_config.kv_max_wait_s))
     self.traffic = {e.name: TrafficManager(e, mover=mover, config=traffic_config)
                     for e in self.topology.engines}
     self._on_turn_done = on_turn_done

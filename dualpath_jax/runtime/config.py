@@ -70,6 +70,11 @@ class RuntimeConfig:
   """Longest prompt + generation a DE holds for one sequence (sizes its page pool)."""
   kv_chunk_bytes: int = 4 << 20
   """Largest piece of a KV move the traffic manager issues at once."""
+  kv_max_wait_s: float = 0.05
+  """Longest a KV piece waits for a gap in its engine's model steps (TrafficConfig.max_kv_wait_s);
+  0 turns the priority gate off. Each piece of every per-layer move pays up to this wait while
+  the engine steps back to back, so on a busy DE it bounds the KV rate (measured on 4x H200:
+  the default made prefill-to-DE handoff take seconds per request; runtime/traffic.py)."""
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -93,6 +98,9 @@ class RuntimeConfig:
     rate = self.link_bytes_per_s
     if rate is not None and (isinstance(rate, bool) or not rate > 0):
       raise ValueError(f"runtime.link_bytes_per_s must be positive or None, got {rate!r}")
+    wait = self.kv_max_wait_s
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+      raise ValueError(f"runtime.kv_max_wait_s must be >= 0, got {wait!r}")
     quota = self.compute_quota_s
     if isinstance(quota, bool) or not isinstance(quota, (int, float)) or not quota > 0:
       raise ValueError(f"runtime.compute_quota_s must be positive, got {quota!r}")

@@ -22,6 +22,9 @@ them idle. On one host there are no virtual lanes to configure; what this class 
 What it does not do: it cannot preempt a transfer already issued, does not shape bandwidth (the
 storage links emulate NIC speeds; see storage_link.py), and does not emulate IB virtual lanes or
 PCIe QoS. Store reads and writes do not touch the device, so they are not gated, only counted.
+Cost of the gate: a DE that steps back to back leaves gaps shorter than a thread switch, so each
+piece tends to wait the full max_kv_wait_s; per-layer moves of a handoff then take seconds per
+request (measured on 4x H200, docs/perf/gpu_bench.md). runtime.kv_max_wait_s sets it (0 = off).
 Its cost is measured as decode step-time inflation, by the benchmarks.
 """
 
