@@ -8,7 +8,8 @@
 # Parts: 'micro' = ceilings, data plane and engine (configs/gpu_bench.py:h100x4, ~2-3 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4. Seconds per part: PART_LIMIT_S (default 280; micro 200).
-# MICRO_FLAGS: further flags of the micro run, e.g. "--config.sections=('engine',)".
+# MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
+# MICRO_FLAGS="--config.sections=('engine',)" E2E_FLAGS="--config.end_to_end.agents=8".
 # Decode in the end-to-end jobs uses the Pallas paged-attention kernel unless micro's decode rows
 # show that it failed on this card; the fallback ('gather') is logged and in the job's config.
 # On the GPU image, ml_collections comes from wheels in .whl/ (no network there).
@@ -49,8 +50,11 @@ EOF
           --config.end_to_end.topologies="('$topology',)" \
           --config.end_to_end.link_caps="($cap,)" \
           --config.end_to_end.model.paged_attention="$paged" \
-          --out="$OUT/$name" > "$OUT/$name.log" 2>&1
+          ${E2E_FLAGS:-} --out="$OUT/$name" > "$OUT/$name.log" 2>&1
       echo "$name: exit $?"
+      for f in "$OUT/$name"/end_to_end/*/{summary.json,turns.jsonl,config.json}; do
+        [ -f "$f" ] && cp "$f" "$OUT/${name}_$(basename "$f")"  # the device tool fetches 2 levels
+      done
       ;;
     *)
       echo "unknown part: $part" >&2
