@@ -93,3 +93,28 @@ def test_decode_inflation_compares_steps_of_the_same_de_and_batch():
   assert result["inflation_by_path"]["d2d"] == pytest.approx(0.2)
   assert result["inflation_by_path"]["h2d"] is None
   assert decode_inflation({"de0": []}, [])["inflation"] is None
+
+
+def test_a_run_leaves_no_model_copy_or_page_pool_alive(tmp_path):
+  """Workers, shards and the cluster refer to each other; close() drops their device arrays so
+  that a job's next run does not stack new copies on top (cycle collection switched off here,
+  as it may not run in time on a GPU)."""
+  import gc
+
+  import jax
+  job = OfflineJob.from_config(small("smoke", modes=("dualpath",)), str(tmp_path))
+  pool_shape = None
+  gc.disable()
+  try:
+    job.run()
+    runtime = job.runtimes[0]
+    max_pages = -(-runtime.max_context_tokens // 64)
+    pool_shape = (job.model_config.num_kv_heads, runtime.decode_batch_size * max_pages + 1, 64,
+                  job.model_config.head_dim)
+    alive = [a.shape for a in jax.live_arrays()]
+  finally:
+    gc.enable()
+  assert pool_shape not in alive
+  embed = (job.model_config.vocab_size, job.model_config.hidden_size)
+  # At most the job's own model (the trained checkpoint may stay cached); no engine's copy.
+  assert alive.count(embed) <= 1

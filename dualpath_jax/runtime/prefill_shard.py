@@ -61,6 +61,11 @@ class PrefillShard:
     """Reused host buffers of layer gathers, per (side, row, layer parity): a layer's buffer is
     free again two layers later, once the layer's compute (which read its H2D copy) finished."""
 
+  def release_device_memory(self) -> None:
+    """Drops this PE's model copy and gather buffers (after its group has stopped)."""
+    self.model = None
+    self._gather_buffers.clear()
+
   def run_batch(self, chunks: list[tuple[TurnRequest, int, int]]) -> float:
     """Prefills `chunks` in one forward; returns its wall time. Sets first_token on last chunks."""
     start = time.perf_counter()
