@@ -54,6 +54,22 @@ def test_primed_turns_records_start_after_the_clock(primed):
       assert all(t0 >= 0 for t0, _, _ in node["reads"] + node["writes"])
 
 
+def test_engine_stage_times_cover_the_timed_forwards(primed):
+  _, summary = primed
+  for run in summary["runs"]:
+    pe, de = run["engine_time_s"]["prefill"], run["engine_time_s"]["decode"]
+    assert set(pe["total"]) >= {"compute", "logits"} and pe["total"]["compute"] > 0
+    assert de["total"]["step"] > 0 and de["total"]["admit"] >= 0
+    # Stages are disjoint slices of a PE thread's forwards: their sum is at most the run's
+    # length per PE (primed turns excluded).
+    for stages in pe["per_engine"].values():
+      assert sum(stages.values()) <= run["jct_s"] + 1e-6
+    if run["mode"] == "oracle":
+      assert "send" not in pe["total"]  # the oracle sends no KV to the DE
+    else:
+      assert pe["total"]["load"] > 0 and pe["total"]["send"] > 0
+
+
 def test_decode_inflation_is_reported_per_run(primed):
   _, summary = primed
   for run in summary["runs"]:

@@ -117,6 +117,9 @@ def _per_mode(summary: Mapping, job_dir: str) -> dict:
              decode_step_median_s={r["mode"]: r.get("decode_step_median_s")
                                    for r in summary["runs"]},
              decode_inflation={r["mode"]: r.get("decode_inflation") for r in summary["runs"]},
+             engine_time_s={r["mode"]: {role: v["total"] for role, v in
+                                        (r.get("engine_time_s") or {}).items()}
+                            for r in summary["runs"]},
              bytes={r["mode"]: r.get("bytes") for r in summary["runs"]},
              snic_balance_mean={r["mode"]: (r.get("snic_balance") or {}).get("mean")
                                 for r in summary["runs"]})

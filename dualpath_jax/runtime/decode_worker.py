@@ -12,6 +12,7 @@ whatever was there) and nothing is persisted.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -49,6 +50,9 @@ class DecodeWorker(threading.Thread):
     self._pending: list[TurnRequest] = []
     self._active: list[TurnRequest] = []
     self._stopping = False
+    self.stage_s: collections.Counter = collections.Counter()
+    """Seconds of this DE's thread per stage: 'admit' (a prompt's KV H2D into its pages),
+    'step' (decode steps), 'persist' (a finished turn's new blocks D2H and handed to the link)."""
     self.step_records: list[tuple[float, float, int]] = []
     """(t_start, t_end, active sequences) of every decode step, perf_counter seconds (for the
     step-time inflation under KV traffic, runtime/metrics.py decode_inflation)."""
@@ -78,7 +82,9 @@ class DecodeWorker(threading.Thread):
         admitted, self._pending = self._pending[:room], self._pending[room:]
       try:
         for request in admitted:
+          start = time.perf_counter()
           self._admit(request)
+          self.stage_s["admit"] += time.perf_counter() - start
         if self._active:
           self._step()
       except BaseException as e:
@@ -124,6 +130,7 @@ class DecodeWorker(threading.Thread):
                                                 place(block_tables), place(seq_lens))
       next_tokens = np.asarray(jnp.argmax(logits, axis=-1))
     self.step_records.append((start, time.perf_counter(), len(self._active)))
+    self.stage_s["step"] += self.step_records[-1][1] - start
     still = []
     now = time.perf_counter()
     for row, request in enumerate(self._active):
@@ -140,6 +147,13 @@ class DecodeWorker(threading.Thread):
 
   def _finish(self, request: TurnRequest) -> None:
     """Persists the turn's completed Full Blocks, frees its pages, ends it when the write commits."""
+    start = time.perf_counter()
+    try:
+      self._persist(request)
+    finally:
+      self.stage_s["persist"] += time.perf_counter() - start
+
+  def _persist(self, request: TurnRequest) -> None:
     pages = self.table.block_tables[request]
     if self.cluster.runtime_config.skips_kv_io:
       self.table = self.table.free(request)

@@ -51,6 +51,9 @@ class OfflineRun:
   """Every decode step's wall time, all DEs."""
   decode_steps: dict[str, list]
   """Per DE: (t_start, t_end, active sequences) of every decode step, relative to the start."""
+  engine_stage_s: dict[str, dict[str, dict[str, float]]]
+  """{'prefill' | 'decode': {engine: {stage: seconds}}}: where each engine's thread spent the
+  run (PrefillShard.stage_s, DecodeWorker.stage_s)."""
   kv_moves: list
   """Every device-side KV move: (t_start, t_end, path, source engine, destination engine)
   relative to the start (runtime.traffic.TrafficManager.move_records)."""
@@ -116,7 +119,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     nonlocal start, marks
     start = time.perf_counter()
     marks = dict(bytes=cluster.bytes_by_path(),
-                 forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()})
+                 forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()},
+                 stages={e.engine.name: dict(e.stage_s) for e in _engines(cluster)})
     for trajectory in trajectories:
       if primed[trajectory.agent_id] < len(trajectory.turns):
         submit(trajectory.agent_id, primed[trajectory.agent_id])
@@ -171,6 +175,10 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       max_prefix_layers_on_pe=max(s.max_resident_layers for s in cluster.prefill_shards),
       decode_step_s=[t1 - t0 for records in steps.values() for t0, t1, _ in records],
       decode_steps=steps,
+      engine_stage_s={role: {e.engine.name: {k: v - marks["stages"][e.engine.name].get(k, 0.0)
+                                             for k, v in e.stage_s.items()} for e in engines}
+                      for role, engines in (("prefill", cluster.prefill_shards),
+                                            ("decode", cluster.decode_workers))},
       kv_moves=[(t0 - start, t1 - start, *rest) for tm in cluster.traffic.values()
                 for t0, t1, *rest in tm.move_records if t0 >= start],
       link_records={i: since(link.read_records) for i, link in cluster.links.items()},
@@ -181,6 +189,10 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
       describe=cluster.describe())
+
+
+def _engines(cluster: Cluster) -> list:
+  return [*cluster.prefill_shards, *cluster.decode_workers]
 
 
 def _record(request: TurnRequest, agent_id: str, start: float, layout: KVLayout) -> dict:

@@ -264,6 +264,14 @@ class OfflineJob:
     return cost
 
 
+def _stage_totals(per_engine: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+  total: dict[str, float] = {}
+  for stages in per_engine.values():
+    for stage, seconds in stages.items():
+      total[stage] = total.get(stage, 0.0) + seconds
+  return total
+
+
 def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float = 0.5) -> dict:
   ttft = [t["times_s"]["first_token"] - t["times_s"]["ready"] for t in run.turns]
   match = None
@@ -281,6 +289,9 @@ def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float =
       ttft_p99_s=float(np.percentile(ttft, 99)) if ttft else None,
       decode_step_median_s=statistics.median(steps) if steps else None,
       decode_inflation=decode_inflation(run.decode_steps, run.kv_moves),
+      # Where each engine's thread spent the run (seconds per stage; PE and DE totals first).
+      engine_time_s={role: dict(total=_stage_totals(engines), per_engine=engines)
+                     for role, engines in run.engine_stage_s.items()},
       max_prefix_layers_on_pe=run.max_prefix_layers_on_pe,
       read_side_counts={side: sum(t["read_side"] == side for t in run.turns)
                         for side in ("pe", "de", "split", "none")},

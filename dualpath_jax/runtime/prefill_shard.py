@@ -15,10 +15,19 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
     the same KV goes to the DE.
   oracle: no read, no H2D, no D2D, no D2H: the prefix KV is uninitialised zeros on the device.
 A request's last chunk gives its first generated token (logits of its last prompt token).
+
+`stage_s` adds up this PE's wall time per stage of its forwards (the thread runs them one after
+another, so together they are the forwards' time): 'begin' (a first chunk's read blocks stacked,
+its prompt-KV array in the DE buffer, the DE-read part merged in), 'load' (prefix KV gathered on
+the host and moved onto the PE over either path), 'compute' (dispatching the layers), 'send'
+(each layer's KV to the DE buffer), 'logits' (the last tokens' logits, which waits for all the
+device work queued before it).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import time
 
@@ -57,9 +66,19 @@ class PrefillShard:
     """Layers of prefix KV on this PE's device now."""
     self.max_resident_layers = 0
     """Most layers of prefix KV ever on this PE's device at once (layerwise: at most 2)."""
+    self.stage_s: collections.Counter = collections.Counter()
+    """Seconds of this PE's forwards per stage (module docstring)."""
     self._gather_buffers: dict[tuple, np.ndarray] = {}
     """Reused host buffers of layer gathers, per (side, row, layer parity): a layer's buffer is
     free again two layers later, once the layer's compute (which read its H2D copy) finished."""
+
+  @contextlib.contextmanager
+  def _stage(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.stage_s[name] += time.perf_counter() - start
 
   def release_device_memory(self) -> None:
     """Drops this PE's model copy and gather buffers (after its group has stopped)."""
@@ -70,9 +89,10 @@ class PrefillShard:
     """Prefills `chunks` in one forward; returns its wall time. Sets first_token on last chunks."""
     start = time.perf_counter()
     config, layout = self.cluster.runtime_config, self.cluster.layout
-    for request, cached, _ in chunks:
-      if cached == request.hit_tokens:
-        self._begin(request)
+    with self._stage("begin"):
+      for request, cached, _ in chunks:
+        if cached == request.hit_tokens:
+          self._begin(request)
     rows = pow2_at_least(len(chunks))
     tp = max(cached for _, cached, _ in chunks)
     tp = pow2_at_least(tp, layout.block_tokens) if tp else 0
@@ -89,7 +109,7 @@ class PrefillShard:
       x = self._layerwise(chunks, rows, tp, *args)
     else:
       x = self._whole(chunks, rows, tp, *args)
-    with self.tm.model_step():
+    with self._stage("logits"), self.tm.model_step():
       logits = last_token_logits_jit(self.model, x, args[2])
       first = np.asarray(jnp.argmax(logits, axis=-1))
     for i, (request, cached, new) in enumerate(chunks):
@@ -216,16 +236,19 @@ class PrefillShard:
   def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
     skip_io = self.cluster.runtime_config.skips_kv_io
     layers = self.model.layers
-    with self.tm.model_step():
+    with self._stage("compute"), self.tm.model_step():
       x = embed_tokens_jit(self.model, tokens)
-    current = self._load_layer(chunks, rows, tp, 0)
+    with self._stage("load"):
+      current = self._load_layer(chunks, rows, tp, 0)
     for l, layer in enumerate(layers):
       # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
-      following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers) else None)
-      with self.tm.model_step():
+      with self._stage("load"):
+        following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers) else None)
+      with self._stage("compute"), self.tm.model_step():
         x, new_kv = prefill_layer_jit(layer, x, current, prefix_len, new_len)
       if not skip_io:
-        self._send_rows(chunks, current, new_kv, 0, l)
+        with self._stage("send"):
+          self._send_rows(chunks, current, new_kv, 0, l)
         current.delete()
       self.resident_layers -= 1
       current = following
@@ -239,11 +262,12 @@ class PrefillShard:
       prefix = self.cluster.zeros_on(
           self.engine, (layout.num_layers, rows, tp, *layout.token_kv_shape))
     else:
-      prefixes = [self._prefix(request, cached, slice(None)) for request, cached, _ in chunks]
-      prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
+      with self._stage("load"):
+        prefixes = [self._prefix(request, cached, slice(None)) for request, cached, _ in chunks]
+        prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
     # Layer by layer over the resident prefix: the same compiled layer as the layerwise path
     # (one whole-model program per shape would compile for minutes on large models).
-    with self.tm.model_step():
+    with self._stage("compute"), self.tm.model_step():
       x = embed_tokens_jit(self.model, tokens)
       new_kv = []
       for l, layer in enumerate(self.model.layers):
@@ -251,7 +275,8 @@ class PrefillShard:
         new_kv.append(kv)
       new_kv = jnp.stack(new_kv)
     if not skip_io:
-      self._send_rows(chunks, prefix, new_kv, 1, slice(None))
+      with self._stage("send"):
+        self._send_rows(chunks, prefix, new_kv, 1, slice(None))
       prefix.delete()
     self.resident_layers = 0
     return x
