@@ -6,6 +6,7 @@
 #   OUT=/path bash scripts/gpu_bench_call.sh micro e2e:1P3D:6.25e9 e2e:2P2D:0
 #
 # Parts: 'micro' = ceilings, data plane and engine (configs/gpu_bench.py:h100x4, ~2-3 min);
+# 'hostcopy' = scripts/bench_host_copy.py at 1-16 copy threads (< 1 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4. Seconds per part: PART_LIMIT_S (default 280; micro 200).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
@@ -41,6 +42,11 @@ print("gather" if pallas and all("error" in r for r in pallas) else "pallas")
 EOF
 )
       echo "end-to-end decode attention: $paged"
+      ;;
+    hostcopy)
+      timeout 120 python3 scripts/bench_host_copy.py --threads=1,2,4,8,16 \
+          --out="$OUT/host_copy.json" > "$OUT/host_copy.log" 2>&1
+      echo "hostcopy: exit $?"
       ;;
     e2e:*)
       IFS=: read -r _ topology cap <<< "$part"

@@ -9,6 +9,8 @@
   block_store  KVBlockStore: Full Blocks by (namespace, hash) on zarr3; verified batched reads that
                return None for a missing or corrupt block, idempotent writes visible only once
                committed, longest cached prefix
+  host_copy    large host-memory copies (stack, gather, transpose) split over a shared pool of
+               threads
 A storage link (transfer/) reads a turn's hit blocks with `read_blocks_async` into a node's host
 buffer; a decode engine persists each completed block with `write_blocks`.
 """

@@ -24,6 +24,8 @@ import dataclasses
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from dualpath_jax.kvstore import host_copy
+
 DEFAULT_BLOCK_TOKENS = 64
 
 
@@ -118,7 +120,8 @@ class KVLayout:
     # element, several times slower than a byte copy.
     raw = np.ascontiguousarray(kv).view(np.uint8).reshape(self.num_layers, n, self.block_tokens,
                                                            -1)
-    return np.ascontiguousarray(raw.transpose(1, 0, 2, 3)).reshape(n, *self.full_block_shape)
+    out = np.empty((n, *raw.shape[:1], *raw.shape[2:]), np.uint8)
+    return host_copy.copy(out, raw.transpose(1, 0, 2, 3)).reshape(n, *self.full_block_shape)
 
   def full_blocks_as_kv(self, blocks: np.ndarray) -> np.ndarray:
     """[n, L, B, W] uint8 -> [n, L, B, 2, H, D] model dtype: a view, no copy."""
@@ -130,7 +133,8 @@ class KVLayout:
   def full_blocks_to_kv(self, blocks: np.ndarray) -> np.ndarray:
     """[n, L, B, W] uint8 -> [L, n*B, 2, H, D] model KV (one transpose copy)."""
     self.check_full_blocks(blocks)
-    raw = np.ascontiguousarray(blocks.transpose(1, 0, 2, 3))  # a byte copy (see kv_to_full_blocks)
+    src = blocks.transpose(1, 0, 2, 3)  # a byte copy (see kv_to_full_blocks)
+    raw = host_copy.copy(np.empty(src.shape, np.uint8), src)
     return raw.view(self.np_dtype).reshape(self.num_layers, blocks.shape[0] * self.block_tokens,
                                            *self.token_kv_shape)
 
@@ -148,12 +152,14 @@ class KVLayout:
     buffer (one copy of 1/L of the blocks' bytes). `out`, a reused uint8 buffer of at least
     n * B * W bytes, saves the fresh allocation, whose first-touch page faults made the gather
     several times slower than the copy itself (3.3 GB/s on the 4x H200 host, 2026-11-27).
+    Large gathers are split over host_copy's threads.
     """
     self.check_full_blocks(blocks)
+    shape = (blocks.shape[0], self.block_tokens, self.token_layer_bytes)
     if out is None:
-      raw = np.ascontiguousarray(blocks[:, layer])  # a byte copy (see kv_to_full_blocks)
+      raw = np.empty(shape, np.uint8)  # a byte copy (see kv_to_full_blocks)
     else:
       raw = out.reshape(-1)[:blocks.shape[0] * self.block_tokens * self.token_layer_bytes]
-      raw = raw.reshape(blocks.shape[0], self.block_tokens, self.token_layer_bytes)
-      np.copyto(raw, blocks[:, layer])
+      raw = raw.reshape(shape)
+    host_copy.copy(raw, blocks[:, layer])  # split over host_copy's threads when large
     return raw.view(self.np_dtype).reshape(-1, *self.token_kv_shape)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualpath_jax.kvstore import host_copy
 from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, pow2_at_least,
                                         prefill_layer_jit)
 from dualpath_jax.runtime.request import TurnRequest
@@ -131,7 +132,7 @@ class PrefillShard:
       if any(b is None for b in blocks):
         raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
                            "read back; the runtime does not yet re-plan a shrunken hit")
-      request.blocks[side] = np.stack(blocks)
+      request.blocks[side] = host_copy.stack(blocks)
     if self.cluster.runtime_config.skips_kv_io:
       return
     request.prompt_kv = request.de_reservation.hold(

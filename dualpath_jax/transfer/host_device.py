@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Sharding
 
+from dualpath_jax.kvstore import host_copy
 from dualpath_jax.transfer.device_move import Destination, destination_sharding
 
 PINNED_HOST = "pinned_host"
@@ -83,6 +84,5 @@ def device_to_host(x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
     if out.shape != x.shape or out.dtype != x.dtype:
       raise ValueError(f"out: expected {x.dtype} {list(x.shape)}, "
                        f"got {out.dtype} {list(out.shape)}")
-    out[...] = np.asarray(x)
-    return out
+    return host_copy.copy(out, np.asarray(x))
   return np.array(x, copy=True)

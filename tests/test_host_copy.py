@@ -1,0 +1,60 @@
+"""host_copy: split copies give numpy's results exactly, on views too, and report bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dualpath_jax.kvstore import KVLayout, host_copy
+from dualpath_jax.model import get_preset
+
+
+@pytest.fixture(params=["inline", "split"])
+def mode(request, monkeypatch):
+  if request.param == "split":  # every copy goes through the pool, over 3 parts
+    monkeypatch.setattr(host_copy, "MIN_PARALLEL_BYTES", 0)
+    monkeypatch.setenv("DUALPATH_COPY_THREADS", "3")
+  return request.param
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 7), step=st.integers(1, 3))
+def test_copy_equals_copyto_on_strided_views(rows, cols, step):
+  for threshold in (0, 1 << 30):  # split and inline, whatever the fixture-free default
+    host_copy.MIN_PARALLEL_BYTES, saved = threshold, host_copy.MIN_PARALLEL_BYTES
+    try:
+      src = np.arange(rows * cols * 4, dtype=np.int32).reshape(rows, cols * 4)[:, ::step]
+      dst = np.zeros((rows, cols * 4), np.int32)[:, ::step]
+      host_copy.copy(dst, src)
+      np.testing.assert_array_equal(dst, src)
+    finally:
+      host_copy.MIN_PARALLEL_BYTES = saved
+
+
+def test_stack_equals_np_stack(mode):
+  arrays = [np.full((3, 5), i, np.uint8) for i in range(7)]
+  np.testing.assert_array_equal(host_copy.stack(arrays), np.stack(arrays))
+
+
+def test_layout_copies_are_unchanged(mode):
+  layout = KVLayout.for_model(get_preset("tiny", dtype="float32"))
+  rng = np.random.default_rng(0)
+  blocks = rng.integers(0, 255, (5, *layout.full_block_shape), dtype=np.uint8)
+  kv = layout.full_blocks_to_kv(blocks)
+  np.testing.assert_array_equal(layout.kv_to_full_blocks(kv), blocks)
+  out = np.empty(blocks.shape[0] * layout.layer_block_bytes, np.uint8)
+  for layer in range(layout.num_layers):
+    np.testing.assert_array_equal(layout.layer_kv(blocks, layer, out=out), kv[layer])
+    np.testing.assert_array_equal(layout.layer_kv(blocks, layer), kv[layer])
+
+
+def test_bad_input_is_reported(mode, monkeypatch):
+  with pytest.raises(ValueError, match="differ in shape"):
+    host_copy.copy(np.zeros((2, 3)), np.zeros((3, 2)))
+  with pytest.raises(ValueError, match="array 2 has shape"):
+    host_copy.stack([np.zeros(3), np.zeros(3), np.zeros(4)])
+  with pytest.raises(ValueError, match="no arrays"):
+    host_copy.stack([])
+  monkeypatch.setenv("DUALPATH_COPY_THREADS", "many")
+  with pytest.raises(ValueError, match="DUALPATH_COPY_THREADS"):
+    host_copy.workers()
