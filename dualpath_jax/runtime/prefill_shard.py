@@ -9,8 +9,8 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
     flight before layer l computes, so the PE holds at most two layers of prefix KV:
       PE path  PE node buffer --H2D--> PE device
       DE path  DE node buffer --H2D--> DE device --D2D--> PE device
-    after layer l, each row's new KV goes on to its DE node buffer (and, on a first chunk, the
-    PE-read part of its hit, which the DE buffer does not hold yet).
+    after layer l, each row's new KV goes D2H from the PE straight into its DE node buffer (and,
+    on a first chunk, the PE-read part of its hit, which the DE buffer does not hold yet).
   whole (basic): every layer's prefix KV goes H2D before the forward starts; after the whole model
     the same KV goes to the DE.
   oracle: no read, no H2D, no D2D, no D2H: the prefix KV is uninitialised zeros on the device.
@@ -189,14 +189,18 @@ class PrefillShard:
 
   def _send(self, request: TurnRequest, x: jax.Array, row: int, count: int, dst_start: int,
             batch_axis: int, layers) -> None:
-    """Tokens [0, count) of batch row `row` of x -> the DE -> the request's prompt KV in the DE
-    buffer at [dst_start, dst_start + count) (x: [B, T, ...] for one layer, [L, B, T, ...])."""
-    de_engine, de_tm = self._de(request)
+    """Tokens [0, count) of batch row `row` of x -> the request's prompt KV in the DE buffer at
+    [dst_start, dst_start + count) (x: [B, T, ...] for one layer, [L, B, T, ...]).
+
+    One D2H from this PE's device into the DE node's buffer: the paper's steps (5)-(7) (the PE's
+    CNIC reads HBM, the DE's CNIC writes DE DRAM) never touch the DE's GPU. Routing it through
+    the DE's device (D2D, then D2H there) queued it with the decode steps' own copies and made
+    them up to 2x slower (4x H200, docs/perf/gpu_bench.md).
+    """
     part = _row_slice(x, row, 0, count, batch_axis)
     out = request.prompt_kv[layers]
     dst = slice(dst_start, dst_start + count)
-    de_tm.d2h(self.tm.d2d(part, de_engine), out=out[:, dst] if batch_axis else out[dst])
-    request.add_bytes("d2d", part.nbytes)
+    self.tm.d2h(part, out=out[:, dst] if batch_axis else out[dst])
     request.add_bytes("d2h", part.nbytes)
 
   def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> None:
