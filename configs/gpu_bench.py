@@ -127,10 +127,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.end_to_end.runtime.update(compute_quota_s=0.3, max_batch_requests=4, token_budget=8192,
                                 host_buffer_bytes=48 << 30, decode_batch_size=16,
                                 max_context_tokens=24576, kv_chunk_bytes=64 << 20,
-                                # The priority gate off: with it, every piece of every per-layer
-                                # handoff waited up to 50 ms on a DE decoding back to back
-                                # (seconds per request; runtime/config.py). Its cost, decode
-                                # step-time inflation, is measured instead.
+                                # The priority gate off, as measured on 4x H200 (record 2 of
+                                # docs/perf/gpu_bench.md): then a piece waited for a moment with
+                                # no step, up to 50 ms, on a DE decoding back to back. It now
+                                # waits for the running step only; compare with
+                                # --config.end_to_end.runtime.kv_max_wait_s=0.05.
                                 kv_max_wait_s=0.0)
     c.end_to_end.workload.update(length_jitter=0.2)
     c.end_to_end.model.update(attention="cudnn", paged_attention="pallas")

@@ -123,6 +123,29 @@ def test_kv_moves_wait_for_model_steps(topo):
     tm.h2d(np.ones((4, 4), np.float32))
 
 
+def test_kv_waits_for_the_running_step_only(topo):
+  """Back-to-back steps leave no instant without a step; a KV piece still goes once the step
+  that was running when it arrived ends, not after all of them."""
+  pe = topo.prefill_engines[0]
+  tm = TrafficManager(pe, config=TrafficConfig(max_kv_wait_s=30.0))
+  started, log = threading.Event(), []
+
+  def steps():
+    for i in range(8):
+      with tm.model_step():
+        started.set()
+        time.sleep(0.05)
+        log.append(f"step{i}")
+
+  thread = threading.Thread(target=steps)
+  thread.start()
+  started.wait()
+  tm.h2d(np.ones((4, 4), np.float32))
+  log.append("kv")
+  thread.join()
+  assert log.index("kv") < log.index("step7"), log
+
+
 def test_pinned_staging_path(topo):
   """The GPU H2D path (stage into pinned_host, then device), run where CPU offers the kind."""
   engine = topo.decode_engines[1]

@@ -71,10 +71,9 @@ class RuntimeConfig:
   kv_chunk_bytes: int = 4 << 20
   """Largest piece of a KV move the traffic manager issues at once."""
   kv_max_wait_s: float = 0.05
-  """Longest a KV piece waits for a gap in its engine's model steps (TrafficConfig.max_kv_wait_s);
-  0 turns the priority gate off. Each piece of every per-layer move pays up to this wait while
-  the engine steps back to back, so on a busy DE it bounds the KV rate (measured on 4x H200:
-  the default made prefill-to-DE handoff take seconds per request; runtime/traffic.py)."""
+  """Longest a KV piece waits for the model steps running on its engine to end
+  (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move
+  may pay up to one step on a busy DE (runtime/traffic.py)."""
 
   def __post_init__(self):
     if self.mode not in MODES:

@@ -4,10 +4,11 @@ The paper routes all of a GPU's traffic through its paired compute NIC and puts 
 low-priority InfiniBand virtual lane, so KV uses the links only when model communication leaves
 them idle. On one host there are no virtual lanes to configure; what this class does instead:
 
-  * priority gate: a model step runs inside `with tm.model_step():`. A KV move that would start
-    while a step is active waits for the gap, at most `max_kv_wait_s` per chunk (the low lane's
-    reserved share: KV is delayed, never starved). Moves issued from inside a step by the step's
-    own thread go at once (layerwise prefill pulling its next layer; waiting would deadlock).
+  * priority gate: a model step runs inside `with tm.model_step():`. A KV piece that would start
+    while steps are active waits until those steps have ended (a later step that starts
+    meanwhile does not hold it again), at most `max_kv_wait_s` (the low lane's reserved share:
+    KV is delayed, never starved). Moves issued from inside a step by the step's own thread go
+    at once (layerwise prefill pulling its next layer; waiting would deadlock).
   * chunking: H2D, D2H and D2D moves are split along axis 0 into pieces of at most `chunk_bytes`,
     and each piece waits for the previous one to land before it is issued, so a model step queued
     on the device waits behind at most one chunk (JAX dispatch is asynchronous: without this every
@@ -22,9 +23,11 @@ them idle. On one host there are no virtual lanes to configure; what this class 
 What it does not do: it cannot preempt a transfer already issued, does not shape bandwidth (the
 storage links emulate NIC speeds; see storage_link.py), and does not emulate IB virtual lanes or
 PCIe QoS. Store reads and writes do not touch the device, so they are not gated, only counted.
-Cost of the gate: a DE that steps back to back leaves gaps shorter than a thread switch, so each
-piece tends to wait the full max_kv_wait_s; per-layer moves of a handoff then take seconds per
-request (measured on 4x H200, docs/perf/gpu_bench.md). runtime.kv_max_wait_s sets it (0 = off).
+Cost of the gate: until 2026-11-27 a piece waited for an instant with no step active; a DE that
+steps back to back leaves gaps shorter than a thread switch, so each piece waited the full
+max_kv_wait_s and per-layer moves took seconds per request (4x H200, docs/perf/gpu_bench.md).
+Now a piece waits at most for the steps running when it arrived. runtime.kv_max_wait_s sets
+the cap (0 = gate off).
 Its cost is measured as decode step-time inflation, by the benchmarks.
 """
 
@@ -90,6 +93,7 @@ class TrafficManager:
     self.config = config or TrafficConfig()
     self._cond = threading.Condition()
     self._active_steps = 0
+    self._ended_steps = 0
     self._local = threading.local()
     self._bytes_by_path = collections.Counter({p: 0 for p in PATHS})
     self._bytes_by_link: collections.Counter = collections.Counter()
@@ -113,6 +117,7 @@ class TrafficManager:
       self._local.depth -= 1
       with self._cond:
         self._active_steps -= 1
+        self._ended_steps += 1
         self._cond.notify_all()
 
   def _wait_for_gap(self) -> None:
@@ -121,7 +126,9 @@ class TrafficManager:
     t0 = time.perf_counter()
     deadline = t0 + self.config.max_kv_wait_s
     with self._cond:
-      while self._active_steps and (remaining := deadline - time.perf_counter()) > 0:
+      # Steps end in any order, but every step active now ends before the count reaches this.
+      target = self._ended_steps + self._active_steps
+      while self._ended_steps < target and (remaining := deadline - time.perf_counter()) > 0:
         self._cond.wait(remaining)
       self._kv_wait_s += time.perf_counter() - t0
       self._kv_chunks += 1
