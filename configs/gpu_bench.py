@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       preset="qwen2.5-7b",  # KV geometry (28 layers, 4 KV heads, head dim 128)
       dtype="bfloat16",
       prefix_tokens=32768,
-      variants=("transfer", "traffic"),
+      variants=("transfer", "transfer_direct", "traffic"),
       components=True,
       repeats=3, warmup=1,
       target_ratio=0.90))

@@ -70,14 +70,16 @@ def test_data_plane(smoke):
   d = smoke[0]["data_plane"]
   assert d["bytes"] == d["prefix_tokens"] * 28 * 2 * 4 * 128 * 2  # qwen2.5-7b KV, bf16
   rows = {(r["k"], r["variant"]): r for r in d["rows"]}
-  assert set(rows) == {(k, v) for k in range(4) for v in ("transfer", "traffic")}
+  assert set(rows) == {(k, v) for k in range(4)
+                       for v in ("transfer", "transfer_direct", "traffic")}
   for r in rows.values():
     assert "error" not in r, r
     # On CPU a "device" is host RAM and host_to_device may alias numpy, so the data plane can
     # beat the pinned-copy "ceiling": only the ratio's sign and rough size are checked here.
     assert positive(r["gbps"]) and 0 < r["ratio"] < 10 and isinstance(r["met"], bool)
     assert sum(r["blocks_per_path"]) == d["num_blocks"]
-  assert all(positive(d["components"][k]) for k in ("gather_gbps", "h2d_gbps", "d2d_gbps"))
+  assert all(positive(d["components"][k])
+             for k in ("gather_gbps", "h2d_gbps", "h2d_direct_gbps", "d2d_gbps"))
 
 
 def test_engine(smoke):
@@ -216,12 +218,13 @@ def test_data_plane_on_one_and_two_devices():
   one = data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, ceiling_gbps={0: 1.0},
                                       log=lambda line: None)
-  assert [(r["k"], r["variant"]) for r in one["rows"]] == [(0, "transfer")]
+  assert [(r["k"], r["variant"]) for r in one["rows"]] == [(0, "transfer"),
+                                                           (0, "transfer_direct")]
   assert one["skipped"][0]["variant"] == "traffic" and "d2d_gbps" not in one["components"]
   two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, components=False,
                                       log=lambda line: None)
   assert [(r["k"], r["variant"]) for r in two["rows"]] == [
-      (0, "transfer"), (0, "traffic"), (1, "transfer"), (1, "traffic")]
+      (k, v) for k in (0, 1) for v in ("transfer", "transfer_direct", "traffic")]
   assert all(positive(r["gbps"]) and "ratio" not in r for r in two["rows"])
-  assert [r["blocks_per_path"] for r in two["rows"]][2] == [4, 4]
+  assert [r["blocks_per_path"] for r in two["rows"]][3] == [4, 4]

@@ -10,7 +10,8 @@ one Python thread a path, layer after layer:
   DE path (GPU i)  layout.layer_kv -> H2D onto DE i -> D2D onto the PE
 
 Variants: 'transfer' calls transfer.host_to_device (pinned staging where the backend has it;
-copy=False, the gathered buffer is fresh) and the DevicePutMover directly; 'traffic' goes through
+copy=False, the gathered buffer is fresh) and the DevicePutMover directly; 'transfer_direct' the
+same with staging='direct' (jax.device_put from the gathered buffer itself); 'traffic' goes through
 one runtime.traffic.TrafficManager per engine with its default chunking, as the PE worker does.
 Achieved GB/s = all L layers' bytes over the time until every layer has landed on the PE; its
 ratio to the raw ingest ceiling with the same k (ceilings.py) says how much of the hardware the
@@ -31,7 +32,7 @@ from dualpath_jax.bench import hardware
 from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.kvstore.layout import KVLayout
 
-VARIANTS = ("transfer", "traffic")
+VARIANTS = ("transfer", "transfer_direct", "traffic")
 
 
 def _delete(arrays) -> None:
@@ -139,15 +140,18 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
 
 def _path_runner(variant, layout, pe, des, mover, engines, host_to_device):
   """fn(path, part_blocks) -> the part's L layers on the PE (list of device arrays)."""
-  if variant == "transfer":
+  if variant in ("transfer", "transfer_direct"):
+    staging = "direct" if variant == "transfer_direct" else "auto"
+
     def run_path(p, part):
       out = []
       for layer in range(layout.num_layers):
         host = layout.layer_kv(part, layer)  # fresh buffer: nobody writes it again
         if p == 0:
-          out.append(host_to_device(host, pe, copy=False))
+          out.append(host_to_device(host, pe, copy=False, staging=staging))
         else:
-          out.append(mover.move(host_to_device(host, des[p - 1], copy=False), pe))
+          out.append(mover.move(host_to_device(host, des[p - 1], copy=False, staging=staging),
+                                pe))
       return out
     return run_path
 
@@ -183,6 +187,9 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
   s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False) for h in layers],
                         repeats, warmup, cleanup=_delete)
   out["h2d_gbps"] = total / s / 1e9
+  s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False, staging="direct")
+                                 for h in layers], repeats, warmup, cleanup=_delete)
+  out["h2d_direct_gbps"] = total / s / 1e9
   if des:
     on_de = [host_to_device(h, des[0], copy=False) for h in layers]
     s, _ = median_seconds(lambda: [mover.move(x, pe) for x in on_de], repeats, warmup,
@@ -190,7 +197,8 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
     out["d2d_gbps"] = total / s / 1e9
     _delete(on_de)
   out["note"] = ("one thread, all layers: gather = layout.layer_kv on the host; h2d = "
-                 "transfer.host_to_device of the gathered layers onto the PE; d2d = "
+                 "transfer.host_to_device of the gathered layers onto the PE (h2d_direct: "
+                 "staging='direct'); d2d = "
                  "DevicePutMover from DE 0 to the PE")
   log("data_plane: components (one thread) " + ", ".join(
       f"{k} {v:.2f}" for k, v in out.items() if k.endswith("gbps")) + " GB/s")

@@ -113,8 +113,10 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
                 f">= {d.get('target_ratio')} of ceiling", _status(r.get("met"))))
   comp = d.get("components") or {}
   if comp:
-    out.append(("data_plane", "components, one thread: gather / H2D / D2D",
-                " / ".join(_gb(comp.get(k)) for k in ("gather_gbps", "h2d_gbps", "d2d_gbps")),
+    keys = ("gather_gbps", "gather_reused_buffer_gbps", "h2d_gbps", "h2d_direct_gbps",
+            "d2d_gbps")
+    out.append(("data_plane", "components, one thread: gather fresh / reused buffer / H2D "
+                "staged / direct / D2D", " / ".join(_gb(comp.get(k)) for k in keys),
                 "info", "—"))
 
   e = doc.get("engine") or {}

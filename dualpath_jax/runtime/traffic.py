@@ -61,6 +61,8 @@ class TrafficConfig:
   """Largest piece of one KV move issued at once; a model step waits behind at most one piece."""
   max_kv_wait_s: float = 0.05
   """Longest a KV piece waits for a gap in model work before it goes anyway."""
+  h2d_staging: str = "auto"
+  """transfer.host_to_device's staging for H2D moves: 'auto', 'pinned' or 'direct'."""
 
   def __post_init__(self):
     if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
@@ -68,6 +70,9 @@ class TrafficConfig:
       raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
     if not self.max_kv_wait_s >= 0:
       raise ValueError(f"max_kv_wait_s must be >= 0, got {self.max_kv_wait_s!r}")
+    if self.h2d_staging not in host_device.STAGING_MODES:
+      raise ValueError(f"h2d_staging: expected one of {list(host_device.STAGING_MODES)}, got "
+                       f"{self.h2d_staging!r}")
 
 
 @jax.jit
@@ -155,7 +160,8 @@ class TrafficManager:
     host_array = np.asarray(host_array)
     dst = self.engine if dst is None else dst
     pieces = self._chunked(host_array.shape, host_array.itemsize,
-                           lambda rows: host_device.host_to_device(host_array[rows], dst),
+                           lambda rows: host_device.host_to_device(
+                               host_array[rows], dst, staging=self.config.h2d_staging),
                            "h2d", f"host:{self._name(dst)}", host_array.nbytes,
                            ("host", self._name(dst)))
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
