@@ -2,7 +2,10 @@
 step-time inflation metric that the GPU benchmark's end-to-end jobs report."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from dualpath_jax.runtime.cluster import ADMIT_BUCKETS_PER_OCTAVE, admit_tokens
 from dualpath_jax.runtime.metrics import decode_inflation
 from dualpath_jax.runtime.offline_job import OfflineJob
 from test_offline_job import small
@@ -134,3 +137,16 @@ def test_a_run_leaves_no_model_copy_or_page_pool_alive(tmp_path):
   embed = (job.model_config.vocab_size, job.model_config.hidden_size)
   # At most the job's own model (the trained checkpoint may stay cached); no engine's copy.
   assert alive.count(embed) <= 1
+
+
+@given(tokens=st.integers(1, 1 << 20), block=st.sampled_from([16, 64]))
+def test_admitted_prompt_rows_are_whole_pages_with_at_most_an_eighth_more(tokens, block):
+  rows = admit_tokens(tokens, block)
+  pages = -(-tokens // block)
+  assert rows % block == 0 and rows >= tokens and rows // block <= pages * 9 // 8 + 1
+
+
+def test_admitted_prompt_sizes_are_few_per_power_of_two():
+  for octave in range(1, 12):
+    sizes = {admit_tokens(p * 64, 64) for p in range(2 ** (octave - 1) + 1, 2 ** octave + 1)}
+    assert len(sizes) <= ADMIT_BUCKETS_PER_OCTAVE

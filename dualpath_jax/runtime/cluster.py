@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from dualpath_jax.engines.topology import build_topology
 from dualpath_jax.kvstore.block_store import KVBlockStore
 from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.model.prefill import pow2_at_least
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.decode_worker import DecodeWorker
 from dualpath_jax.runtime.global_scheduler import GlobalScheduler
@@ -30,6 +31,20 @@ from dualpath_jax.runtime.storage_link import StorageLink, StorageLinkConfig
 from dualpath_jax.runtime.traffic import TrafficConfig, TrafficManager
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.transfer.device_move import make_mover
+
+ADMIT_BUCKETS_PER_OCTAVE = 8
+"""A prompt's KV sits in the DE buffer, and moves onto the DE, padded to one of this many page
+counts per power of two (at most 12.5% padding): a bounded number of compiled page writes. (A
+power of two, as before, moved up to twice the prompt's bytes over H2D: 41 GB of H2D for 16 GB of
+reads in a 2P2D run on 4x H200.)"""
+
+def admit_tokens(prompt_tokens: int, block_tokens: int) -> int:
+  """Whole pages of `block_tokens` for `prompt_tokens`, rounded up to a multiple of
+  pow2(pages) / (2 * ADMIT_BUCKETS_PER_OCTAVE) pages; returned in tokens."""
+  pages = -(-prompt_tokens // block_tokens)
+  step = max(1, pow2_at_least(pages) // (2 * ADMIT_BUCKETS_PER_OCTAVE))
+  return -(-pages // step) * step * block_tokens
+
 
 BETA_PROBE_TOKENS = 512
 """beta's prefill rate is the cost model's at this many new tokens on half the longest context."""
@@ -83,6 +98,10 @@ class Cluster:
     return (f"{c.mode} on {self.topology.config.name} ({len(self.topology.nodes)} nodes); "
             f"{self.scheduler.describe()}; batching={c.batching}; links: "
             f"{self.links[0].describe()}; mover: {c.mover}")
+
+  def admit_tokens(self, prompt_tokens: int) -> int:
+    """Token rows of a prompt's KV array in the DE buffer (module function admit_tokens)."""
+    return admit_tokens(prompt_tokens, self.layout.block_tokens)
 
   def decode_bytes_for(self, tokens: int) -> int:
     """DE page-pool bytes a sequence of `tokens` occupies (whole pages)."""

@@ -22,12 +22,8 @@ import numpy as np
 
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.model import paged
-from dualpath_jax.model.prefill import pad_axis, pow2_at_least
+from dualpath_jax.model.prefill import pow2_at_least
 from dualpath_jax.runtime.request import TurnRequest
-
-
-ADMIT_PAGE_BUCKET = 16
-"""A prompt's KV moves onto the DE padded to a multiple of this many pages."""
 
 
 class DecodeWorker(threading.Thread):
@@ -98,14 +94,13 @@ class DecodeWorker(threading.Thread):
     self.table = self.table.allocate(request, request.prompt_tokens)
     pages = self.table.block_tables[request]
     if not self.cluster.runtime_config.skips_kv_io:
-      # Page count rounded up to ADMIT_PAGE_BUCKET: a bounded number of compiles. (A power of
-      # two, as before, moved up to twice the prompt's bytes over H2D: 41 GB of H2D for 16 GB of
-      # reads in a 2P2D run on 4x H200.)
-      n = -(-len(pages) // ADMIT_PAGE_BUCKET) * ADMIT_PAGE_BUCKET
+      # The buffer's array is already padded to whole pages (Cluster.admit_tokens): it moves as
+      # it is, and the padding pages are written to the scratch page.
+      n = request.prompt_kv.shape[1] // self.block_tokens
       page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
       page_ids[:len(pages)] = pages
-      kv = self.tm.h2d(pad_axis(request.prompt_kv, n * self.block_tokens, 1))
-      request.add_bytes("h2d", kv.nbytes)  # what moved: padded to a power-of-two page count
+      kv = self.tm.h2d(request.prompt_kv)
+      request.add_bytes("h2d", kv.nbytes)  # what moved, padding included
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
       request.prompt_kv = None
       request.de_reservation.release()

@@ -270,7 +270,7 @@ class GlobalScheduler:
     pe = cluster.topology.prefill_engines[request.prefill_engine]
     de = cluster.topology.decode_engines[request.decode_engine]
     pe_blocks, de_blocks = request.read_split
-    prompt_bytes = request.prompt_tokens * layout.kv_bytes_per_token
+    prompt_bytes = cluster.admit_tokens(request.prompt_tokens) * layout.kv_bytes_per_token
     de_buffer = cluster.buffers[de.node_id]
     if de_blocks and prompt_bytes + de_blocks * layout.full_block_bytes > de_buffer.capacity_bytes:
       # The DE buffer would hold its prompt KV and its hit blocks: more than it can ever hold.

@@ -135,13 +135,17 @@ class PrefillShard:
       request.blocks[side] = host_copy.stack(blocks)
     if self.cluster.runtime_config.skips_kv_io:
       return
+    # Padded to whole pages (Cluster.admit_tokens), so that the DE moves it as it is; the tail is
+    # zeros, which masked attention slots need (model/paged.py).
+    rows = self.cluster.admit_tokens(request.prompt_tokens)
     request.prompt_kv = request.de_reservation.hold(
-        np.empty((layout.num_layers, request.prompt_tokens, *layout.token_kv_shape),
-                 layout.np_dtype))
+        np.empty((layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype))
+    request.prompt_kv[:, request.prompt_tokens:] = 0
     if "de" in request.blocks:  # the DE-read hit KV is in the DE buffer already: merge it
       start = request.read_split[0] * layout.block_tokens
-      request.prompt_kv[:, start:request.hit_tokens] = layout.full_blocks_to_kv(
-          request.blocks["de"])
+      for layer in range(layout.num_layers):  # straight into place: no temporary array
+        dst = request.prompt_kv[layer, start:request.hit_tokens]
+        layout.layer_kv(request.blocks["de"], layer, out=dst.view(np.uint8).reshape(-1))
 
   def _de(self, request: TurnRequest):
     de_engine = self.cluster.topology.decode_engines[request.decode_engine]
