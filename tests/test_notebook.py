@@ -136,10 +136,10 @@ def test_notebook_runs_on_smoke(smoke, tmp_path, monkeypatch):
 def test_turn_segments():
   times = dict(ready=1.0, placed=1.0, read_start=1.5, read_done=2.5, prefill_start=3.0,
                prefill_done=3.25, first_token=3.5)
-  assert op.turn_segments(times) == dict(queueing=0.5, kv_read=1.0, read_to_prefill=0.5,
+  assert op.turn_segments(times) == dict(queueing=0.5, read=1.0, read_to_prefill=0.5,
                                          prefill=0.25, handoff=0.25)
   no_read = dict(ready=0.0, prefill_start=0.5, prefill_done=1.0, first_token=1.25)
-  assert op.turn_segments(no_read) == dict(queueing=0.5, kv_read=0.0, read_to_prefill=0.0,
+  assert op.turn_segments(no_read) == dict(queueing=0.5, read=0.0, read_to_prefill=0.0,
                                            prefill=0.5, handoff=0.25)
   assert op.turn_segments(dict(ready=0.0, prefill_start=0.5)) is None
 

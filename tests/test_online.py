@@ -18,7 +18,8 @@ from dualpath_jax.engines.topology import TopologyConfig
 from dualpath_jax.kvstore import KVBlockStore, KVLayout, StoreSpec
 from dualpath_jax.model import get_preset, weights
 from dualpath_jax.runtime.config import RuntimeConfig
-from dualpath_jax.runtime.online import BREAKDOWN, Slo, arrival_times, run_online, turn_metrics
+from dualpath_jax.runtime.metrics import TTFT_SEGMENTS
+from dualpath_jax.runtime.online import Slo, arrival_times, run_online, turn_metrics
 from dualpath_jax.runtime.online_job import OnlineJob
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload import simple_trajectories
@@ -106,7 +107,7 @@ def test_every_turn_of_every_finished_agent_is_recorded_once(cli_run):
 
 def _check_turn(t: dict) -> None:
   parts = t["ttft_breakdown_s"]
-  assert set(parts) == set(BREAKDOWN)
+  assert set(parts) == set(TTFT_SEGMENTS)
   assert all(v >= 0 for v in parts.values())
   assert t["ttft_s"] == pytest.approx(sum(parts.values()), abs=EPS)
   assert t["ttft_s"] + EPS >= parts["queueing"] + parts["read"] + parts["prefill"]

@@ -6,13 +6,9 @@
   paths = write_offline_plots(workdir)   # jct.png, ttft_breakdown.png, timeline.png,
                                          # links_<mode>.png, each in the workdir
 
-TTFT breakdown of one turn (turns.jsonl times, seconds from the run's start):
-  queueing         ready -> read_start (a turn without a read: ready -> prefill_start)
-  kv_read          read_start -> read_done (the storage link's queue and transfer)
-  read_to_prefill  read_done -> prefill_start (waiting for a PE batch; 0 if prefill started first)
-  prefill          prefill_start -> prefill_done (every chunk of a chunked prefill)
-  handoff          prefill_done -> first_token (KV to the DE, decode start)
-Without overlap the five add up to the TTFT; the figure marks the mean TTFT as well.
+TTFT breakdown of one turn (turns.jsonl times, seconds from the run's start): runtime/metrics.py
+TTFT_SEGMENTS from the turn's 'ready' stamp (queueing, read, read_to_prefill, prefill, handoff);
+they add up to the TTFT, and the figure marks the mean TTFT as well.
 
 Figures are matplotlib Figures on the Agg canvas, built without pyplot: no global state and
 nothing to close, so scripts, tests and notebooks share them.
@@ -31,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dualpath_jax.runtime.metrics import TTFT_SEGMENTS, ttft_segments
+
 if TYPE_CHECKING:
   from matplotlib.figure import Figure
 
@@ -40,12 +38,12 @@ PAPER_ABLATION = {"basic": 0.0, "+layerwise": -0.1721, "+dual_path": -0.3819,
                   "+scheduling": -0.4562}
 PAPER_ABLATION_SETTING = ("PAPER.md 6.9 (Fig. 12 right): offline, DS 660B, 64K MAL, 1024 and 2048 "
                           "agents, average JCT reduction vs Basic, techniques added cumulatively")
-TTFT_SEGMENTS = ("queueing", "kv_read", "read_to_prefill", "prefill", "handoff")
-SEGMENT_LABELS = {"queueing": "queueing", "kv_read": "KV read",
+SEGMENT_LABELS = {"queueing": "queueing", "read": "KV read",
                   "read_to_prefill": "read -> prefill wait", "prefill": "prefill",
                   "handoff": "handoff / decode start", "decode": "decode"}
-SEGMENT_COLORS = {"queueing": "#bdbdbd", "kv_read": "#1f77b4", "read_to_prefill": "#aec7e8",
+SEGMENT_COLORS = {"queueing": "#bdbdbd", "read": "#1f77b4", "read_to_prefill": "#aec7e8",
                   "prefill": "#2ca02c", "handoff": "#ff7f0e", "decode": "#d9d9d9"}
+"""Labels and colours of TTFT_SEGMENTS (and the decode span), shared with online_plots.py."""
 DPI = 100
 
 
@@ -100,18 +98,9 @@ def file_part(name: str) -> str:
 
 
 def turn_segments(times: Mapping[str, float]) -> dict[str, float] | None:
-  """One turn's TTFT segments (module docstring), or None for a turn without a first token."""
-  needed = ("ready", "prefill_start", "prefill_done", "first_token")
-  if any(times.get(k) is None for k in needed):
-    return None
-  ready, start, done = times["ready"], times["prefill_start"], times["prefill_done"]
-  if times.get("read_start") is not None and times.get("read_done") is not None:
-    read_start, read_done = times["read_start"], times["read_done"]
-  else:
-    read_start = read_done = start
-  return dict(queueing=max(0.0, read_start - ready), kv_read=max(0.0, read_done - read_start),
-              read_to_prefill=max(0.0, start - read_done), prefill=max(0.0, done - start),
-              handoff=max(0.0, times["first_token"] - done))
+  """One turn's TTFT segments from its 'ready' stamp (runtime/metrics.py ttft_segments), or None
+  for a turn without a first token."""
+  return ttft_segments(times, times.get("ready"))
 
 
 def ttft_breakdown(turns: Sequence[Mapping]) -> dict[str, dict[str, float]]:

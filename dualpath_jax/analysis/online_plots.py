@@ -22,11 +22,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-SEGMENTS = ("queueing", "read", "read_to_prefill", "prefill", "handoff")
-SEGMENT_LABELS = {"queueing": "queueing", "read": "KV read", "read_to_prefill":
-                  "read -> prefill wait", "prefill": "prefill", "handoff": "handoff"}
-SEGMENT_COLORS = {"queueing": "#bdbdbd", "read": "#1f77b4", "read_to_prefill": "#aec7e8",
-                  "prefill": "#2ca02c", "handoff": "#ff7f0e"}
+from dualpath_jax.analysis.offline_plots import SEGMENT_COLORS, SEGMENT_LABELS
+from dualpath_jax.runtime.metrics import TTFT_SEGMENTS
+
 DPI = 100
 
 
@@ -86,7 +84,7 @@ def breakdown_figure(summary: Mapping) -> Figure:
     labels = [f"{p['aps']:g}" + ("" if p["slo_ok"] else "\n(SLO broken)") for p in points]
     x = np.arange(len(points))
     bottom = np.zeros(len(points))
-    for segment in SEGMENTS:
+    for segment in TTFT_SEGMENTS:
       values = np.array([p["ttft_breakdown_s"].get(segment) or 0.0 for p in points])
       ax.bar(x, values, bottom=bottom, color=SEGMENT_COLORS[segment],
              label=SEGMENT_LABELS[segment])

@@ -6,6 +6,7 @@
                  predicted and measured (paper: 1.06 with the compute quota)
   decode_inflation  decode step time of the DEs while KV moves touch their devices, against
                  steps without (the interference the traffic manager exists to prevent)
+  ttft_segments  one turn's TTFT split at its timestamps (offline and online runs, their plots)
 """
 
 from __future__ import annotations
@@ -14,6 +15,32 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+TTFT_SEGMENTS = ("queueing", "read", "read_to_prefill", "prefill", "handoff")
+"""A turn's TTFT in order: queueing (start -> read_start; without a read, -> prefill_start),
+read (read_start -> read_done: the storage link's queue and transfer), read_to_prefill
+(read_done -> prefill_start: waiting for a PE batch), prefill (prefill_start -> prefill_done,
+every chunk), handoff (prefill_done -> first_token: KV to the DE, decode start)."""
+
+
+def ttft_segments(times: Mapping[str, float], start: float | None) -> dict[str, float] | None:
+  """TTFT_SEGMENTS of one turn from `start` (its arrival, or its 'ready' stamp) to first_token.
+
+  Each boundary is clamped between the one before it and first_token, so the segments are
+  non-negative and add up to the TTFT. None for a turn without prefill or first-token stamps.
+  """
+  if start is None or any(times.get(k) is None
+                          for k in ("prefill_start", "prefill_done", "first_token")):
+    return None
+  first = times["first_token"]
+  read = times.get("read_start") is not None and times.get("read_done") is not None
+  raw = [start, times["read_start"] if read else times["prefill_start"],
+         times["read_done"] if read else times["prefill_start"], times["prefill_start"],
+         times["prefill_done"], first]
+  bounds: list[float] = []
+  for t in raw:
+    bounds.append(t if not bounds else min(max(t, bounds[-1]), first))
+  return {name: bounds[i + 1] - bounds[i] for i, name in enumerate(TTFT_SEGMENTS)}
 
 
 def _summary(ratios: list[float]) -> dict:

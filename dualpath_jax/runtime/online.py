@@ -53,6 +53,7 @@ from dualpath_jax.kvstore.block_store import KVBlockStore
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.cluster import Cluster
+from dualpath_jax.runtime.metrics import ttft_segments
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.offline import _hit_blocks, _record
 from dualpath_jax.runtime.request import TurnRequest
@@ -62,7 +63,6 @@ from dualpath_jax.workload.synthetic import AgentTrajectory
 ARRIVALS = ("poisson", "trace")
 SLO_STATS = ("mean", "p50", "p90", "p99")
 STOP_REASONS = ("slo_violated", "steady_state", "all_finished", "max_duration")
-BREAKDOWN = ("queueing", "read", "read_to_prefill", "prefill", "handoff")
 MIN_WINDOW_TURNS = 5
 """Fewest TTFT samples in a window before the stopping rule judges it."""
 TICK_S = 0.05
@@ -195,23 +195,8 @@ def turn_metrics(times: dict[str, float], arrival: float, gen_tokens: int) -> di
     else:
       last, tpot_source = times["done"], "done"
     tpot = (last - first) / (gen_tokens - 1)
-  read = "read_start" in times
-  # Consecutive boundaries, each no earlier than the one before: the segments sum to TTFT.
-  raw = [arrival, times["read_start"] if read else times["prefill_start"],
-         times.get("read_done", times["prefill_start"]) if read else None, times["prefill_start"],
-         times["prefill_done"], first]
-  bounds, last_bound = [], None
-  for t in raw:
-    if t is None:
-      bounds.append(None)
-      continue
-    last_bound = t if last_bound is None else min(max(t, last_bound), first)
-    bounds.append(last_bound)
-  if not read:
-    bounds[2] = bounds[1]
-  parts = {name: bounds[i + 1] - bounds[i] for i, name in enumerate(BREAKDOWN)}
   return dict(ttft_s=first - arrival, ttst_s=ttst, tpot_s=tpot, tpot_source=tpot_source,
-              ttft_breakdown_s=parts)
+              ttft_breakdown_s=ttft_segments(times, arrival))
 
 
 def run_online(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,

@@ -28,8 +28,9 @@ from collections.abc import Callable
 
 from dualpath_jax.kvstore import KVBlockStore, KVLayout
 from dualpath_jax.runtime.offline import run_offline
+from dualpath_jax.runtime.metrics import TTFT_SEGMENTS
 from dualpath_jax.runtime.offline_job import BYTE_KEYS, OfflineJob
-from dualpath_jax.runtime.online import (ARRIVALS, BREAKDOWN, PAPER_TPOT_S, PAPER_TTFT_S, OnlineRun,
+from dualpath_jax.runtime.online import (ARRIVALS, PAPER_TPOT_S, PAPER_TTFT_S, OnlineRun,
                                          Slo, run_online, stat_of, trace_rate)
 
 ONLINE_KEYS = ("aps_list", "arrivals", "seed", "slo", "steady_window_s", "steady_lag_s",
@@ -263,7 +264,7 @@ def summarize_point(run: OnlineRun, slo: Slo, *, agents: int) -> dict:
   return dict(
       point, ttft_slo_stat_s=ttft_stat, tpot_slo_stat_s=tpot_stat,
       jct_mean_s=_mean(run.jct_s.values()),
-      ttft_breakdown_s={k: _mean(t["ttft_breakdown_s"][k] for t in turns) for k in BREAKDOWN},
+      ttft_breakdown_s={k: _mean(t["ttft_breakdown_s"][k] for t in turns) for k in TTFT_SEGMENTS},
       slo_ok=not breaks, slo_breaks=breaks, stop_reason=run.stop_reason, turns=len(turns),
       turns_after_stop=sum(t["after_stop"] for t in turns), unfinished_turns=run.unfinished_turns,
       duration_s=run.duration_s, drain_s=run.drain_s, agents=agents,
