@@ -36,23 +36,19 @@ num_cpu_devices, matmul_precision) mean the same; the online fields:
   warmup_agents          trajectories of the untimed warm-up pass per mode (0 = all)
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from dualpath_jax.config_files import load_config
 
 VARIANTS = ("smoke", "cpu", "gpu")
 BASES = {"smoke": "smoke", "cpu": "cpu", "gpu": "cpu"}  # the configs/offline.py variant of each
 
 
 def _offline_config(arg: str) -> ml_collections.ConfigDict:
-  """configs/offline.py's get_config(arg), loaded by path (configs/ is not a package): the shared
-  sections are defined once, there; this file only changes what serving needs."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline.py")
-  spec = importlib.util.spec_from_file_location("_dualpath_offline_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/offline.py's get_config(arg): the shared sections are defined once, there."""
+  return load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "offline.py"), arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

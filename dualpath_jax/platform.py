@@ -1,8 +1,10 @@
-"""Choosing the JAX backend from a config, before JAX starts (one place for every entry point)."""
+"""Choosing the JAX backend from a config, before JAX starts, and starting an experiment's job
+(one place for every entry point)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 
 def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None = None,
@@ -31,3 +33,25 @@ def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None 
     jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   return jax
+
+
+def progress_to_stderr(line: str) -> None:
+  """The experiment scripts' progress lines: stderr, flushed (stdout keeps the results)."""
+  print(line, file=sys.stderr, flush=True)
+
+
+def start_job(config, workdir: str, kind: str):
+  """start_jax as `config` says, then its job: 'offline' (runtime.offline_job.OfflineJob) or
+  'online' (runtime.online_job.OnlineJob) in `workdir`. A bad config ends the process with one
+  line, 'error: ...' naming the field, instead of a traceback."""
+  start_jax(config.platform, config.num_cpu_devices, config.matmul_precision)
+  if kind == "offline":
+    from dualpath_jax.runtime.offline_job import OfflineJob as job_class  # noqa: PLC0415
+  elif kind == "online":
+    from dualpath_jax.runtime.online_job import OnlineJob as job_class  # noqa: PLC0415
+  else:
+    raise ValueError(f"kind: expected 'offline' or 'online', got {kind!r}")
+  try:
+    return job_class.from_config(config, os.path.abspath(workdir))
+  except ValueError as e:
+    sys.exit(f"error: {e}")

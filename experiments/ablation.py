@@ -22,6 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from dualpath_jax.platform import progress_to_stderr, start_job
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/ablation.py:smoke",
                                           "Ablation config (a Python file with get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
@@ -30,16 +32,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 def main(argv):
   del argv
   config = _CONFIG.value
-  from dualpath_jax.platform import start_jax
-  start_jax(config.platform, config.num_cpu_devices, config.matmul_precision)
+  job = start_job(config, _WORKDIR.value, "offline")
   from dualpath_jax.analysis import offline_plots  # noqa: E402
-  from dualpath_jax.runtime import offline_job  # noqa: E402
-  workdir = os.path.abspath(_WORKDIR.value)
-  try:
-    job = offline_job.OfflineJob.from_config(config, workdir)
-  except ValueError as e:  # one clear line naming the field, not a traceback
-    sys.exit(f"error: {e}")
-  summary = job.run(progress=lambda line: print(line, file=sys.stderr, flush=True))
+  workdir = job.workdir
+  summary = job.run(progress=progress_to_stderr)
   baseline = offline_plots.BASELINE
   rows = offline_plots.ablation_rows(summary, baseline=baseline)
   if not any(r["variant"] == baseline for r in rows):

@@ -10,7 +10,6 @@ printed last. The sections are library code in dualpath_jax/bench/.
 """
 
 import datetime
-import importlib.util
 import os
 import platform
 import sys
@@ -20,24 +19,14 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from dualpath_jax.config_files import load_config_spec
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu_bench.py:h100x4",
                                           "Benchmark config (a Python file with get_config).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("ceilings", "data_plane", "engine", "end_to_end")
-
-
-def _load_config(spec: str):
-  """'path/to/config.py:arg' (path relative to the repo root unless absolute) -> its config."""
-  path, _, arg = spec.partition(":")
-  path = path if os.path.isabs(path) else os.path.join(REPO, path)
-  module_spec = importlib.util.spec_from_file_location("_base_config", path)
-  if module_spec is None:
-    raise ValueError(f"end_to_end.base_config: no config file at {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def main(argv):
@@ -125,7 +114,7 @@ def main(argv):
   x = config.end_to_end
 
   def run_end_to_end(update):
-    base = _load_config(x.base_config)
+    base = load_config_spec(x.base_config, REPO, field="end_to_end.base_config")
     jobs = [(end_to_end.job_name(topology, cap), end_to_end.offline_config(
         base, preset=x.preset, dtype=x.dtype, topology=topology, link_bytes_per_s=cap,
         agents=x.agents, turns=x.turns, first_append_tokens=x.first_append_tokens,

@@ -17,6 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from dualpath_jax.platform import progress_to_stderr, start_job
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/offline.py",
                                           "Experiment config (a Python file with get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
@@ -24,16 +26,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  from dualpath_jax.platform import start_jax
-  start_jax(config.platform, config.num_cpu_devices, config.matmul_precision)
-  from dualpath_jax.runtime import offline_job  # noqa: E402
-  workdir = os.path.abspath(_WORKDIR.value)
-  try:
-    job = offline_job.OfflineJob.from_config(config, workdir)
-  except ValueError as e:  # one clear line naming the field, not a traceback
-    sys.exit(f"error: {e}")
-  job.run(progress=lambda line: print(line, file=sys.stderr, flush=True))
+  job = start_job(_CONFIG.value, _WORKDIR.value, "offline")
+  workdir = job.workdir
+  job.run(progress=progress_to_stderr)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   for run in summary["runs"]:

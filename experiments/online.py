@@ -11,10 +11,11 @@ config names another. Prints one table per mode at the end.
 
 import json
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from dualpath_jax.platform import progress_to_stderr, start_job
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/online.py",
                                           "Experiment config (a Python file with get_config).")
@@ -23,17 +24,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  from dualpath_jax.platform import start_jax
-  start_jax(config.platform, config.num_cpu_devices, config.matmul_precision)
+  job = start_job(_CONFIG.value, _WORKDIR.value, "online")
   from dualpath_jax.analysis import online_plots
-  from dualpath_jax.runtime import online_job
-  workdir = os.path.abspath(_WORKDIR.value)
-  try:
-    job = online_job.OnlineJob.from_config(config, workdir)
-  except ValueError as e:  # one clear line naming the field, not a traceback
-    sys.exit(f"error: {e}")
-  job.run(progress=lambda line: print(line, file=sys.stderr, flush=True))
+  workdir = job.workdir
+  job.run(progress=progress_to_stderr)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   slo = summary["slo"]

@@ -189,3 +189,11 @@ def test_notebook_shows_the_ablation(ablation, tmp_path, monkeypatch):
                                run_name="__main__")
   assert str(tmp_path / "ablation.png") in namespace["FIGURES"]
   assert "+scheduling" in printed.getvalue() and "-45.62%" in printed.getvalue()
+
+
+def test_a_missing_config_file_is_named_with_its_field(tmp_path):
+  from dualpath_jax.config_files import load_config, load_config_spec
+  with pytest.raises(ValueError, match="end_to_end.base_config: no config file at"):
+    load_config_spec("configs/nonesuch.py:smoke", str(tmp_path), field="end_to_end.base_config")
+  with pytest.raises(ValueError, match="config: no config file at"):
+    load_config(str(tmp_path / "missing.py"))

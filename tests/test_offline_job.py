@@ -1,23 +1,19 @@
 """The offline experiment as configured from configs/offline.py: the scheduler override, the
 balance metrics every run reports, named variants, and config errors that name the field."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from dualpath_jax.config_files import load_config
 from dualpath_jax.runtime.offline_job import OfflineJob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def offline_config(arg: str):
-  spec = importlib.util.spec_from_file_location("offline_config",
-                                                os.path.join(ROOT, "configs", "offline.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(os.path.join(ROOT, "configs", "offline.py"), arg)
 
 
 def small(arg: str, modes=("dualpath",)):

@@ -3,7 +3,6 @@ turn recorded once with TTFT = the sum of its breakdown, seeded Poisson arrivals
 honoured, and config errors that name the field. No timing is asserted."""
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from dualpath_jax.config_files import load_config
 from dualpath_jax.engines.topology import TopologyConfig
 from dualpath_jax.kvstore import KVBlockStore, KVLayout, StoreSpec
 from dualpath_jax.model import get_preset, weights
@@ -30,11 +30,7 @@ EPS = 1e-5  # records round times to microseconds
 
 
 def online_config(arg: str):
-  spec = importlib.util.spec_from_file_location("online_config",
-                                                os.path.join(ROOT, "configs", "online.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(os.path.join(ROOT, "configs", "online.py"), arg)
 
 
 # --- the CLI contract --------------------------------------------------------------------------

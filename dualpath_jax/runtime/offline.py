@@ -79,6 +79,20 @@ def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_
   return min(store.longest_prefix(namespace, hashes), cap)
 
 
+def turn_request(store: KVBlockStore, mode: str, namespace_prefix: str,
+                 trajectory: AgentTrajectory, turn: int, context: Sequence[int],
+                 known_with_kv: int, block_tokens: int) -> TurnRequest:
+  """Turn `turn` of `trajectory` as a request: its prompt (the agent's context so far plus the
+  turn's append), chained block hashes and hit length (`_hit_blocks`). Offline and online runs."""
+  prompt = np.array(list(context) + trajectory.turns[turn].append_ids.tolist(), np.int32)
+  namespace = namespace_prefix + trajectory.agent_id
+  hashes = chain_block_hashes(prompt, block_tokens)
+  hit = _hit_blocks(store, mode, namespace, hashes, len(prompt), known_with_kv, block_tokens)
+  return TurnRequest(agent_id=namespace, turn=turn, prompt=prompt,
+                     gen_tokens=trajectory.turns[turn].gen_tokens, hashes=hashes,
+                     hit_blocks=hit, block_tokens=block_tokens)
+
+
 def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,
                 trajectories: Sequence[AgentTrajectory], *, cost_model: CostModel,
                 namespace_prefix: str = "", label: str = "", primed_turns: int = 0,
@@ -105,15 +119,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   marks = None  # counters when the clock starts (after the primed turns)
 
   def submit(agent_id: str, turn: int) -> None:
-    trajectory = by_agent[agent_id]
-    prompt = np.array(contexts[agent_id] + trajectory.turns[turn].append_ids.tolist(), np.int32)
-    namespace = namespace_prefix + agent_id
-    hashes = chain_block_hashes(prompt, bt)
-    hit = _hit_blocks(store, runtime_config.mode, namespace, hashes, len(prompt),
-                      with_kv[agent_id], bt)
-    cluster.submit(TurnRequest(agent_id=namespace, turn=turn, prompt=prompt,
-                               gen_tokens=trajectory.turns[turn].gen_tokens, hashes=hashes,
-                               hit_blocks=hit, block_tokens=bt))
+    cluster.submit(turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
+                                turn, contexts[agent_id], with_kv[agent_id], bt))
 
   def start_clock() -> None:
     nonlocal start, marks

@@ -177,13 +177,17 @@ class OfflineJob:
       chosen = [dataclasses.replace(t, turns=t.turns[:self.warmup_turns]) for t in chosen]
     return chosen
 
-  def run(self, progress: Callable[[str], None] | None = None) -> dict:
-    os.makedirs(self.workdir, exist_ok=True)
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      json.dump(self.config_dict, f, indent=2)
+  def start(self, workdir: str, config_dict: Mapping, progress) -> tuple:
+    """What every job does first: WORKDIR/config.json, the model, its KV layout, the cost model.
+    Returns (model, layout, cost_model)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config_dict, f, indent=2)
     model = self.load_model()
-    layout = KVLayout.for_model(self.model_config)
-    cost_model = self.cost_model(model, progress)
+    return model, KVLayout.for_model(self.model_config), self.cost_model(model, progress)
+
+  def run(self, progress: Callable[[str], None] | None = None) -> dict:
+    model, layout, cost_model = self.start(self.workdir, self.config_dict, progress)
     trajectories = list(self.trajectories)
     reference = None
     if self.check_reference:

@@ -50,12 +50,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.kvstore.block_store import KVBlockStore
-from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.metrics import ttft_segments
 from dualpath_jax.runtime.config import RuntimeConfig
-from dualpath_jax.runtime.offline import _hit_blocks, _record
+from dualpath_jax.runtime.offline import _record, turn_request
 from dualpath_jax.runtime.request import TurnRequest
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.synthetic import AgentTrajectory
@@ -247,15 +246,8 @@ def run_online(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout
   sequence = len(due)
 
   def submit(agent_id: str, turn: int, arrival: float) -> None:
-    trajectory = by_agent[agent_id]
-    prompt = np.array(contexts[agent_id] + trajectory.turns[turn].append_ids.tolist(), np.int32)
-    namespace = namespace_prefix + agent_id
-    hashes = chain_block_hashes(prompt, bt)
-    hit = _hit_blocks(store, runtime_config.mode, namespace, hashes, len(prompt),
-                      with_kv[agent_id], bt)
-    request = TurnRequest(agent_id=namespace, turn=turn, prompt=prompt,
-                          gen_tokens=trajectory.turns[turn].gen_tokens, hashes=hashes,
-                          hit_blocks=hit, block_tokens=bt)
+    request = turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
+                           turn, contexts[agent_id], with_kv[agent_id], bt)
     in_flight[(agent_id, turn)] = (request, arrival, time.perf_counter())
     cluster.submit(request)
 

@@ -26,7 +26,7 @@ import statistics
 import uuid
 from collections.abc import Callable
 
-from dualpath_jax.kvstore import KVBlockStore, KVLayout
+from dualpath_jax.kvstore import KVBlockStore
 from dualpath_jax.runtime.offline import run_offline
 from dualpath_jax.runtime.metrics import TTFT_SEGMENTS
 from dualpath_jax.runtime.offline_job import BYTE_KEYS, OfflineJob
@@ -133,12 +133,7 @@ class OnlineJob:
 
   def run(self, progress: Callable[[str], None] | None = None) -> dict:
     base = self.base
-    os.makedirs(self.workdir, exist_ok=True)
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      json.dump(self.config_dict, f, indent=2)
-    model = base.load_model()
-    layout = KVLayout.for_model(base.model_config)
-    cost_model = base.cost_model(model, progress)
+    model, layout, cost_model = base.start(self.workdir, self.config_dict, progress)
     trajectories = list(base.trajectories)
     own_rate = trace_rate(trajectories) if self.arrivals == "trace" else None
     runs, turn_lines = [], []
