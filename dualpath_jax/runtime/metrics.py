@@ -175,10 +175,18 @@ def decode_inflation(decode_steps: Mapping[str, Sequence[tuple[float, float, int
   `inflation` is their mean weighted by the steps with KV (None where no pair exists).
   `inflation_by_path` repeats it counting only moves of one path (h2d, d2h, d2d).
   """
-  def overlapping(de: str, paths=None) -> list[list[bool]]:
-    moves = [(m[0], m[1]) for m in kv_moves if de in (m[3], m[4])
-             and (paths is None or m[2] in paths)]
-    return [any(m0 < t1 and m1 > t0 for m0, m1 in moves) for t0, t1, _ in decode_steps[de]]
+  def overlapping(de: str, paths=None) -> list[bool]:
+    moves = sorted((float(m[0]), float(m[1])) for m in kv_moves if de in (m[3], m[4])
+                   and (paths is None or m[2] in paths))
+    if not moves:
+      return [False] * len(decode_steps[de])
+    starts = np.array([m0 for m0, _ in moves])
+    latest_end = np.maximum.accumulate(np.array([m1 for _, m1 in moves]))
+    out = []
+    for t0, t1, _ in decode_steps[de]:  # some move starting before t1 ends after t0
+      before = int(np.searchsorted(starts, t1, side="left"))
+      out.append(bool(before and latest_end[before - 1] > t0))
+    return out
 
   def inflation(paths=None) -> tuple[float | None, int, int]:
     weighted, weight, clean_steps = 0.0, 0, 0
