@@ -20,6 +20,7 @@ from dualpath_jax.runtime.traffic import TrafficManager
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.tasks.recall import answer_block, recall_trajectories_with_answers
 from dualpath_jax.tasks.trained import load_trained
+from test_runtime import prompts_of  # noqa: I001  (a sibling test module, on the path)
 
 COST = CostModel(fixed_s=1e-3, per_token_s=2e-6, per_attention_s=3e-9)
 MAX_CONTEXT = 1024
@@ -41,16 +42,6 @@ def workload(model):
 @pytest.fixture(scope="module")
 def reference(model, workload):
   return run_reference(model, workload[0], MAX_CONTEXT)
-
-
-def _prompts(trajs, generated):
-  prompts = {}
-  for t in trajs:
-    context = []
-    for k, turn in enumerate(t.turns):
-      prompts[t.agent_id, k] = context + turn.append_ids.tolist()
-      context = prompts[t.agent_id, k] + generated[t.agent_id, k]
-  return prompts
 
 
 def _hit(prompts, agent, turn, bt, gen_tokens=4):
@@ -120,7 +111,7 @@ def test_trained_runtime_matches_the_recompute_and_answers_far_back_queries(mode
 def test_one_corrupt_block_on_either_read_path_breaks_token_equality(model, workload, reference,
                                                                      side, layer):
   trajs, _ = workload
-  prompts = _prompts(trajs, reference)
+  prompts = prompts_of(trajs, reference)
   run, corrupted = _run(model, trajs, side=side, layer=layer, prompts=prompts,
                         prefix=f"bad-{side}-{layer}-")
   assert corrupted, f"no hit read went to the {side} side"
