@@ -29,6 +29,7 @@ from dualpath_jax.scheduler import (
     choose_read_side,
     derive_alpha_beta,
     fit_cost_model,
+    interleave_prefill_fetches,
     remainder,
     select_decode_engines,
     select_prefill_engines,
@@ -189,6 +190,107 @@ def test_pe_selection_properties(engine_states, news, alpha, beta):
     tok = {i: 0 for i in tok}  # the engines drain: their requests finish
   # Every request is scheduled exactly once.
   assert scheduled == list(range(len(news)))
+
+
+# --- PE groups interleaved [ours] ----------------------------------------------------------------
+
+
+def test_interleave_equal_groups_alternate():
+  groups = {0: [pe(0, tok=0, group=0)], 1: [pe(1, tok=0, group=1)]}
+  waiting = [req(i, new=10) for i in range(5)]
+  assert interleave_prefill_fetches(waiting, groups, alpha=100, beta=1000) == (
+      [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)], 1)
+  # The rotation decides ties: starting at position 1, group 1 goes first.
+  assert interleave_prefill_fetches(waiting[:2], groups, alpha=100, beta=1000, start=1) == (
+      [(0, 1), (1, 0)], 1)
+
+
+def test_interleave_rotation_alternates_zero_token_requests():
+  # Full hits add no tok: only the rotation (past the group that took the last one) spreads them.
+  groups = {0: [pe(0, tok=0, group=0)], 1: [pe(1, tok=0, group=1)], 2: [pe(2, tok=0, group=2)]}
+  waiting = [req(i, new=0, total=10) for i in range(4)]
+  assert interleave_prefill_fetches(waiting, groups, alpha=0, beta=0) == (
+      [(0, 0), (1, 1), (2, 2), (3, 0)], 1)
+
+
+def test_interleave_least_summed_tok_first():
+  groups = {0: [pe(0, tok=30, group=0), pe(1, tok=0, group=0)], 1: [pe(2, tok=10, group=1)]}
+  waiting = [req(i, new=10) for i in range(4)]
+  # Sums 30 and 10: 0 -> g1 (20), 1 -> g1 (30), tie -> g0 (rotation after g1), engine 1 (least
+  # tok in the group) -> 40, then g1 (30 < 40).
+  assert interleave_prefill_fetches(waiting, groups, alpha=100, beta=1000) == (
+      [(0, 2), (1, 2), (2, 1), (3, 2)], 0)
+
+
+def test_interleave_keeps_c2_before_c3_and_skips_c1():
+  # g0: e0 overloaded (C1), e1 C3 (long read queue), e2 C2 with more tok than e1.
+  groups = {0: [pe(0, tok=200, group=0), pe(1, tok=0, read_q=50, group=0),
+                pe(2, tok=20, group=0)],
+            1: [pe(3, tok=150, group=1)]}
+  waiting = [req(i, new=30) for i in range(3)]
+  # Sums 220 and 150: g1 (e3 -> 180), g1 (e3 -> 210 > beta: C1 now), g0: e2 (C2) not e1 (C3).
+  assert interleave_prefill_fetches(waiting, groups, alpha=10, beta=200) == (
+      [(0, 3), (1, 3), (2, 2)], 1)
+
+
+def test_interleave_stops_when_no_engine_qualifies():
+  groups = {0: [pe(0, tok=90, group=0)], 1: [pe(1, tok=95, group=1)]}
+  waiting = [req(i, new=10) for i in range(5)]
+  # 0 -> g0 (100), 1 -> g1 (105: C1), 2 -> g0 (110: C1), then nothing qualifies: FIFO stops.
+  assert interleave_prefill_fetches(waiting, groups, alpha=0, beta=100) == (
+      [(0, 0), (1, 1), (2, 0)], 1)
+  full = {0: [pe(0, tok=101, group=0)], 1: [pe(1, tok=101, group=1)]}
+  assert interleave_prefill_fetches(waiting, full, alpha=0, beta=100, start=1) == ([], 1)
+  assert interleave_prefill_fetches([], groups, alpha=0, beta=100, start=3) == ([], 1)
+  assert interleave_prefill_fetches(waiting, {}, alpha=0, beta=100) == ([], 0)
+  with pytest.raises(ValueError, match="unique"):
+    interleave_prefill_fetches(waiting, {0: [pe(0, tok=0)], 1: [pe(0, tok=0, group=1)]},
+                               alpha=0, beta=100)
+
+
+def test_interleave_one_group_is_one_fetch():
+  engines = [pe(0, tok=40), pe(1, tok=0, read_q=50), pe(2, tok=10)]
+  waiting = [req(i, new=n) for i, n in enumerate([30, 30, 50, 40, 20])]
+  assigned, _ = interleave_prefill_fetches(waiting, {0: engines}, alpha=20, beta=80)
+  assert assigned == select_prefill_engines(waiting, engines, alpha=20, beta=80)
+
+
+@PROPERTY
+@given(
+    group_states=st.lists(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)),
+                                   min_size=1, max_size=3), min_size=1, max_size=4),
+    news=st.lists(st.integers(0, 200), max_size=30),
+    alpha=st.integers(0, 300),
+    beta=st.integers(0, 300),
+    start=st.integers(0, 5),
+)
+def test_interleave_properties(group_states, news, alpha, beta, start):
+  groups, group_of, read_q = {}, {}, {}
+  for g, states in enumerate(group_states):
+    groups[g] = []
+    for t, q in states:
+      e = len(group_of)
+      groups[g].append(pe(e, tok=t, read_q=q, group=g))
+      group_of[e], read_q[e] = g, q
+  waiting = [req(i, new=n) for i, n in enumerate(news)]
+  assigned, position = interleave_prefill_fetches(waiting, groups, alpha=alpha, beta=beta,
+                                                  start=start)
+  assert [r for r, _ in assigned] == [r.request_id for r in waiting[:len(assigned)]]  # FIFO
+  tok = {e.engine: e.tok for es in groups.values() for e in es}
+  n, pos = len(groups), start % len(groups)
+  for (_, engine), request in zip(assigned, waiting):
+    ok = [g for g in groups if any(tok[e.engine] <= beta for e in groups[g])]
+    total = {g: sum(tok[e.engine] for e in groups[g]) for g in groups}
+    # The group: least summed tok among those with a qualifying engine, ties by rotation.
+    assert group_of[engine] == min(ok, key=lambda g: (total[g], (g - pos) % n))
+    qualified = [e.engine for e in groups[group_of[engine]] if tok[e.engine] <= beta]
+    c2 = [i for i in qualified if read_q[i] <= alpha]
+    assert tok[engine] == min(tok[i] for i in (c2 or qualified))
+    tok[engine] += request.new_tokens
+    pos = (group_of[engine] + 1) % n
+  assert position == pos
+  if len(assigned) < len(waiting):
+    assert all(t > beta for t in tok.values())
 
 
 # --- DE phase 1 ---------------------------------------------------------------------------------

@@ -8,10 +8,22 @@ reads on the chosen links and hands the turn to its PE group.
 
   roundrobin  RoundRobinPlacer: PE and DE round robin; the read side alternates with the dual
               path on, PE only without it (the paper's Basic).
-  dualpath    PAPER.md section 5: each PE group fetches in turn (alpha/beta categories, FIFO,
-              tok updated per assignment); then the two-level DE selection (group with the least
-              tokens; inside it the memory-fit and Z rules); then the read side: the node with the
-              shorter read queue, or (split_reads) both sides in proportion to their drain times.
+  dualpath    PAPER.md section 5: the PE groups fetch (alpha/beta categories, FIFO, tok updated
+              per assignment; [ours] their fetches interleaved, below); then the two-level DE
+              selection (group with the least tokens; inside it the memory-fit and Z rules); then
+              the read side: the node with the shorter read queue, or (split_reads) both sides in
+              proportion to their drain times.
+
+PE group order [ours]. The paper's groups pull work on their own clocks, so a group with less
+unfinished work asks again sooner. This scheduler runs every group's fetch in one pass instead,
+interleaved one request at a time (scheduler.inter_engine.interleave_prefill_fetches): each
+waiting request, FIFO, goes to the group of least summed tok that has an engine with tok <= beta
+(inside it, the engine of least tok in C2, else C3, as PAPER.md 5.2 says), ties going to the next
+group after the one that last took a request. Equal groups therefore alternate and loaded ones get
+less, however many passes an event causes. (Before: the groups were visited from a start that
+rotated only when a pass left work waiting, and the first group visited took every request while
+its engines stayed under beta, i.e. ~5 s of prefill: on 4x H200, 2P2D, every timed turn of the
+dualpath and oracle modes ran on PE 1 and PE 0 stayed idle.)
 
 A placed turn waits (FIFO) until its host buffers have room; nothing here ever blocks a worker.
 """
@@ -24,8 +36,8 @@ import time
 from dualpath_jax.runtime.request import TurnRequest
 from dualpath_jax.scheduler.baselines import RoundRobinPlacer
 from dualpath_jax.scheduler.inter_engine import (assign_decode_groups, choose_read_side,
-                                                 derive_alpha_beta, select_decode_engines,
-                                                 select_prefill_engines, split_read)
+                                                 derive_alpha_beta, interleave_prefill_fetches,
+                                                 select_decode_engines, split_read)
 from dualpath_jax.scheduler.state import EngineLoad, WaitingRequest
 
 READ_WINDOW_S = 3.0
@@ -60,7 +72,7 @@ class GlobalScheduler:
     self._arrivals = 0
     self._busy = False
     self._again = False
-    self._next_group = 0
+    self._next_group = 0  # rotation over the sorted PE groups: ties go to this one first
     self._round_robin = RoundRobinPlacer(num_prefill_engines=len(self._pe_nodes),
                                          num_decode_engines=len(self._de_nodes))
     layout = cluster.layout
@@ -168,24 +180,25 @@ class GlobalScheduler:
     self._start_reads()
 
   def _schedule_prefill(self) -> None:
-    groups = sorted(set(self._pe_nodes))
-    for k in range(len(groups)):
-      if not self._waiting:
-        return
-      group = groups[(self._next_group + k) % len(groups)]
-      loads = [EngineLoad(engine=e, group=group, seq=self.pe_seq[e], tok=self.pe_tok[e],
-                          read_queue_tokens=self._read_queue(group))
-               for e, node in enumerate(self._pe_nodes) if node == group]
-      by_id = {r.request_id: r for r in self._waiting}
-      chosen = select_prefill_engines([self._waiting_view(r) for r in self._waiting], loads,
-                                      alpha=self.alpha, beta=self.beta)
-      for request_id, engine in chosen:
-        request = by_id[request_id]
-        self._assign_pe(request, engine)
-        self._de_global.append(request)
-      taken = {request_id for request_id, _ in chosen}
-      self._waiting = [r for r in self._waiting if r.request_id not in taken]
-    self._next_group = (self._next_group + 1) % len(groups)
+    """Every PE group fetches from the waiting queue, interleaved one request at a time: the
+    group of least summed tok first, ties by a rotation that moves past the group that last took
+    a request (interleave_prefill_fetches; [ours], see the module docstring)."""
+    if not self._waiting:
+      return
+    groups = {g: [EngineLoad(engine=e, group=g, seq=self.pe_seq[e], tok=self.pe_tok[e],
+                             read_queue_tokens=self._read_queue(g))
+                  for e, node in enumerate(self._pe_nodes) if node == g]
+              for g in sorted(set(self._pe_nodes))}
+    by_id = {r.request_id: r for r in self._waiting}
+    chosen, self._next_group = interleave_prefill_fetches(
+        [self._waiting_view(r) for r in self._waiting], groups, alpha=self.alpha, beta=self.beta,
+        start=self._next_group)
+    for request_id, engine in chosen:
+      request = by_id[request_id]
+      self._assign_pe(request, engine)
+      self._de_global.append(request)
+    taken = {request_id for request_id, _ in chosen}
+    self._waiting = [r for r in self._waiting if r.request_id not in taken]
 
   def _schedule_decode(self) -> None:
     groups = sorted(self._de_private)

@@ -4,7 +4,8 @@ The runtime and, later, the simulator call the same functions, so that their dec
 the same state; tests build the states by hand.
 
   state.py         EngineLoad (seq, tok, read queue, free bytes of one engine), WaitingRequest
-  inter_engine.py  PAPER.md 5.2-5.4: alpha/beta, PE selection (C2 before C3, never C1), DE phase 1
+  inter_engine.py  PAPER.md 5.2-5.4: alpha/beta, PE selection (C2 before C3, never C1; [ours] the
+                   groups' fetches interleaved, least summed tok first), DE phase 1
                    (groups by least summed tok) and phase 2 (HBM fit, the Z rule), the read side
                    (shorter read queue, ties to the PE) and, beyond the paper, a split read
   quota.py         PAPER.md 5.5: the cost model of a forward, its fit, compute-quota batches with
@@ -17,6 +18,7 @@ from dualpath_jax.scheduler.inter_engine import (
     assign_decode_groups,
     choose_read_side,
     derive_alpha_beta,
+    interleave_prefill_fetches,
     select_decode_engines,
     select_prefill_engines,
     split_read,
@@ -45,6 +47,7 @@ __all__ = [
     "choose_read_side",
     "derive_alpha_beta",
     "fit_cost_model",
+    "interleave_prefill_fetches",
     "remainder",
     "select_decode_engines",
     "select_prefill_engines",

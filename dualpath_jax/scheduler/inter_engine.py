@@ -7,6 +7,9 @@ waiting for a later fetch. Nothing here reads a clock or touches a device.
 
   derive_alpha_beta        the thresholds alpha (read queue) and beta (unfinished tokens)
   select_prefill_engines   one fetch of one PE group: C2 before C3, never C1, FIFO
+  interleave_prefill_fetches
+                           [ours] every PE group's fetch of one pass, interleaved one request at
+                           a time: the group of least summed tok first (ties: a rotation)
   assign_decode_groups     DE phase 1: the global queue into groups, minimum sum of tok
   select_decode_engines    DE phase 2: one group's private queue into its DEs (HBM fit, Z rule)
   choose_read_side         the node with the shorter read queue, ties to the PE
@@ -15,6 +18,7 @@ waiting for a later fetch. Nothing here reads a clock or touches a device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -78,6 +82,52 @@ def select_prefill_engines(waiting: Sequence[WaitingRequest], engines: Sequence[
     assigned.append((request.request_id, chosen))
     tok[chosen] += request.new_tokens
   return assigned
+
+
+def interleave_prefill_fetches(waiting: Sequence[WaitingRequest],
+                               groups: Mapping[int, Sequence[EngineLoad]], *, alpha: float,
+                               beta: float, start: int = 0) -> tuple[list[tuple[int, int]], int]:
+  """[ours] All PE groups' fetches of one scheduling pass, interleaved one request at a time.
+
+  The paper's groups pull work on their own clocks, so a group with less unfinished work comes
+  back for more sooner; it does not say in which order an emulation that fetches for every group
+  at once should serve them. Letting one group's fetch (select_prefill_engines) take the whole
+  queue while its engines stay under beta hands a lightly loaded system's every request to that
+  one group. Instead, for each request in FIFO order, the groups are ordered by the sum of tok
+  over their engines (least first; ties by rotation: the group at position `start` of the sorted
+  group ids first, then the ones after it, cyclically), and the first group with a qualifying
+  engine (tok <= beta) takes the request as a fetch of that one request would: the engine of
+  least tok in C2, else in C3. That engine's tok grows by the request's new tokens, the rotation
+  moves to the position after the group that took it, and the groups are ordered again. With
+  equal loads the groups alternate; under load the one of least tok gets the request. The pass
+  ends when no engine of any group qualifies (the remaining requests stay waiting, FIFO).
+
+  Returns ((request_id, engine) pairs in assignment order, the rotation position for the next
+  pass: `start` modulo the number of groups if nothing was assigned).
+  """
+  ids = sorted(groups)
+  engines_of = {g: list(groups[g]) for g in ids}
+  _check_unique_engines([e for g in ids for e in engines_of[g]])
+  if not ids:
+    return [], start
+  position = start % len(ids)
+  tok = {e.engine: e.tok for g in ids for e in engines_of[g]}
+  assigned: list[tuple[int, int]] = []
+  for request in waiting:
+    order = sorted(range(len(ids)), key=lambda k: (
+        sum(tok[e.engine] for e in engines_of[ids[k]]), (k - position) % len(ids)))
+    for k in order:
+      current = [dataclasses.replace(e, tok=tok[e.engine]) for e in engines_of[ids[k]]]
+      chosen = select_prefill_engines([request], current, alpha=alpha, beta=beta)
+      if chosen:
+        engine = chosen[0][1]
+        assigned.append((request.request_id, engine))
+        tok[engine] += request.new_tokens
+        position = (k + 1) % len(ids)
+        break
+    else:
+      break  # no engine of any group qualifies; qualification does not depend on the request
+  return assigned, position
 
 
 def assign_decode_groups(waiting: Sequence[WaitingRequest],
