@@ -104,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       target_decode_inflation=0.05,  # decode step time with KV traffic at most 5% above without
       # Further fields of the offline config's sections, and the cost model's JSON ('' = the
       # base config's: 'auto', the profile for this device kind or one made at start-up).
-      runtime=ml_collections.ConfigDict(dict(compute_quota_s=0.03, max_batch_requests=8)),
+      runtime=ml_collections.ConfigDict(dict(compute_quota_s=0.03, max_batch_requests=8,
+                                             h2d_staging="auto", d2h_staging="direct")),
       workload=ml_collections.ConfigDict(dict(length_jitter=0.5)),
       store=ml_collections.ConfigDict(dict(driver="memory", path="store")),
       model=ml_collections.ConfigDict(dict(attention="einsum", paged_attention="gather",

@@ -2,6 +2,8 @@
 # One device-tool call of the GPU benchmark (issue: DualPath on a real multi-GPU host): each part
 # a separate process with its own time limit, so that a part cut short still leaves its JSON
 # (gpu_bench.json is rewritten after every measurement) and the next part runs.
+# Each end-to-end job moves KV with the H2D/D2H staging that micro's data-plane components
+# measured faster in the same call (else 'auto' / 'direct').
 #
 #   OUT=/path bash scripts/gpu_bench_call.sh micro e2e:1P3D:6.25e9 e2e:2P2D:0
 #
@@ -14,38 +16,51 @@
 # Decode in the end-to-end jobs uses the Pallas paged-attention kernel unless micro's decode rows
 # show that it failed on this card; the fallback ('gather') is logged and in the job's config.
 # On the GPU image, ml_collections comes from wheels in .whl/ (no network there).
+# The device tool brings back at most 8 files: everything a part writes goes under $RUN, and
+# $OUT/gpu_bench_results.tar.gz (rewritten after every part) carries it all back.
 set -u
 OUT=${OUT:?set OUT to the output folder}
+RUN=${RUN:-/tmp/gpu_bench_run}
+mkdir -p "$RUN"
+bundle() { tar czf "$OUT/gpu_bench_results.tar.gz" -C "$RUN" . ; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$RUN/gpus.txt" 2>&1
 paged=pallas
+h2d=auto
+d2h=direct
 for part in "$@"; do
   case "$part" in
     micro)
       timeout "${MICRO_LIMIT_S:-200}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:h100x4 \
           --config.engine.prefill_variants="('layerwise','layerwise_sdpa')" \
-          ${MICRO_FLAGS:-} --out="$OUT/micro" > "$OUT/micro.log" 2>&1
+          ${MICRO_FLAGS:-} --out="$RUN/micro" > "$RUN/micro.log" 2>&1
       echo "micro: exit $?"
-      paged=$(python3 - "$OUT/micro/gpu_bench.json" <<'EOF'
+      read -r paged h2d d2h <<< "$(python3 - "$RUN/micro/gpu_bench.json" <<'EOF'
 import json, sys
 try:
-  rows = json.load(open(sys.argv[1]))["engine"]["decode"]
-except Exception:  # no engine section: keep the kernel
-  rows = []
+  result = json.load(open(sys.argv[1]))
+except Exception:  # no result: the defaults
+  result = {}
+rows = (result.get("engine") or {}).get("decode") or []
 pallas = [r for r in rows if r.get("paged_attention") == "pallas"]
-print("gather" if pallas and all("error" in r for r in pallas) else "pallas")
+paged = "gather" if pallas and all("error" in r for r in pallas) else "pallas"
+# The end-to-end jobs move KV the faster way that the data plane's components measured.
+parts = (result.get("data_plane") or {}).get("components") or {}
+h2d = "direct" if parts.get("h2d_direct_gbps", 0) > parts.get("h2d_gbps", 0) else "auto"
+d2h = "pinned" if parts.get("d2h_pinned_gbps", 0) > parts.get("d2h_direct_gbps", 0) else "direct"
+print(paged, h2d, d2h)
 EOF
-)
-      echo "end-to-end decode attention: $paged"
+)"
+      echo "end-to-end: decode attention $paged, h2d_staging $h2d, d2h_staging $d2h"
       ;;
     hostcopy)
       timeout 120 python3 scripts/bench_host_copy.py --threads=1,2,4,8,16 \
-          --out="$OUT/host_copy.json" > "$OUT/host_copy.log" 2>&1
+          --out="$RUN/host_copy.json" > "$RUN/host_copy.log" 2>&1
       echo "hostcopy: exit $?"
       ;;
     e2e:*)
@@ -56,15 +71,16 @@ EOF
           --config.end_to_end.topologies="('$topology',)" \
           --config.end_to_end.link_caps="($cap,)" \
           --config.end_to_end.model.paged_attention="$paged" \
-          ${E2E_FLAGS:-} --out="$OUT/$name" > "$OUT/$name.log" 2>&1
+          --config.end_to_end.runtime.h2d_staging="$h2d" \
+          --config.end_to_end.runtime.d2h_staging="$d2h" \
+          ${E2E_FLAGS:-} --out="$RUN/$name" > "$RUN/$name.log" 2>&1
       echo "$name: exit $?"
-      for f in "$OUT/$name"/end_to_end/*/{summary.json,turns.jsonl,config.json}; do
-        [ -f "$f" ] && cp "$f" "$OUT/${name}_$(basename "$f")"  # the device tool fetches 2 levels
-      done
+      grep -h "^end_to_end " "$RUN/$name/gpu_bench.md" 2>/dev/null | cut -c1-200
       ;;
     *)
       echo "unknown part: $part" >&2
       exit 2
       ;;
   esac
+  bundle
 done

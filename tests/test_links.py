@@ -168,3 +168,33 @@ def test_reads_and_writes_through_the_real_store():
   np.testing.assert_array_equal(np.stack(got[:3]), blocks)
   assert tm.bytes_by_path["store_write"] == tm.bytes_by_path["store_read_de_side"] == blocks.nbytes
   assert tm.bytes_by_link[f"storage:node{de.node_id}"] == 2 * blocks.nbytes
+
+
+def test_host_buffer_reuses_released_memory_within_its_size_class():
+  block = 1 << 12
+  buf = HostBuffer(host_buffer_bytes=64 * block, full_block_bytes=block)
+  first = buf.reserve(10 * block, "a")
+  a = first.empty((10, block), np.uint8)
+  a[:] = 1
+  address = a.ctypes.data
+  with pytest.raises(ValueError, match="do not fit"):
+    first.empty((1,), np.uint8)
+  first.release()
+  with pytest.raises(RuntimeError, match="released"):
+    first.empty((1,), np.uint8)
+  second = buf.reserve(10 * block - 100, "b")  # the same size class: the same memory
+  b = second.empty((10 * block - 100,), np.uint8)
+  assert b.ctypes.data == address and (buf.pool_hits, buf.pool_misses) == (1, 1)
+  third = buf.reserve(3 * block, "c")  # another class: a fresh block
+  c = third.empty((3, block // 2), np.float16)
+  assert c.shape == (3, block // 2) and c.dtype == np.float16 and c.ctypes.data != address
+  assert buf.pool_misses == 2
+
+
+def test_host_buffer_pool_stays_within_capacity_plus_rounding():
+  block = 1 << 12
+  buf = HostBuffer(host_buffer_bytes=16 * block, full_block_bytes=block)
+  for n in range(1, 17):  # every size once: each release leaves a free block of its class
+    with buf.reserve(n * block, n) as r:
+      r.empty((n * block,), np.uint8)
+    assert buf._pool_bytes <= 16 * block + 2 * block

@@ -359,8 +359,8 @@ def test_link_rate_must_be_positive(rate):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["2P2D"], link_bytes_per_s=rate)
 
 
-@pytest.mark.parametrize("field, value", [("h2d_staging", "rdma"), ("kv_max_wait_s", -0.1),
-                                          ("kv_max_wait_s", True)])
+@pytest.mark.parametrize("field, value", [("h2d_staging", "rdma"), ("d2h_staging", "dma"),
+                                          ("kv_max_wait_s", -0.1), ("kv_max_wait_s", True)])
 def test_bad_traffic_settings_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"runtime.{field}"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["2P2D"], **{field: value})

@@ -190,6 +190,27 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
   s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False, staging="direct")
                                  for h in layers], repeats, warmup, cleanup=_delete)
   out["h2d_direct_gbps"] = total / s / 1e9
+  # D2H into the DE buffer (the PE's handoff, PrefillShard._send): the layers as on the PE, into
+  # reused host memory (the node buffer's pool) or into fresh arrays, direct or through pinned.
+  from dualpath_jax.transfer import device_to_host
+  on_pe = [host_to_device(h, pe, copy=False) for h in layers]
+  jax.block_until_ready(on_pe)
+  targets = [np.empty_like(h) for h in layers]
+  for h in targets:
+    h.fill(0)  # resident, as a reused pool block is
+  for staging in ("direct", "pinned"):
+    try:
+      s, _ = median_seconds(lambda: [device_to_host(x, t, staging=staging)
+                                     for x, t in zip(on_pe, targets)], repeats, warmup)
+      out[f"d2h_{staging}_gbps"] = total / s / 1e9
+      s, _ = median_seconds(lambda: [device_to_host(x, np.empty(x.shape, x.dtype),
+                                                    staging=staging) for x in on_pe],
+                            repeats, warmup)
+      out[f"d2h_{staging}_fresh_buffer_gbps"] = total / s / 1e9
+    except Exception as e:  # noqa: BLE001  (a backend without pinned host memory)
+      out[f"d2h_{staging}_error"] = f"{type(e).__name__}: {e}"[:300]
+  _delete(on_pe)
+  del targets
   if des:
     on_de = [host_to_device(h, des[0], copy=False) for h in layers]
     s, _ = median_seconds(lambda: [mover.move(x, pe) for x in on_de], repeats, warmup,
@@ -198,7 +219,9 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
     _delete(on_de)
   out["note"] = ("one thread, all layers: gather = layout.layer_kv on the host; h2d = "
                  "transfer.host_to_device of the gathered layers onto the PE (h2d_direct: "
-                 "staging='direct'); d2d = "
+                 "staging='direct'); d2h_<staging> = transfer.device_to_host of the layers "
+                 "on the PE into resident host arrays (the node buffer's reused pool blocks), "
+                 "d2h_<staging>_fresh_buffer into new arrays (first-touch page faults); d2d = "
                  "DevicePutMover from DE 0 to the PE")
   log("data_plane: components (one thread) " + ", ".join(
       f"{k} {v:.2f}" for k, v in out.items() if k.endswith("gbps")) + " GB/s")

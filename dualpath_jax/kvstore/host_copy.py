@@ -75,12 +75,18 @@ def copy(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
   return dst
 
 
-def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-  """np.stack(arrays) (equal shapes and dtypes), its copies split over the pool."""
+def stack(arrays: Sequence[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+  """np.stack(arrays) (equal shapes and dtypes), its copies split over the pool; into `out`
+  ([len(arrays), *shape], same dtype) when given."""
   if not len(arrays):
     raise ValueError("stack: no arrays")
   first = np.asarray(arrays[0])
-  out = np.empty((len(arrays), *first.shape), first.dtype)
+  shape = (len(arrays), *first.shape)
+  if out is None:
+    out = np.empty(shape, first.dtype)
+  elif out.shape != shape or out.dtype != first.dtype:
+    raise ValueError(f"stack: out is {out.dtype} {list(out.shape)}, expected {first.dtype} "
+                     f"{list(shape)}")
 
   def rows(part: slice) -> None:
     for i in range(part.start, part.stop):

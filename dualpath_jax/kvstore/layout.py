@@ -130,11 +130,17 @@ class KVLayout:
     return blocks.view(self.np_dtype).reshape(blocks.shape[0], self.num_layers, self.block_tokens,
                                               *self.token_kv_shape)
 
-  def full_blocks_to_kv(self, blocks: np.ndarray) -> np.ndarray:
-    """[n, L, B, W] uint8 -> [L, n*B, 2, H, D] model KV (one transpose copy)."""
+  def full_blocks_to_kv(self, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[n, L, B, W] uint8 -> [L, n*B, 2, H, D] model KV (one transpose copy), into `out` (uint8,
+    at least the bytes) when given."""
     self.check_full_blocks(blocks)
     src = blocks.transpose(1, 0, 2, 3)  # a byte copy (see kv_to_full_blocks)
-    raw = host_copy.copy(np.empty(src.shape, np.uint8), src)
+    if out is None:
+      out = np.empty(src.shape, np.uint8)
+    elif out.dtype != np.uint8 or out.size < blocks.size:
+      raise ValueError(f"out: expected uint8 of at least {blocks.size} bytes, got {out.dtype} "
+                       f"{list(out.shape)}")
+    raw = host_copy.copy(out.reshape(-1)[:blocks.size].reshape(src.shape), src)
     return raw.view(self.np_dtype).reshape(self.num_layers, blocks.shape[0] * self.block_tokens,
                                            *self.token_kv_shape)
 

@@ -68,7 +68,8 @@ class Cluster:
     mover = make_mover(runtime_config.mover)
     traffic_config = TrafficConfig(chunk_bytes=runtime_config.kv_chunk_bytes,
                                    max_kv_wait_s=float(runtime_config.kv_max_wait_s),
-                                   h2d_staging=runtime_config.h2d_staging)
+                                   h2d_staging=runtime_config.h2d_staging,
+                                   d2h_staging=runtime_config.d2h_staging)
     self.traffic = {e.name: TrafficManager(e, mover=mover, config=traffic_config)
                     for e in self.topology.engines}
     self._on_turn_done = on_turn_done

@@ -73,6 +73,10 @@ class RuntimeConfig:
   h2d_staging: str = "auto"
   """How H2D moves leave host memory (transfer.host_to_device): 'auto' (through pinned staging
   on GPUs), 'pinned', or 'direct' (jax.device_put from the buffer itself)."""
+  d2h_staging: str = "direct"
+  """How D2H moves reach host memory (transfer.device_to_host): 'direct' (np.asarray, a fresh
+  host allocation per piece), 'pinned' (through the backend's pinned memory, whose blocks are
+  reused), or 'auto' (pinned on GPUs)."""
   kv_max_wait_s: float = 0.05
   """Longest a KV piece waits for the model steps running on its engine to end
   (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move
@@ -101,9 +105,10 @@ class RuntimeConfig:
     if rate is not None and (isinstance(rate, bool) or not rate > 0):
       raise ValueError(f"runtime.link_bytes_per_s must be positive or None, got {rate!r}")
     from dualpath_jax.transfer.host_device import STAGING_MODES
-    if self.h2d_staging not in STAGING_MODES:
-      raise ValueError(f"runtime.h2d_staging: expected one of {list(STAGING_MODES)}, got "
-                       f"{self.h2d_staging!r}")
+    for field in ("h2d_staging", "d2h_staging"):
+      if getattr(self, field) not in STAGING_MODES:
+        raise ValueError(f"runtime.{field}: expected one of {list(STAGING_MODES)}, got "
+                         f"{getattr(self, field)!r}")
     wait = self.kv_max_wait_s
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
       raise ValueError(f"runtime.kv_max_wait_s must be >= 0, got {wait!r}")

@@ -103,6 +103,9 @@ class DecodeWorker(threading.Thread):
       request.add_bytes("h2d", kv.nbytes)  # what moved, padding included
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
       request.prompt_kv = None
+      # The buffer's memory goes back to its pool for the next request: the copy must have
+      # read it first (a device_put may still be reading when it returns).
+      kv.block_until_ready()
       request.de_reservation.release()
     request.generated = [request.first_token]
     request.times["first_token"] = time.perf_counter()

@@ -5,6 +5,15 @@ link, holds the blocks (numpy [n, L, B, W] uint8, as the store returns them) whi
 streamed to the prefill engine, and releases them when the last layer has left (PE side) or the
 decode engine has taken the prompt KV onto its devices (DE side, PAPER.md section 2.4).
 
+Memory: arrays a request builds in its reservation (`Reservation.empty`: the stacked read blocks,
+the prompt KV in the DE buffer) come from the buffer's pool of reused host blocks, as the paper's
+buffers are allocated once and reused. A fresh numpy array of a gigabyte is fresh pages that the
+kernel faults in (and zeroes) on first write: on the 4x H200 host a D2H into fresh prompt-KV arrays
+moved about 1 GB/s (docs/perf/gpu_bench.md, record 3). Pool blocks come in size classes eight per
+power of two (at most 12.5% larger than asked for); freed blocks wait for the next request of their
+class, and are dropped (largest first) when a new block would take the pool past the buffer's
+capacity plus that rounding.
+
 Pinned memory: the buffer itself holds plain numpy arrays, on every backend. On backends with a
 separate 'pinned_host' memory (GPUs), the per-layer H2D path (transfer.host_to_device, called by
 the traffic manager) stages each layer's chunk into pinned host memory and copies it from there;
@@ -31,6 +40,7 @@ class Reservation:
     """Whose bytes these are (any hashable id), for debugging and accounting."""
     self.arrays: list[np.ndarray] = []
     """Arrays held in this reservation (Full Blocks [n, L, B, W] uint8, per read)."""
+    self._pooled: list[np.ndarray] = []  # the buffer's pool blocks behind empty() arrays
     self._released = False
 
   @property
@@ -52,12 +62,30 @@ class Reservation:
     self.arrays.append(array)
     return array
 
+  def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array held in this reservation, on a block of the buffer's pool (reused
+    memory: no page faults). It must not be used after release(), which returns the block."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if self._released:
+      raise RuntimeError(f"reservation of request {self.request_id!r} was already released")
+    if self.held_bytes + nbytes > self.nbytes:
+      raise ValueError(f"shape {list(shape)} {dtype}: {nbytes} bytes do not fit in the "
+                       f"reservation of request {self.request_id!r} "
+                       f"({self.nbytes - self.held_bytes} of {self.nbytes} bytes left)")
+    block = self.buffer._pool_take(nbytes)
+    self._pooled.append(block)
+    array = block[:nbytes].view(dtype).reshape(shape)
+    self.arrays.append(array)
+    return array
+
   def release(self) -> None:
     """Drops the held arrays and returns the bytes to the buffer (a second call does nothing)."""
     if not self._released:
       self._released = True
       self.arrays.clear()
-      self.buffer._give_back(self.nbytes)
+      pooled, self._pooled = self._pooled, []
+      self.buffer._give_back(self.nbytes, pooled)
 
   def __enter__(self) -> "Reservation":
     return self
@@ -81,6 +109,11 @@ class HostBuffer:
     self._used_bytes = 0
     self._peak_bytes = 0
     self._cond = threading.Condition()
+    self._free_blocks: dict[int, list[np.ndarray]] = {}  # size class -> unused pool blocks
+    self._pool_bytes = 0  # every pool block, in use or free
+    self.pool_hits = 0
+    """empty() calls served by a reused block (against `pool_misses`, fresh allocations)."""
+    self.pool_misses = 0
 
   @property
   def used_bytes(self) -> int:
@@ -137,7 +170,36 @@ class HostBuffer:
     """reserve() of `num_blocks` Full Blocks."""
     return self.reserve(num_blocks * self.full_block_bytes, request_id, timeout_s=timeout_s)
 
-  def _give_back(self, nbytes: int) -> None:
+  def _pool_take(self, nbytes: int) -> np.ndarray:
+    """A 1-D uint8 pool block of at least `nbytes` (its size class), reused where one is free."""
+    size = size_class(nbytes)
+    with self._cond:
+      free = self._free_blocks.get(size)
+      if free:
+        self.pool_hits += 1
+        return free.pop()
+      self.pool_misses += 1
+      limit = self.capacity_bytes + self.capacity_bytes // 8
+      while self._pool_bytes + size > limit and self._free_blocks:
+        largest = max(self._free_blocks)
+        self._pool_bytes -= largest
+        self._free_blocks[largest].pop()
+        if not self._free_blocks[largest]:
+          del self._free_blocks[largest]
+      self._pool_bytes += size
+    return np.empty(size, np.uint8)
+
+  def _give_back(self, nbytes: int, blocks: list[np.ndarray] = ()) -> None:
     with self._cond:
       self._used_bytes -= nbytes
+      for block in blocks:
+        self._free_blocks.setdefault(block.nbytes, []).append(block)
       self._cond.notify_all()
+
+
+def size_class(nbytes: int) -> int:
+  """`nbytes` rounded up to one of eight sizes per power of two (at most 12.5% more)."""
+  if nbytes <= 4096:
+    return 4096
+  step = 1 << max(0, int(nbytes - 1).bit_length() - 4)  # 8 classes in (2^(k-1), 2^k]
+  return -(-nbytes // step) * step

@@ -132,14 +132,16 @@ class PrefillShard:
       if any(b is None for b in blocks):
         raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
                            "read back; the runtime does not yet re-plan a shrunken hit")
-      request.blocks[side] = host_copy.stack(blocks)
+      shape = (len(blocks), *layout.full_block_shape)
+      request.blocks[side] = host_copy.stack(
+          blocks, out=request.read_reservations[side].empty(shape, np.uint8))
     if self.cluster.runtime_config.skips_kv_io:
       return
     # Padded to whole pages (Cluster.admit_tokens), so that the DE moves it as it is; the tail is
     # zeros, which masked attention slots need (model/paged.py).
     rows = self.cluster.admit_tokens(request.prompt_tokens)
-    request.prompt_kv = request.de_reservation.hold(
-        np.empty((layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype))
+    request.prompt_kv = request.de_reservation.empty(
+        (layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype)
     request.prompt_kv[:, request.prompt_tokens:] = 0
     if "de" in request.blocks:  # the DE-read hit KV is in the DE buffer already: merge it
       start = request.read_split[0] * layout.block_tokens
@@ -158,14 +160,22 @@ class PrefillShard:
     request.add_bytes("d2d", host.nbytes)
     return de_tm.d2d(de_tm.h2d(host), self.engine)
 
-  def _gather(self, blocks: np.ndarray, layer: int, side: str, row: int) -> np.ndarray:
-    """layout.layer_kv into this shard's reused buffer for (side, row, layer parity)."""
-    layout = self.cluster.layout
-    key, need = (side, row, layer % 2), blocks.shape[0] * layout.layer_block_bytes
+  def _buffer(self, key, nbytes: int) -> np.ndarray:
+    """This shard's reused host buffer `key` (uint8, at least `nbytes`): reused memory is
+    resident, where a fresh array's pages fault in on first write (host_buffer.py)."""
     buffer = self._gather_buffers.get(key)
-    if buffer is None or buffer.size < need:
-      buffer = self._gather_buffers[key] = np.empty(need, np.uint8)
-    return layout.layer_kv(blocks, layer, out=buffer)
+    if buffer is None or buffer.size < nbytes:
+      buffer = self._gather_buffers[key] = np.empty(nbytes, np.uint8)
+    return buffer
+
+  def _gather(self, blocks: np.ndarray, layers, side: str, row: int) -> np.ndarray:
+    """One layer's (layout.layer_kv) or every layer's (full_blocks_to_kv, `layers` a slice)
+    prefix KV of `blocks` in this shard's reused buffer for (side, row, layer parity)."""
+    layout = self.cluster.layout
+    if not isinstance(layers, int):  # whole prefill: one buffer per row, reused next forward
+      return layout.full_blocks_to_kv(blocks, out=self._buffer((side, row), blocks.size))
+    need = blocks.shape[0] * layout.layer_block_bytes
+    return layout.layer_kv(blocks, layers, out=self._buffer((side, row, layers % 2), need))
 
   def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
               ) -> jax.Array | None:
@@ -182,7 +192,7 @@ class PrefillShard:
       if side not in request.blocks:
         continue
       blocks = request.blocks[side]
-      host = (self._gather(blocks, layers, side, row) if one and self._sends_kv()
+      host = (self._gather(blocks, layers, side, row) if self._sends_kv()
               else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
       if side == "pe":
         request.add_bytes("h2d", host.nbytes)
@@ -272,7 +282,8 @@ class PrefillShard:
           self.engine, (layout.num_layers, rows, tp, *layout.token_kv_shape))
     else:
       with self._stage("load"):
-        prefixes = [self._prefix(request, cached, slice(None)) for request, cached, _ in chunks]
+        prefixes = [self._prefix(request, cached, slice(None), row)
+                    for row, (request, cached, _) in enumerate(chunks)]
         prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
     # Layer by layer over the resident prefix: the same compiled layer as the layerwise path
     # (one whole-model program per shape would compile for minutes on large models).

@@ -80,8 +80,10 @@ class TurnRequest:
     return all(f.done() for f in self.read_futures.values())
 
   def release_reads(self) -> None:
+    """Returns the read blocks' host-buffer room; `blocks` (views of it) go with it."""
     for reservation in self.read_reservations.values():
       reservation.release()
+    self.blocks = {}
 
   def add_bytes(self, path: str, nbytes: int) -> None:
     self.bytes[path] = self.bytes.get(path, 0) + int(nbytes)

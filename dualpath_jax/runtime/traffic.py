@@ -63,6 +63,8 @@ class TrafficConfig:
   """Longest a KV piece waits for a gap in model work before it goes anyway."""
   h2d_staging: str = "auto"
   """transfer.host_to_device's staging for H2D moves: 'auto', 'pinned' or 'direct'."""
+  d2h_staging: str = "direct"
+  """transfer.device_to_host's staging for D2H moves: 'auto', 'pinned' or 'direct'."""
 
   def __post_init__(self):
     if isinstance(self.chunk_bytes, bool) or not isinstance(self.chunk_bytes, int) \
@@ -70,9 +72,10 @@ class TrafficConfig:
       raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
     if not self.max_kv_wait_s >= 0:
       raise ValueError(f"max_kv_wait_s must be >= 0, got {self.max_kv_wait_s!r}")
-    if self.h2d_staging not in host_device.STAGING_MODES:
-      raise ValueError(f"h2d_staging: expected one of {list(host_device.STAGING_MODES)}, got "
-                       f"{self.h2d_staging!r}")
+    for field in ("h2d_staging", "d2h_staging"):
+      if getattr(self, field) not in host_device.STAGING_MODES:
+        raise ValueError(f"{field}: expected one of {list(host_device.STAGING_MODES)}, got "
+                         f"{getattr(self, field)!r}")
 
 
 @jax.jit
@@ -171,7 +174,8 @@ class TrafficManager:
     out = np.empty(x.shape, x.dtype) if out is None else out
     whole = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
     self._chunked(x.shape, x.dtype.itemsize,
-                  lambda rows: host_device.device_to_host(x if whole else x[rows], out[rows]),
+                  lambda rows: host_device.device_to_host(
+                      x if whole else x[rows], out[rows], staging=self.config.d2h_staging),
                   "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
                   (self._name(x.sharding), "host"))
     return out

@@ -76,16 +76,34 @@ def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = Tru
   return jax.device_put(host_array, sharding)
 
 
-def device_to_host(x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
+def _pinned_host_view(x: jax.Array) -> np.ndarray:
+  """x copied into the backend's pinned host memory, seen as numpy without another copy where
+  the backend exports that memory over DLPack (else through np.asarray, one host copy more)."""
+  staged = jax.device_put(x, x.sharding.with_memory_kind(PINNED_HOST))
+  try:
+    return np.from_dlpack(staged)
+  except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError):
+    return np.asarray(staged)
+
+
+def device_to_host(x: jax.Array, out: np.ndarray | None = None, *,
+                   staging: str = "direct") -> np.ndarray:
   """Copies a device array to host memory; into `out` (same shape and dtype) when given.
 
+  staging: 'direct' (np.asarray: the backend copies into a fresh host allocation), 'pinned'
+  (device_put into the backend's pinned host memory, whose allocator reuses its blocks, then a
+  threaded host copy into `out`), or 'auto' (pinned where it is a separate memory, as for H2D).
   The result never aliases device memory the runtime may later reuse.
   """
   if not isinstance(x, jax.Array):
     raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
+  pinned = _use_pinned(x.sharding, staging)
   if out is not None:
     if out.shape != x.shape or out.dtype != x.dtype:
       raise ValueError(f"out: expected {x.dtype} {list(x.shape)}, "
                        f"got {out.dtype} {list(out.shape)}")
-    return host_copy.copy(out, np.asarray(x))
+    return host_copy.copy(out, _pinned_host_view(x) if pinned else np.asarray(x))
+  if pinned:
+    view = _pinned_host_view(x)
+    return host_copy.copy(np.empty(view.shape, view.dtype), view)
   return np.array(x, copy=True)
