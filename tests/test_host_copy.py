@@ -48,6 +48,28 @@ def test_layout_copies_are_unchanged(mode):
     np.testing.assert_array_equal(layout.layer_kv(blocks, layer), kv[layer])
 
 
+def test_layout_copies_pad_with_zero_rows_into_dirty_buffers(mode):
+  layout = KVLayout.for_model(get_preset("tiny", dtype="float32"))
+  rng = np.random.default_rng(1)
+  blocks = rng.integers(1, 255, (3, *layout.full_block_shape), dtype=np.uint8)
+  have, tokens = 3 * layout.block_tokens, 3 * layout.block_tokens + 5
+  kv = layout.full_blocks_to_kv(blocks)
+  dirty = np.full(layout.num_layers * tokens * layout.token_layer_bytes, 7, np.uint8)
+  padded = layout.full_blocks_to_kv(blocks, out=dirty, tokens=tokens)
+  assert padded.shape == (layout.num_layers, tokens, *layout.token_kv_shape)
+  np.testing.assert_array_equal(padded[:, :have], kv)
+  assert not padded[:, have:].any()
+  for layer in range(layout.num_layers):
+    dirty[:] = 7
+    one = layout.layer_kv(blocks, layer, out=dirty, tokens=tokens)
+    np.testing.assert_array_equal(one[:have], kv[layer])
+    assert one.shape[0] == tokens and not one[have:].any()
+  with pytest.raises(ValueError, match="tokens"):
+    layout.layer_kv(blocks, 0, tokens=have - 1)
+  with pytest.raises(ValueError, match="out"):
+    layout.full_blocks_to_kv(blocks, out=dirty[:10], tokens=tokens)
+
+
 def test_bad_input_is_reported(mode, monkeypatch):
   with pytest.raises(ValueError, match="differ in shape"):
     host_copy.copy(np.zeros((2, 3)), np.zeros((3, 2)))

@@ -172,3 +172,21 @@ def test_device_to_host_stagings_give_the_same_bytes(topo, staging):
   np.testing.assert_array_equal(bits(x), bits(host))
   with pytest.raises(ValueError, match="staging"):
     device_to_host(x, staging="rdma")
+
+
+def test_device_to_host_fills_a_shorter_out_from_the_leading_entries(topo):
+  host = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+  x = host_to_device(host, topo.decode_engines[0])
+  out = np.zeros((2, 4, 3), np.float32)
+  assert device_to_host(x, out, axis=1) is out
+  np.testing.assert_array_equal(out, host[:, :4])
+  with pytest.raises(ValueError, match="shorter along axis 1"):
+    device_to_host(x, np.zeros((2, 7, 3), np.float32), axis=1)
+  with pytest.raises(ValueError, match="out"):
+    device_to_host(x, np.zeros((2, 4, 3), np.float32))  # no axis: shapes must match
+  tm = TrafficManager(topo.decode_engines[0], config=TrafficConfig(chunk_bytes=40))
+  out[:] = 0
+  tm.d2h(x, out=out, axis=1)  # chunked along axis 0
+  np.testing.assert_array_equal(out, host[:, :4])
+  with pytest.raises(ValueError, match="axis"):
+    tm.d2h(x, out=out, axis=0)

@@ -130,19 +130,36 @@ class KVLayout:
     return blocks.view(self.np_dtype).reshape(blocks.shape[0], self.num_layers, self.block_tokens,
                                               *self.token_kv_shape)
 
-  def full_blocks_to_kv(self, blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """[n, L, B, W] uint8 -> [L, n*B, 2, H, D] model KV (one transpose copy), into `out` (uint8,
-    at least the bytes) when given."""
+  def full_blocks_to_kv(self, blocks: np.ndarray, out: np.ndarray | None = None,
+                        tokens: int | None = None) -> np.ndarray:
+    """[n, L, B, W] uint8 -> [L, tokens, 2, H, D] model KV (one transpose copy), into `out` (a
+    uint8 buffer of at least that many bytes) when given. `tokens` (default n*B) may be larger:
+    the rows past n*B are zeros."""
     self.check_full_blocks(blocks)
+    raw = self._kv_rows(blocks, out, tokens, self.num_layers)
+    have = blocks.shape[0] * self.block_tokens
     src = blocks.transpose(1, 0, 2, 3)  # a byte copy (see kv_to_full_blocks)
+    host_copy.copy(raw[:, :have].reshape(src.shape), src)
+    return raw.view(self.np_dtype).reshape(self.num_layers, -1, *self.token_kv_shape)
+
+  def _kv_rows(self, blocks, out, tokens, layers: int) -> np.ndarray:
+    """A uint8 [layers, tokens, token_layer_bytes] array (in `out` when given) whose rows past
+    the blocks' tokens are zeroed."""
+    have = blocks.shape[0] * self.block_tokens
+    tokens = have if tokens is None else tokens
+    if tokens < have:
+      raise ValueError(f"tokens: {tokens} is fewer than the blocks' {have}")
+    shape = (layers, tokens, self.token_layer_bytes)
+    nbytes = layers * tokens * self.token_layer_bytes
     if out is None:
-      out = np.empty(src.shape, np.uint8)
-    elif out.dtype != np.uint8 or out.size < blocks.size:
-      raise ValueError(f"out: expected uint8 of at least {blocks.size} bytes, got {out.dtype} "
+      raw = np.empty(shape, np.uint8)
+    elif out.dtype != np.uint8 or out.size < nbytes:
+      raise ValueError(f"out: expected uint8 of at least {nbytes} bytes, got {out.dtype} "
                        f"{list(out.shape)}")
-    raw = host_copy.copy(out.reshape(-1)[:blocks.size].reshape(src.shape), src)
-    return raw.view(self.np_dtype).reshape(self.num_layers, blocks.shape[0] * self.block_tokens,
-                                           *self.token_kv_shape)
+    else:
+      raw = out.reshape(-1)[:nbytes].reshape(shape)
+    raw[:, have:] = 0
+    return raw
 
   def layer_block(self, full_block: np.ndarray, layer: int) -> np.ndarray:
     """One Layer Block [1, B, W] of a Full Block [L, B, W]: a view."""
@@ -150,9 +167,10 @@ class KVLayout:
       raise ValueError(f"full_block: expected {list(self.full_block_shape)}, got {list(full_block.shape)}")
     return full_block[layer:layer + 1]
 
-  def layer_kv(self, blocks: np.ndarray, layer: int, out: np.ndarray | None = None
-               ) -> np.ndarray:
-    """Layer `layer` of n Full Blocks as one contiguous model-KV array [n*B, 2, H, D].
+  def layer_kv(self, blocks: np.ndarray, layer: int, out: np.ndarray | None = None,
+               tokens: int | None = None) -> np.ndarray:
+    """Layer `layer` of n Full Blocks as one contiguous model-KV array [tokens, 2, H, D]
+    (tokens: default n*B; rows past n*B are zeros).
 
     This is the per-layer transfer unit of layerwise loading: n Layer Blocks gathered into one
     buffer (one copy of 1/L of the blocks' bytes). `out`, a reused uint8 buffer of at least
@@ -161,11 +179,8 @@ class KVLayout:
     Large gathers are split over host_copy's threads.
     """
     self.check_full_blocks(blocks)
-    shape = (blocks.shape[0], self.block_tokens, self.token_layer_bytes)
-    if out is None:
-      raw = np.empty(shape, np.uint8)  # a byte copy (see kv_to_full_blocks)
-    else:
-      raw = out.reshape(-1)[:blocks.shape[0] * self.block_tokens * self.token_layer_bytes]
-      raw = raw.reshape(shape)
-    host_copy.copy(raw, blocks[:, layer])  # split over host_copy's threads when large
+    raw = self._kv_rows(blocks, out, tokens, 1)[0]  # a byte copy (see kv_to_full_blocks)
+    have = blocks.shape[0] * self.block_tokens
+    # split over host_copy's threads when large
+    host_copy.copy(raw[:have].reshape(blocks.shape[0], self.block_tokens, -1), blocks[:, layer])
     return raw.view(self.np_dtype).reshape(-1, *self.token_kv_shape)

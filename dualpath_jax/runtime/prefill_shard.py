@@ -48,11 +48,14 @@ def _pad_to(x, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("row", "start", "stop", "batch_axis"))
-def _row_slice(x, row: int, start: int, stop: int, batch_axis: int):
-  """x[row, start:stop] along (batch_axis, batch_axis + 1)."""
-  x = jax.lax.index_in_dim(x, row, axis=batch_axis, keepdims=False)
-  return jax.lax.slice_in_dim(x, start, stop, axis=batch_axis)
+@functools.partial(jax.jit, static_argnames=("size", "batch_axis"))
+def _row_head(x, row, size: int, batch_axis: int):
+  """x[row, :size] along (batch_axis, batch_axis + 1). `row` is traced and `size` comes in few
+  values (admit_tokens), so that a handful of programs serve every request: a static row and
+  length compiled one program per request (~0.1 s each on 4x H200, in the PE's 'send')."""
+  x = jax.lax.dynamic_index_in_dim(x, row, axis=batch_axis, keepdims=False)
+  x = jax.lax.slice_in_dim(x, 0, size, axis=batch_axis)
+  return x if batch_axis else x[None]  # [L or 1, size, ...]
 
 
 class PrefillShard:
@@ -168,14 +171,17 @@ class PrefillShard:
       buffer = self._gather_buffers[key] = np.empty(nbytes, np.uint8)
     return buffer
 
-  def _gather(self, blocks: np.ndarray, layers, side: str, row: int) -> np.ndarray:
+  def _gather(self, blocks: np.ndarray, layers, side: str, row: int, tokens: int) -> np.ndarray:
     """One layer's (layout.layer_kv) or every layer's (full_blocks_to_kv, `layers` a slice)
-    prefix KV of `blocks` in this shard's reused buffer for (side, row, layer parity)."""
+    prefix KV of `blocks`, zero-padded to `tokens` rows, in this shard's reused buffer for
+    (side, row, layer parity)."""
     layout = self.cluster.layout
     if not isinstance(layers, int):  # whole prefill: one buffer per row, reused next forward
-      return layout.full_blocks_to_kv(blocks, out=self._buffer((side, row), blocks.size))
-    need = blocks.shape[0] * layout.layer_block_bytes
-    return layout.layer_kv(blocks, layers, out=self._buffer((side, row, layers % 2), need))
+      need = layout.num_layers * tokens * layout.token_layer_bytes
+      return layout.full_blocks_to_kv(blocks, out=self._buffer((side, row), need), tokens=tokens)
+    need = tokens * layout.token_layer_bytes
+    return layout.layer_kv(blocks, layers, out=self._buffer((side, row, layers % 2), need),
+                           tokens=tokens)
 
   def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
               ) -> jax.Array | None:
@@ -192,7 +198,13 @@ class PrefillShard:
       if side not in request.blocks:
         continue
       blocks = request.blocks[side]
-      host = (self._gather(blocks, layers, side, row) if self._sends_kv()
+      # A prefix read on one side is padded to one of a few lengths (admit_tokens) on the host,
+      # so that the device pads and stacks it with a handful of programs; a prefix read on both
+      # sides is concatenated on the device and keeps its exact lengths.
+      tokens = blocks.shape[0] * layout.block_tokens
+      if len(request.blocks) == 1:
+        tokens = min(self.cluster.admit_tokens(tokens), pow2_at_least(cached, layout.block_tokens))
+      host = (self._gather(blocks, layers, side, row, tokens) if self._sends_kv()
               else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
       if side == "pe":
         request.add_bytes("h2d", host.nbytes)
@@ -211,11 +223,13 @@ class PrefillShard:
     the DE's device (D2D, then D2H there) queued it with the decode steps' own copies and made
     them up to 2x slower (4x H200, docs/perf/gpu_bench.md).
     """
-    part = _row_slice(x, row, 0, count, batch_axis)
-    out = request.prompt_kv[layers]
-    dst = slice(dst_start, dst_start + count)
-    self.tm.d2h(part, out=out[:, dst] if batch_axis else out[dst])
-    request.add_bytes("d2h", part.nbytes)
+    if isinstance(layers, int):  # one layer: [B, T, ...], its KV goes to [l:l+1]
+      layers = slice(layers, layers + 1)
+    size = min(self.cluster.admit_tokens(count), x.shape[batch_axis + 1])
+    part = _row_head(x, np.int32(row), size, batch_axis)  # [L or 1, size, ...]
+    out = request.prompt_kv[layers, dst_start:dst_start + count]
+    self.tm.d2h(part, out=out, axis=1)  # the first `count` tokens land; the rest is padding
+    request.add_bytes("d2h", part.nbytes)  # what moved, padding included
 
   def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> None:
     """Each row's new KV; on a first chunk also the PE-read part of its hit (the DE-read part is

@@ -169,13 +169,18 @@ class TrafficManager:
                            ("host", self._name(dst)))
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
 
-  def d2h(self, x: jax.Array, out: np.ndarray | None = None) -> np.ndarray:
-    """Device -> host, into `out` when given (e.g. an array held in a host-buffer reservation)."""
+  def d2h(self, x: jax.Array, out: np.ndarray | None = None, axis: int | None = None
+          ) -> np.ndarray:
+    """Device -> host, into `out` when given (e.g. an array held in a host-buffer reservation);
+    with `axis` > 0, `out` may be shorter than x along it (transfer.device_to_host)."""
+    if axis == 0:
+      raise ValueError("axis: the leading axis is the one moves are chunked along; use axis > 0")
     out = np.empty(x.shape, x.dtype) if out is None else out
     whole = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
     self._chunked(x.shape, x.dtype.itemsize,
                   lambda rows: host_device.device_to_host(
-                      x if whole else x[rows], out[rows], staging=self.config.d2h_staging),
+                      x if whole else x[rows], out[rows], staging=self.config.d2h_staging,
+                      axis=axis),
                   "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
                   (self._name(x.sharding), "host"))
     return out

@@ -87,8 +87,11 @@ def _pinned_host_view(x: jax.Array) -> np.ndarray:
 
 
 def device_to_host(x: jax.Array, out: np.ndarray | None = None, *,
-                   staging: str = "direct") -> np.ndarray:
+                   staging: str = "direct", axis: int | None = None) -> np.ndarray:
   """Copies a device array to host memory; into `out` (same shape and dtype) when given.
+
+  With `axis`, `out` may be shorter than x along that axis: x's leading entries fill it (the rest
+  is padding that keeps the number of compiled shapes on the device small).
 
   staging: 'direct' (np.asarray: the backend copies into a fresh host allocation), 'pinned'
   (device_put into the backend's pinned host memory, whose allocator reuses its blocks, then a
@@ -99,10 +102,17 @@ def device_to_host(x: jax.Array, out: np.ndarray | None = None, *,
     raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
   pinned = _use_pinned(x.sharding, staging)
   if out is not None:
-    if out.shape != x.shape or out.dtype != x.dtype:
-      raise ValueError(f"out: expected {x.dtype} {list(x.shape)}, "
+    head = out.shape == x.shape or (
+        axis is not None and out.ndim == x.ndim and out.shape[axis] <= x.shape[axis]
+        and out.shape[:axis] + out.shape[axis + 1:] == x.shape[:axis] + x.shape[axis + 1:])
+    if not head or out.dtype != x.dtype:
+      raise ValueError(f"out: expected {x.dtype} {list(x.shape)}"
+                       f"{'' if axis is None else f' or shorter along axis {axis}'}, "
                        f"got {out.dtype} {list(out.shape)}")
-    return host_copy.copy(out, _pinned_host_view(x) if pinned else np.asarray(x))
+    host = _pinned_host_view(x) if pinned else np.asarray(x)
+    if out.shape != x.shape:
+      host = host[(slice(None),) * axis + (slice(0, out.shape[axis]),)]
+    return host_copy.copy(out, host)
   if pinned:
     view = _pinned_host_view(x)
     return host_copy.copy(np.empty(view.shape, view.dtype), view)
