@@ -6,11 +6,13 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
 (chunked prefill) finds its whole prefix in the DE node buffer, where every earlier chunk sent it.
 
   layerwise (dualpath, oracle): for each layer l, layer l+1's prefix KV of every row is put in
-    flight before layer l computes, so the PE holds at most two layers of prefix KV:
+    flight before layer l computes:
       PE path  PE node buffer --H2D--> PE device
       DE path  DE node buffer --H2D--> DE device --D2D--> PE device
     after layer l, each row's new KV goes D2H from the PE straight into its DE node buffer (and,
-    on a first chunk, the PE-read part of its hit, which the DE buffer does not hold yet).
+    on a first chunk, the PE-read part of its hit, which the DE buffer does not hold yet), on the
+    shard's sender thread while this thread loads the next layers; the PE holds at most
+    LAYERS_IN_FLIGHT (3) layers of prefix KV.
   whole (basic): every layer's prefix KV goes H2D before the forward starts; after the whole model
     the same KV goes to the DE.
   oracle: no read, no H2D, no D2D, no D2H: the prefix KV is uninitialised zeros on the device.
@@ -20,13 +22,15 @@ A request's last chunk gives its first generated token (logits of its last promp
 another, so together they are the forwards' time): 'begin' (a first chunk's read blocks stacked,
 its prompt-KV array in the DE buffer, the DE-read part merged in), 'load' (prefix KV gathered on
 the host and moved onto the PE over either path), 'compute' (dispatching the layers), 'send'
-(each layer's KV to the DE buffer), 'logits' (the last tokens' logits, which waits for all the
+(each layer's KV to the DE buffer; layerwise, the wait for the sender thread: the part of the
+sends that the loads did not hide), 'logits' (the last tokens' logits, which waits for all the
 device work queued before it).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import time
@@ -58,6 +62,11 @@ def _row_head(x, row, size: int, batch_axis: int):
   return x if batch_axis else x[None]  # [L or 1, size, ...]
 
 
+LAYERS_IN_FLIGHT = 3
+"""Layerwise prefill: layer l computes while layer l+1 loads and layer l-1's KV goes to the DE
+(on the shard's sender thread), so at most three layers of prefix KV sit on the PE."""
+
+
 class PrefillShard:
   """One PE: executes the batches its group leader selects for it (no thread of its own)."""
 
@@ -69,12 +78,16 @@ class PrefillShard:
     self.resident_layers = 0
     """Layers of prefix KV on this PE's device now."""
     self.max_resident_layers = 0
-    """Most layers of prefix KV ever on this PE's device at once (layerwise: at most 2)."""
+    """Most layers of prefix KV ever on this PE's device at once (layerwise: LAYERS_IN_FLIGHT)."""
     self.stage_s: collections.Counter = collections.Counter()
     """Seconds of this PE's forwards per stage (module docstring)."""
     self._gather_buffers: dict[tuple, np.ndarray] = {}
-    """Reused host buffers of layer gathers, per (side, row, layer parity): a layer's buffer is
-    free again two layers later, once the layer's compute (which read its H2D copy) finished."""
+    """Reused host buffers of layer gathers, per (side, row, layer % LAYERS_IN_FLIGHT): a layer's
+    buffer is free again once the layer's send finished (it waited for the layer's compute,
+    which read the buffer's H2D copy)."""
+    self._sender = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix=f"{engine.name}-send")
+    """Runs each layer's D2H to the DE buffer while this thread loads the next layers."""
 
   @contextlib.contextmanager
   def _stage(self, name: str):
@@ -85,9 +98,11 @@ class PrefillShard:
       self.stage_s[name] += time.perf_counter() - start
 
   def release_device_memory(self) -> None:
-    """Drops this PE's model copy and gather buffers (after its group has stopped)."""
+    """Drops this PE's model copy and gather buffers, stops its sender (after its group has
+    stopped)."""
     self.model = None
     self._gather_buffers.clear()
+    self._sender.shutdown(wait=True)
 
   def run_batch(self, chunks: list[tuple[TurnRequest, int, int]]) -> float:
     """Prefills `chunks` in one forward; returns its wall time. Sets first_token on last chunks."""
@@ -180,8 +195,8 @@ class PrefillShard:
       need = layout.num_layers * tokens * layout.token_layer_bytes
       return layout.full_blocks_to_kv(blocks, out=self._buffer((side, row), need), tokens=tokens)
     need = tokens * layout.token_layer_bytes
-    return layout.layer_kv(blocks, layers, out=self._buffer((side, row, layers % 2), need),
-                           tokens=tokens)
+    key = (side, row, layers % LAYERS_IN_FLIGHT)
+    return layout.layer_kv(blocks, layers, out=self._buffer(key, need), tokens=tokens)
 
   def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
               ) -> jax.Array | None:
@@ -229,16 +244,32 @@ class PrefillShard:
     part = _row_head(x, np.int32(row), size, batch_axis)  # [L or 1, size, ...]
     out = request.prompt_kv[layers, dst_start:dst_start + count]
     self.tm.d2h(part, out=out, axis=1)  # the first `count` tokens land; the rest is padding
-    request.add_bytes("d2h", part.nbytes)  # what moved, padding included
+    return part.nbytes  # what moved, padding included
 
-  def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> None:
+  def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> list:
     """Each row's new KV; on a first chunk also the PE-read part of its hit (the DE-read part is
-    in the DE buffer already)."""
+    in the DE buffer already). Returns (request, bytes moved) pairs, for the caller's thread
+    to count (TurnRequest.add_bytes is not thread-safe)."""
+    moved = []
     for i, (request, cached, new) in enumerate(chunks):
       pe_tokens = request.read_split[0] * request.block_tokens
       if cached == request.hit_tokens and pe_tokens:
-        self._send(request, prefix, i, pe_tokens, 0, batch_axis, layers)
-      self._send(request, new_kv, i, new, cached, batch_axis, layers)
+        moved.append((request, self._send(request, prefix, i, pe_tokens, 0, batch_axis, layers)))
+      moved.append((request, self._send(request, new_kv, i, new, cached, batch_axis, layers)))
+    return moved
+
+  def _send_layer(self, chunks, prefix, new_kv, layer: int) -> list:
+    """On the sender thread: layer `layer`'s sends, then its prefix KV leaves the device."""
+    try:
+      return self._send_rows(chunks, prefix, new_kv, 0, layer)
+    finally:
+      prefix.delete()
+
+  def _finish_send(self, future) -> None:
+    """Waits for one layer's sends (re-raising their error) and counts their bytes."""
+    for request, nbytes in future.result():
+      request.add_bytes("d2h", nbytes)
+    self.resident_layers -= 1
 
   def _stack_rows(self, prefixes, rows: int, tp: int, axis: int, layers: int | None):
     """Row prefixes padded to tp and stacked along the batch axis (zeros for missing rows)."""
@@ -263,7 +294,7 @@ class PrefillShard:
 
   def _sends_kv(self) -> bool:
     """Each layer's KV goes to the DE, which waits for the layer's compute: what makes reusing
-    a gather buffer two layers later safe."""
+    a gather buffer LAYERS_IN_FLIGHT layers later safe once that send finished."""
     return not self.cluster.runtime_config.skips_kv_io
 
   def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
@@ -273,18 +304,29 @@ class PrefillShard:
       x = embed_tokens_jit(self.model, tokens)
     with self._stage("load"):
       current = self._load_layer(chunks, rows, tp, 0)
-    for l, layer in enumerate(layers):
-      # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
-      with self._stage("load"):
-        following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers) else None)
-      with self._stage("compute"), self.tm.model_step():
-        x, new_kv = prefill_layer_jit(layer, x, current, prefix_len, new_len)
-      if not skip_io:
+    sends: dict[int, concurrent.futures.Future] = {}
+    try:
+      for l, layer in enumerate(layers):
+        # Layer l+1's gather buffers were layer l+1-LAYERS_IN_FLIGHT's: its send must be done.
+        if (done := l + 1 - LAYERS_IN_FLIGHT) in sends:
+          with self._stage("send"):
+            self._finish_send(sends.pop(done))
+        # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
+        with self._stage("load"):
+          following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers)
+                       else None)
+        with self._stage("compute"), self.tm.model_step():
+          x, new_kv = prefill_layer_jit(layer, x, current, prefix_len, new_len)
+        if skip_io:
+          self.resident_layers -= 1
+        else:  # layer l's D2H runs on the sender while this thread loads the next layers
+          sends[l] = self._sender.submit(self._send_layer, chunks, current, new_kv, l)
+        current = following
+    finally:
+      if sends:
         with self._stage("send"):
-          self._send_rows(chunks, current, new_kv, 0, l)
-        current.delete()
-      self.resident_layers -= 1
-      current = following
+          for l in sorted(sends):
+            self._finish_send(sends.pop(l))
     return x
 
   def _whole(self, chunks, rows, tp, tokens, prefix_len, new_len):
@@ -310,7 +352,8 @@ class PrefillShard:
       new_kv = jnp.stack(new_kv)
     if not skip_io:
       with self._stage("send"):
-        self._send_rows(chunks, prefix, new_kv, 1, slice(None))
+        for request, nbytes in self._send_rows(chunks, prefix, new_kv, 1, slice(None)):
+          request.add_bytes("d2h", nbytes)
       prefix.delete()
     self.resident_layers = 0
     return x
