@@ -37,6 +37,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -81,6 +82,21 @@ class TrafficConfig:
 @jax.jit
 def _concatenate(pieces):
   return jnp.concatenate(pieces, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("count",))
+def _take_rows(x, start, count: int):
+  return jax.lax.dynamic_slice_in_dim(x, start, count, axis=0)
+
+
+def _piece(x: jax.Array, rows: slice) -> jax.Array:
+  """x[rows] on the device with the start traced: one program per (shape, piece length). Eager
+  x[a:b] compiles one program per distinct start as well: a whole-prefill handoff (a [L, T, ...]
+  row in 64 MiB pieces) compiled a program per piece and row length. On 4x H200 (2026-11-27)
+  that path's 'send' took 12-17 s per PE for 9 GB; how much of it was compiling is not
+  measured."""
+  start, stop, _ = rows.indices(x.shape[0])
+  return _take_rows(x, np.int32(start), stop - start)
 
 
 def _row_slices(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> list[slice]:
@@ -179,7 +195,8 @@ class TrafficManager:
     whole = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
     self._chunked(x.shape, x.dtype.itemsize,
                   lambda rows: host_device.device_to_host(
-                      x if whole else x[rows], out[rows], staging=self.config.d2h_staging,
+                      x if whole else _piece(x, rows), out[rows],
+                      staging=self.config.d2h_staging,
                       axis=axis),
                   "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
                   (self._name(x.sharding), "host"))
@@ -191,7 +208,8 @@ class TrafficManager:
     src_name, dst_name = self._name(x.sharding), self._name(dst)
     link = f"d2d:{src_name}->{dst_name}"
     pieces = self._chunked(x.shape, x.dtype.itemsize,
-                           lambda rows: self.mover.move(x if len(slices) == 1 else x[rows], dst),
+                           lambda rows: self.mover.move(x if len(slices) == 1 else _piece(x, rows),
+                                                        dst),
                            "d2d", link, x.nbytes, (src_name, dst_name))
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
 
