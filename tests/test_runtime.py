@@ -276,6 +276,45 @@ def test_layerwise_prefill_holds_a_few_layers_on_the_pe(four_layer_runs):
   assert out["basic"].generated == out["dualpath"].generated
 
 
+def test_a_failed_layer_send_fails_its_turn_and_the_pe_keeps_serving(model, store, layout,
+                                                                     monkeypatch):
+  """Layerwise sends run on the shard's sender thread: an error there reaches the turn."""
+  from dualpath_jax.runtime import prefill_shard
+  bt = layout.block_tokens
+  rng = np.random.default_rng(11)
+  prompt = rng.integers(0, 100, 3 * bt + 5, dtype=np.int32)
+  hashes = chain_block_hashes(prompt, bt)
+  blocks = rng.integers(0, 256, (len(hashes), *layout.full_block_shape), dtype=np.uint8)
+  store.write_blocks("send-fails", hashes, blocks)
+  real_send = prefill_shard.PrefillShard._send
+  failing = {"on": True}
+
+  def send(self, request, *args):
+    if failing["on"] and args[-1] == 1:  # layer 1's sends
+      raise RuntimeError("injected send failure")
+    return real_send(self, request, *args)
+
+  monkeypatch.setattr(prefill_shard.PrefillShard, "_send", send)
+  rc = RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], max_context_tokens=512)
+  cluster = Cluster(rc, model, store, layout, cost_model=COST)
+
+  def request(turn):
+    return TurnRequest(agent_id="send-fails", turn=turn, prompt=prompt, gen_tokens=2,
+                       hashes=hashes, hit_blocks=3, block_tokens=bt)
+
+  try:
+    first = request(0)
+    cluster.submit(first)
+    assert first.done.wait(60)  # a liveness bound, not a timing assert
+    assert isinstance(first.error, RuntimeError) and "injected" in str(first.error)
+    failing["on"] = False
+    second = request(1)
+    cluster.submit(second)
+    assert second.done.wait(60) and second.error is None
+  finally:
+    cluster.close()
+
+
 # --- 5. transfers --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mover", ["device_put", "shard_map"])
