@@ -66,7 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       preset="qwen2.5-7b",  # KV geometry (28 layers, 4 KV heads, head dim 128)
       dtype="bfloat16",
       prefix_tokens=32768,
-      variants=("transfer", "transfer_direct", "traffic"),
+      # data_plane.VARIANTS; 'transfer_fresh_buffers' is the bench's 'transfer' up to
+      # 2026-11-27 (a fresh gather array every layer), kept so older records compare
+      variants=("transfer", "transfer_direct", "traffic", "transfer_fresh_buffers"),
+      # the 'traffic' variant's TrafficConfig: the GPU end-to-end runtime's kv_chunk_bytes and
+      # kv_max_wait_s (e2e_h100x4 below); no model step runs here, so the wait never applies
+      chunk_bytes=64 << 20,
+      max_kv_wait_s=0.0,
       components=True,
       repeats=3, warmup=1,
       target_ratio=0.90))
@@ -157,7 +163,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sections = SECTIONS
     c.budget_s = 0.0  # no budget: the test wants every section
     c.ceilings.update(total_mib=32, chunk_mib=4, d2d_mib=8, repeats=3, warmup=1)
-    c.data_plane.update(prefix_tokens=1024, repeats=2, warmup=1)
+    # 2 MiB a layer: 256 KiB pieces make the 'traffic' moves chunked and joined on the PE
+    c.data_plane.update(prefix_tokens=1024, repeats=2, warmup=1, chunk_bytes=256 << 10)
     c.engine.update(preset="tiny", prefill_contexts=(256,), append_tokens=64,
                     sdpa_implementation="xla", decode_batches=(1, 4), decode_context=256,
                     decode_steps=3, peak_context=512, repeats=2, warmup=1,

@@ -94,7 +94,8 @@ def main(argv):
       devices, layout=KVLayout.for_model(get_preset(d.preset, dtype=d.dtype)),
       prefix_tokens=d.prefix_tokens, variants=tuple(d.variants), repeats=d.repeats,
       warmup=d.warmup, ceiling_gbps=ceiling_gbps, target_ratio=d.target_ratio,
-      components=d.components, seed=config.seed, log=log, out_of_time=log.out_of_time,
+      components=d.components, chunk_bytes=d.chunk_bytes, max_kv_wait_s=d.max_kv_wait_s,
+      seed=config.seed, log=log, out_of_time=log.out_of_time,
       on_update=update))
 
   e = config.engine

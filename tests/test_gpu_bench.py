@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dualpath_jax.bench import end_to_end, hardware, report
+from dualpath_jax.bench import data_plane, end_to_end, hardware, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_TIMEOUT_S = 300
@@ -67,17 +67,35 @@ def test_ceilings(smoke):
 
 
 def test_data_plane(smoke):
-  d = smoke[0]["data_plane"]
+  doc, md, _ = smoke
+  d = doc["data_plane"]
   assert d["bytes"] == d["prefix_tokens"] * 28 * 2 * 4 * 128 * 2  # qwen2.5-7b KV, bf16
   rows = {(r["k"], r["variant"]): r for r in d["rows"]}
-  assert set(rows) == {(k, v) for k in range(4)
-                       for v in ("transfer", "transfer_direct", "traffic")}
+  assert set(rows) == {(k, v) for k in range(4) for v in data_plane.VARIANTS}
+  # The 'traffic' variant runs with the config's chunking (the smoke's 256 KiB cut a 2 MiB
+  # layer into pieces), recorded in the section and on its rows.
+  config = doc["meta"]["config"]["data_plane"]
+  assert (d["chunk_bytes"], d["max_kv_wait_s"]) == (config["chunk_bytes"],
+                                                    config["max_kv_wait_s"]) == (256 << 10, 0.0)
+  assert d["layers_in_flight"] == 3 and d["check_layers"] == [0, 27]
   for r in rows.values():
     assert "error" not in r, r
     # On CPU a "device" is host RAM and host_to_device may alias numpy, so the data plane can
     # beat the pinned-copy "ceiling": only the ratio's sign and rough size are checked here.
     assert positive(r["gbps"]) and 0 < r["ratio"] < 10 and isinstance(r["met"], bool)
     assert sum(r["blocks_per_path"]) == d["num_blocks"]
+    # Every variant landed the whole prefix on the PE, and every run's layers 0 and L-1 equal
+    # the host's layer_kv (else the row would be an error): reused buffers corrupt nothing.
+    assert r["loaded_bytes"] == d["bytes"] and r["kv_checked_runs"] == d["repeats"] + d["warmup"]
+    assert r["gather_buffers"] == ("fresh" if r["variant"] == "transfer_fresh_buffers"
+                                   else "reused, 3 a path")
+    assert r["note"] == d["variant_notes"][r["variant"]]
+    if r["variant"] == "traffic":
+      assert (r["chunk_bytes"], r["max_kv_wait_s"]) == (256 << 10, 0.0)
+    else:
+      assert "chunk_bytes" not in r
+  assert "| data_plane | k=1 traffic (0.25 MiB pieces, KV wait <= 0 s): 1024-token prefix |" in md
+  assert "| data_plane | k=3 transfer_fresh_buffers: 1024-token prefix |" in md
   assert all(positive(d["components"][k])
              for k in ("gather_gbps", "h2d_gbps", "h2d_direct_gbps", "d2d_gbps"))
 
@@ -212,19 +230,65 @@ def test_ceilings_on_one_device_without_pinned_host():
 
 def test_data_plane_on_one_and_two_devices():
   import jax
-  from dualpath_jax.bench import data_plane
+
   from dualpath_jax.kvstore.layout import KVLayout
   layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4)
   one = data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, ceiling_gbps={0: 1.0},
                                       log=lambda line: None)
-  assert [(r["k"], r["variant"]) for r in one["rows"]] == [(0, "transfer"),
-                                                           (0, "transfer_direct")]
+  assert [(r["k"], r["variant"]) for r in one["rows"]] == [
+      (0, "transfer"), (0, "transfer_direct"), (0, "transfer_fresh_buffers")]
   assert one["skipped"][0]["variant"] == "traffic" and "d2d_gbps" not in one["components"]
   two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, components=False,
                                       log=lambda line: None)
   assert [(r["k"], r["variant"]) for r in two["rows"]] == [
-      (k, v) for k in (0, 1) for v in ("transfer", "transfer_direct", "traffic")]
+      (k, v) for k in (0, 1) for v in data_plane.VARIANTS]
   assert all(positive(r["gbps"]) and "ratio" not in r for r in two["rows"])
-  assert [r["blocks_per_path"] for r in two["rows"]][3] == [4, 4]
+  assert all(r["loaded_bytes"] == two["bytes"] for r in two["rows"])
+  assert two["chunk_bytes"] == 64 << 20 and two["max_kv_wait_s"] == 0.0  # the defaults
+  assert [r["blocks_per_path"] for r in two["rows"]][4] == [4, 4]
+
+
+def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
+  """More layers than LAYERS_IN_FLIGHT, so that every reused-buffer path reuses its buffers,
+  waiting for a layer to land first; a path that lands a wrong layer makes its row an error."""
+  import jax
+
+  from dualpath_jax.kvstore.layout import KVLayout
+  layout = KVLayout(num_layers=7, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4)
+  gathers = []
+  layer_kv = KVLayout.layer_kv
+
+  def counting_layer_kv(self, blocks, layer, out=None, tokens=None):
+    gathers.append(None if out is None else out.ctypes.data)
+    return layer_kv(self, blocks, layer, out=out, tokens=tokens)
+
+  monkeypatch.setattr(KVLayout, "layer_kv", counting_layer_kv)
+  d = data_plane.measure_data_plane(jax.devices()[:3], layout=layout, prefix_tokens=48,
+                                    variants=("transfer", "traffic"), repeats=2, warmup=1,
+                                    components=False, chunk_bytes=256, log=lambda line: None)
+  assert [(r["k"], r["variant"]) for r in d["rows"]] == [
+      (k, v) for k in range(3) for v in ("transfer", "traffic")]
+  assert all("error" not in r and r["loaded_bytes"] == d["bytes"] for r in d["rows"])
+  # 3 buffers a path: 3 + 6 + 9 distinct buffers per variant, every gather into one of them
+  buffers = set(gathers[len(d["check_layers"]):])
+  assert None not in buffers and len(buffers) <= 2 * (3 + 6 + 9)
+  monkeypatch.setattr(KVLayout, "layer_kv", layer_kv)
+
+  runner = data_plane._path_runner
+
+  def swapping_runner(*args):
+    run_path = runner(*args)
+
+    def run(p, part):
+      out = run_path(p, part)
+      out[0], out[-1] = out[-1], out[0]  # layers 0 and L-1 landed in each other's place
+      return out
+    return run
+
+  monkeypatch.setattr(data_plane, "_path_runner", swapping_runner)
+  bad = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=48,
+                                      variants=("transfer",), repeats=1, warmup=0,
+                                      components=False, log=lambda line: None)
+  assert all("wrong KV on the PE" in r["error"] for r in bad["rows"]) and len(bad["rows"]) == 2

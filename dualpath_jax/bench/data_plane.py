@@ -9,10 +9,31 @@ one Python thread a path, layer after layer:
                    -> H2D onto the PE
   DE path (GPU i)  layout.layer_kv -> H2D onto DE i -> D2D onto the PE
 
-Variants: 'transfer' calls transfer.host_to_device (pinned staging where the backend has it;
-copy=False, the gathered buffer is fresh) and the DevicePutMover directly; 'transfer_direct' the
-same with staging='direct' (jax.device_put from the gathered buffer itself); 'traffic' goes through
-one runtime.traffic.TrafficManager per engine with its default chunking, as the PE worker does.
+Gather buffers, as the PE shard keeps them (runtime/prefill_shard.py, PrefillShard._gather): each
+path owns LAYERS_IN_FLIGHT (3) reused host buffers, layer l gathers into buffer l % 3, and before
+it does, layer l - 3 (the buffer's last user) must have landed on the PE (block_until_ready on
+that layer's PE array): the runtime's own rule, under which at most 3 layers are in flight per
+path. The buffers are allocated and touched before the clock starts (the runtime's live for the
+shard's lifetime), so the measurement carries no first-touch page faults.
+
+Variants (each row's 'note' says the same):
+  'transfer'         transfer.host_to_device (staging 'auto': pinned where the backend has it;
+                     copy=True, as TrafficManager.h2d: on CPU a device_put may alias the reused
+                     buffer, elsewhere it makes no copy) and the DevicePutMover for the D2D.
+  'transfer_direct'  the same with staging='direct' (jax.device_put from the gather buffer).
+  'traffic'          one runtime.traffic.TrafficManager per engine, as the PE worker moves KV
+                     (tm.h2d; tm.d2d(tm.h2d(...), PE)), with TrafficConfig(chunk_bytes,
+                     max_kv_wait_s) from this section's config (default 64 MiB and 0 s, the GPU
+                     end-to-end runtime's kv_chunk_bytes / kv_max_wait_s). Pieces of a move wait
+                     for the previous piece to land. No model step runs here, so the priority
+                     gate never waits and max_kv_wait_s only records the setting.
+  'transfer_fresh_buffers'  'transfer' as this bench measured it up to 2026-11-27: every layer
+                     gathered into a fresh numpy array (first-touch page faults; copy=False,
+                     since nobody writes it again) and no wait between layers. Kept so that
+                     older records stay comparable; the runtime no longer does this.
+Every run's PE arrays are checked outside the clock: their bytes add up to the prefix's, they
+sit on the PE, and layers 0 and L - 1 equal layout.layer_kv of the host blocks (layer 0's buffer
+is reused by layer 3, so a premature reuse shows there).
 Achieved GB/s = all L layers' bytes over the time until every layer has landed on the PE; its
 ratio to the raw ingest ceiling with the same k (ceilings.py) says how much of the hardware the
 data plane uses. Components (gather alone, H2D alone, D2D alone, single thread, all layers)
@@ -31,14 +52,36 @@ from jax.sharding import SingleDeviceSharding
 from dualpath_jax.bench import hardware
 from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
 
-VARIANTS = ("transfer", "transfer_direct", "traffic")
+VARIANTS = ("transfer", "transfer_direct", "traffic", "transfer_fresh_buffers")
+VARIANT_NOTES = {
+    "transfer": (f"reused gather buffers ({LAYERS_IN_FLIGHT} a path, cycled by layer; one is "
+                 "reused once its last layer landed on the PE); transfer.host_to_device "
+                 "staging='auto' (copy=True) + DevicePutMover"),
+    "transfer_direct": (f"reused gather buffers ({LAYERS_IN_FLIGHT} a path, as 'transfer'); "
+                        "transfer.host_to_device staging='direct' + DevicePutMover"),
+    "traffic": (f"reused gather buffers ({LAYERS_IN_FLIGHT} a path, as 'transfer'); one "
+                "TrafficManager per engine with TrafficConfig(chunk_bytes, max_kv_wait_s) "
+                "(no model steps run: the gate never waits)"),
+    "transfer_fresh_buffers": ("every layer gathered into a fresh array (first-touch page "
+                               "faults), no wait between layers; transfer.host_to_device "
+                               "staging='auto' (copy=False) + DevicePutMover: the bench's "
+                               "'transfer' up to 2026-11-27"),
+}
 
 
 def _delete(arrays) -> None:
   for a in jax.tree_util.tree_leaves(arrays):
     if isinstance(a, jax.Array):
       a.delete()
+
+
+def _resident(nbytes: int) -> np.ndarray:
+  """A uint8 host buffer whose pages are already mapped (a reused buffer's state)."""
+  buffer = np.empty(nbytes, np.uint8)
+  buffer.fill(0)
+  return buffer
 
 
 def _engines(devices: Sequence[jax.Device]):
@@ -56,15 +99,23 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                        variants: Sequence[str] = VARIANTS, repeats: int, warmup: int,
                        ceiling_gbps: Mapping[int, float] | None = None,
                        target_ratio: float = 0.9, components: bool = True, seed: int = 0,
+                       chunk_bytes: int = 64 << 20, max_kv_wait_s: float = 0.0,
                        log: Callable[[str], None] = print,
                        out_of_time: Callable[[], bool] = lambda: False,
                        on_update: Callable[[dict], None] | None = None) -> dict:
-  """Data plane GB/s per (k, variant), with ratios to `ceiling_gbps[k]` when given."""
-  from dualpath_jax.transfer import host_to_device, make_mover
+  """Data plane GB/s per (k, variant), with ratios to `ceiling_gbps[k]` when given.
+
+  chunk_bytes, max_kv_wait_s: the 'traffic' variant's TrafficConfig (the runtime's
+  kv_chunk_bytes and kv_max_wait_s).
+  """
+  from dualpath_jax.runtime.traffic import TrafficConfig
+  from dualpath_jax.transfer import make_mover
+  from dualpath_jax.transfer.device_move import destination_sharding
 
   unknown = set(variants) - set(VARIANTS)
   if unknown or not variants:
     raise ValueError(f"data_plane.variants: expected some of {VARIANTS}, got {variants}")
+  traffic_config = TrafficConfig(chunk_bytes=chunk_bytes, max_kv_wait_s=float(max_kv_wait_s))
   devices = tuple(devices)
   n = len(devices)
   num_blocks = layout.num_full_blocks(prefix_tokens)
@@ -75,22 +126,44 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                                        seed).reshape(num_blocks, *layout.full_block_shape)
   total = blocks.nbytes  # every layer of every block crosses to the PE once
   pe, des, engines = _engines(devices)
+  pe_devices = destination_sharding(pe).device_set
   mover = make_mover("device_put")
+  check_layers = sorted({0, layout.num_layers - 1})
+  expected = {layer: layout.layer_kv(blocks, layer).view(np.uint8).reshape(-1)
+              for layer in check_layers}
   result = dict(
       layout=dict(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
                   head_dim=layout.head_dim, dtype=layout.dtype, block_tokens=layout.block_tokens),
       prefix_tokens=num_blocks * layout.block_tokens, num_blocks=num_blocks, bytes=total,
       layer_bytes=total // layout.num_layers, repeats=repeats, warmup=warmup,
       target_ratio=target_ratio, threads="one a path",
+      layers_in_flight=LAYERS_IN_FLIGHT, chunk_bytes=traffic_config.chunk_bytes,
+      max_kv_wait_s=traffic_config.max_kv_wait_s, check_layers=check_layers,
+      variant_notes={v: VARIANT_NOTES[v] for v in variants},
       note=("ratio = achieved GB/s / raw multipath ingest ceiling with the same k "
-            "(ceilings.ingest); the same equal split of bytes over the paths"),
+            "(ceilings.ingest); the same equal split of bytes over the paths. chunk_bytes and "
+            "max_kv_wait_s: the 'traffic' variant's TrafficConfig. Every timed and warm-up run "
+            "is checked outside the clock: loaded_bytes = the PE arrays' bytes, which sit on "
+            "the PE, and check_layers equal the host's layout.layer_kv"),
       rows=[])
   log(f"data_plane: {num_blocks} Full Blocks ({result['prefix_tokens']} tokens, "
-      f"{total / 2**30:.2f} GiB, {result['layer_bytes'] / 2**20:.1f} MiB a layer), {n} device(s)")
+      f"{total / 2**30:.2f} GiB, {result['layer_bytes'] / 2**20:.1f} MiB a layer), {n} device(s)"
+      f"; traffic pieces <= {chunk_bytes / 2**20:g} MiB, KV wait <= {max_kv_wait_s:g} s")
 
   def update():
     if on_update:
       on_update(result)
+
+  def check(outs) -> dict:
+    """What one run left on the PE, against the host blocks (outside the clock)."""
+    arrays = [x for path in outs for x in path]
+    equal = all(
+        np.array_equal(np.concatenate([np.asarray(path[layer]).reshape(-1).view(np.uint8)
+                                       for path in outs]), want)
+        for layer, want in expected.items())
+    return dict(loaded_bytes=sum(x.nbytes for x in arrays),
+                on_pe=all(x.sharding.device_set == pe_devices for x in arrays),
+                kv_equal=bool(equal))
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(n, 1))
   try:
@@ -109,14 +182,26 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
           result.setdefault("skipped", []).append(dict(
               k=k, variant=variant, why="TrafficManager needs Engines: at least 2 devices"))
           continue
-        run_path = _path_runner(variant, layout, pe, des, mover, engines, host_to_device)
-
-        def run(parts=parts, run_path=run_path):
-          futures = [pool.submit(run_path, p, part) for p, part in enumerate(parts)]
-          return [f.result() for f in futures]
-
+        checks: list[dict] = []
         try:
-          s, _ = median_seconds(run, repeats, warmup, cleanup=_delete)
+          run_path = _path_runner(variant, layout, parts, pe, des, mover, engines,
+                                  traffic_config)
+
+          def run(parts=parts, run_path=run_path):
+            futures = [pool.submit(run_path, p, part) for p, part in enumerate(parts)]
+            return [f.result() for f in futures]
+
+          def cleanup(outs, checks=checks):
+            checks.append(check(outs))
+            _delete(outs)
+
+          s, _ = median_seconds(run, repeats, warmup, cleanup=cleanup)
+          bad = [c for c in checks if not (c["kv_equal"] and c["on_pe"]
+                                           and c["loaded_bytes"] == total)]
+          if bad:
+            raise RuntimeError(f"{len(bad)} of {len(checks)} runs left wrong KV on the PE: "
+                               f"{bad[0]} (expected {total} bytes on the PE, layers "
+                               f"{check_layers} equal to layout.layer_kv)")
         except Exception as e:  # noqa: BLE001  (one variant failing must not end the section)
           result["rows"].append(dict(k=k, variant=variant, error=repr(e)))
           log(f"data_plane: k={k} {variant} FAILED: {e!r}")
@@ -124,13 +209,20 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
           continue
         gbps = total / s / 1e9
         row = dict(k=k, paths=k + 1, variant=variant, gbps=gbps, median_s=s,
-                   blocks_per_path=[len(p) for p in parts])
+                   blocks_per_path=[len(p) for p in parts],
+                   gather_buffers=("fresh" if variant == "transfer_fresh_buffers" else
+                                   f"reused, {LAYERS_IN_FLIGHT} a path"),
+                   loaded_bytes=checks[-1]["loaded_bytes"], kv_checked_runs=len(checks),
+                   note=VARIANT_NOTES[variant])
+        if variant == "traffic":
+          row.update(chunk_bytes=traffic_config.chunk_bytes,
+                     max_kv_wait_s=traffic_config.max_kv_wait_s)
         ceiling = (ceiling_gbps or {}).get(k)
         if ceiling:
           row.update(ceiling_gbps=ceiling, ratio=gbps / ceiling,
                      met=bool(gbps / ceiling >= target_ratio))
         result["rows"].append(row)
-        log(f"data_plane: k={k} {variant:8s} {gbps:7.2f} GB/s"
+        log(f"data_plane: k={k} {variant:22s} {gbps:7.2f} GB/s"
             + (f"  ratio {row['ratio']:.3f} of {ceiling:.2f}" if ceiling else ""))
         update()
   finally:
@@ -138,33 +230,48 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   return result
 
 
-def _path_runner(variant, layout, pe, des, mover, engines, host_to_device):
-  """fn(path, part_blocks) -> the part's L layers on the PE (list of device arrays)."""
-  if variant in ("transfer", "transfer_direct"):
+def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config):
+  """fn(path, part_blocks) -> the part's L layers on the PE (list of device arrays).
+
+  Except for 'transfer_fresh_buffers', path p gathers layer l into its buffer l %
+  LAYERS_IN_FLIGHT, after layer l - LAYERS_IN_FLIGHT (that buffer's last user) has landed on the
+  PE: PrefillShard._gather's buffers and the rule that makes reusing them safe.
+  """
+  from dualpath_jax.transfer import host_to_device
+
+  fresh = variant == "transfer_fresh_buffers"
+  if variant == "traffic":
+    from dualpath_jax.runtime.traffic import TrafficManager
+    pe_engine, de_engines = engines
+    managers = [TrafficManager(e, mover=mover, config=traffic_config)
+                for e in (pe_engine, *de_engines)]
+
+    def load(p, host):
+      tm = managers[p]
+      return tm.h2d(host) if p == 0 else tm.d2d(tm.h2d(host), pe_engine)
+  else:
     staging = "direct" if variant == "transfer_direct" else "auto"
 
-    def run_path(p, part):
-      out = []
-      for layer in range(layout.num_layers):
-        host = layout.layer_kv(part, layer)  # fresh buffer: nobody writes it again
-        if p == 0:
-          out.append(host_to_device(host, pe, copy=False, staging=staging))
-        else:
-          out.append(mover.move(host_to_device(host, des[p - 1], copy=False, staging=staging),
-                                pe))
-      return out
-    return run_path
+    def load(p, host):
+      # A fresh buffer is never written again (copy=False); a reused one is, so copy=True, as
+      # TrafficManager.h2d (only a CPU "device" copies: elsewhere device_put does not alias).
+      x = host_to_device(host, pe if p == 0 else des[p - 1], copy=not fresh, staging=staging)
+      return x if p == 0 else mover.move(x, pe)
 
-  from dualpath_jax.runtime.traffic import TrafficManager
-  pe_engine, de_engines = engines
-  managers = [TrafficManager(pe_engine, mover=mover)] + [
-      TrafficManager(e, mover=mover) for e in de_engines]
+  buffers = None if fresh else [
+      [_resident(len(part) * layout.layer_block_bytes) for _ in range(LAYERS_IN_FLIGHT)]
+      for part in parts]
 
   def run_path(p, part):
-    tm, out = managers[p], []
+    out = []
     for layer in range(layout.num_layers):
-      host = layout.layer_kv(part, layer)
-      out.append(tm.h2d(host) if p == 0 else tm.d2d(tm.h2d(host), pe_engine))
+      if fresh:
+        host = layout.layer_kv(part, layer)  # fresh buffer: nobody writes it again
+      else:
+        if layer >= LAYERS_IN_FLIGHT:  # the buffer's last layer must have landed on the PE
+          jax.block_until_ready(out[layer - LAYERS_IN_FLIGHT])
+        host = layout.layer_kv(part, layer, out=buffers[p][layer % LAYERS_IN_FLIGHT])
+      out.append(load(p, host))
     return out
   return run_path
 

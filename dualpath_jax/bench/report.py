@@ -105,6 +105,9 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     out.append(("data_plane", "section", "error", "—", d["error"][:80]))
   for r in d.get("rows", []):
     name = f"k={r['k']} {r['variant']}"
+    if "chunk_bytes" in r:  # the 'traffic' variant's TrafficConfig
+      name += (f" ({r['chunk_bytes'] / 2**20:g} MiB pieces, KV wait <= "
+               f"{r['max_kv_wait_s']:g} s)")
     if "error" in r:
       out.append(("data_plane", name, "error", "—", r["error"][:80]))
       continue
