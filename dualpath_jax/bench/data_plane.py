@@ -307,17 +307,17 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
     h.fill(0)  # resident, as a reused pool block is
   for staging in ("direct", "pinned"):
     try:
-      s, _ = median_seconds(lambda: [device_to_host(x, t, staging=staging)
-                                     for x, t in zip(on_pe, targets)], repeats, warmup)
+      s, _ = median_seconds(lambda staging=staging: [
+          device_to_host(x, t, staging=staging) for x, t in zip(on_pe, targets)],
+          repeats, warmup)
       out[f"d2h_{staging}_gbps"] = total / s / 1e9
-      s, _ = median_seconds(lambda: [device_to_host(x, np.empty(x.shape, x.dtype),
-                                                    staging=staging) for x in on_pe],
-                            repeats, warmup)
+      s, _ = median_seconds(lambda staging=staging: [
+          device_to_host(x, np.empty(x.shape, x.dtype), staging=staging) for x in on_pe],
+          repeats, warmup)
       out[f"d2h_{staging}_fresh_buffer_gbps"] = total / s / 1e9
     except Exception as e:  # noqa: BLE001  (a backend without pinned host memory)
       out[f"d2h_{staging}_error"] = f"{type(e).__name__}: {e}"[:300]
   _delete(on_pe)
-  del targets
   if des:
     on_de = [host_to_device(h, des[0], copy=False) for h in layers]
     s, _ = median_seconds(lambda: [mover.move(x, pe) for x in on_de], repeats, warmup,
