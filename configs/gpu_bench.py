@@ -11,7 +11,12 @@ On the GPU image (jax preinstalled, ml_collections carried as a wheel in .whl/):
 Variants:
   smoke   CPU, 4 simulated devices, tiny sizes: every section in seconds (the test runs it)
   h100x4  the real run on the GPUs present (any count >= 1: 1, 2 or 4 H100s or H200s), all of
-          it inside one ~7-minute call (a soft budget skips what no longer fits)
+          it inside one ~7-minute call (a soft budget skips what no longer fits); decode with
+          the Pallas kernel is also measured under a few other blockings
+          (engine.pallas_blockings). Only that decode sweep, at batch 32 and 8K context:
+            --config.sections="('engine',)" --config.engine.prefill_contexts="()"
+            --config.engine.peak_context=0 --config.engine.decode_attentions="('pallas',)"
+            --config.engine.decode_batches="(32,)"
 Sections run in the order ceilings, data_plane, engine, end_to_end; pick some with e.g.
   --config.sections="('ceilings', 'data_plane')"
   e2e_h100x4  only the end-to-end jobs on 4 GPUs: Qwen2.5-7B geometry (random weights, bf16),
@@ -86,6 +91,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # ModelConfig.paged_attention values decode is measured with: 'gather' (pages copied into
       # a dense context per layer) and 'pallas' (JAX's Pallas paged-attention kernel)
       decode_attentions=("gather", "pallas"),
+      # (ModelConfig.pallas_k_splits, pallas_block_tokens) pairs under which 'pallas' decode is
+      # measured once more at the largest decode batch (a compile and 2 x decode_steps steps
+      # each, ~5 s on an H200), to pick the fastest kernel blocking; () = the model's default
+      # (16, 128) only. h100x4 sweeps a few around the default.
+      pallas_blockings=(),
       peak_context=65536,  # 0 skips the peak-memory run
       block_tokens=64,
       repeats=5, warmup=2,
@@ -114,10 +124,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              h2d_staging="auto", d2h_staging="direct")),
       workload=ml_collections.ConfigDict(dict(length_jitter=0.5)),
       store=ml_collections.ConfigDict(dict(driver="memory", path="store")),
+      # ModelConfig execution fields (pallas_*: the Pallas decode kernel's blocking, see
+      # engine.pallas_blockings) and the checkpoint ('' = random weights).
       model=ml_collections.ConfigDict(dict(attention="einsum", paged_attention="gather",
+                                           pallas_k_splits=16, pallas_block_tokens=128,
                                            checkpoint="")),
       cost_model=""))
 
+  if variant == "h100x4":
+    # The default blocking (16, 128) is measured anyway; these around it (~30 s in all).
+    c.engine.pallas_blockings = ((8, 128), (32, 128), (16, 256), (8, 256), (16, 64))
   if variant in ("e2e_h100x4", "pd_sweep_x8", "pd_sweep_smoke"):
     # The GPU end-to-end jobs: Qwen2.5-7B geometry (random weights, bf16), cuDNN attention in
     # prefill, the Pallas paged-attention kernel in decode. 24 agents whose first turn (16K
@@ -168,6 +184,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.engine.update(preset="tiny", prefill_contexts=(256,), append_tokens=64,
                     sdpa_implementation="xla", decode_batches=(1, 4), decode_context=256,
                     decode_steps=3, peak_context=512, repeats=2, warmup=1,
+                    pallas_blockings=((2, 128),),  # 5 pages of 64 tokens: 2 splits of 4, 2 a block
                     peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
     c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
                         turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,

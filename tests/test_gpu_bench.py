@@ -110,30 +110,52 @@ def test_engine(smoke):
     assert positive(r["median_s"]) and 0 < r["mfu"] < 2 and r["logits_finite"]
   sdpa = variants["layerwise_sdpa"]
   assert sdpa["sdpa_traced"] is True and sdpa["first_layer_rel_err_vs_einsum"] < 0.05
-  check_decode_rows(e, batches=[1, 4])
+  check_decode_rows(e, batches=[1, 4], blockings=[(2, 128)])
+  # 256 tokens + the new one in 64-token pages: 5 pages, 2 splits of 4 (3 padding), 2 a block.
+  assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=2,
+                                                    padded_pages=8)
   pm = e["peak_memory"]
   assert "error" not in pm, pm
   assert pm["bound_bytes"] > pm["weights_bytes"] > 0 and pm["logits_finite"]
   assert pm["peak_bytes"] is None or positive(pm["peak_bytes"])  # no memory_stats on CPU
 
 
-def check_decode_rows(e, batches):
+def check_decode_rows(e, batches, blockings=()):
   """Each decode attention: one fixed-cost row (batch 1, context 0, no target), then every batch
-  under every attention, batch by batch."""
+  under every attention, batch by batch, then 'pallas' at the largest batch under each of
+  `blockings` ((pallas_k_splits, pallas_block_tokens)); 'pallas' rows record their blocking."""
   attentions = e["decode_attentions"]
   assert attentions and set(attentions) <= {"gather", "pallas"}
   fixed = [r for r in e["decode"] if r.get("diagnostic") == "fixed_cost"]
   assert [(r["paged_attention"], r["batch"], r["context"]) for r in fixed] == [
       (a, 1, 0) for a in attentions]
   assert all("met" not in r and r["kv_bytes_read"] == 0 for r in fixed)
-  measured = [(r["batch"], r["paged_attention"]) for r in e["decode"] if "diagnostic" not in r]
+  measured = [(r["batch"], r["paged_attention"]) for r in e["decode"]
+              if "diagnostic" not in r and "sweep" not in r]
   assert measured == [(b, a) for b in batches for a in attentions]
+  assert e["pallas_default_blocking"] == [16, 128]
+  assert e["pallas_blockings"] == [list(b) for b in blockings]
+  (context,) = {r["context"] for r in e["decode"] if "diagnostic" not in r}
+  sweep = [r for r in e["decode"] if "sweep" in r]
+  assert [(r["sweep"], r["paged_attention"], r["batch"], r["context"], r["pallas_k_splits"],
+           r["pallas_block_tokens"]) for r in sweep] == [
+      ("pallas_blocking", "pallas", max(batches), context, k, b) for k, b in blockings]
   for r in e["decode"]:
     assert "error" not in r, r
     assert positive(r["step_s"]) and 0 < r["roofline_fraction"] < 2 and r["logits_finite"]
     assert r["bytes_read"] == r["weight_bytes_read"] + r["kv_bytes_read"]
+    if r["paged_attention"] == "pallas":
+      if "sweep" not in r:
+        assert (r["pallas_k_splits"], r["pallas_block_tokens"]) == (16, 128)
+      b = r["pallas_blocking"]
+      assert b["k_splits"] <= r["pallas_k_splits"] and b["padded_pages"] % b["k_splits"] == 0
+    else:
+      assert "pallas_k_splits" not in r and "pallas_blocking" not in r
   names = [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode")]
   assert len(names) == len(e["decode"]) and len(set(names)) == len(names)
+  assert [n for n in names if "k_splits" in n] == [
+      f"decode pallas batch {r['batch']} ctx {r['context']} k_splits {r['pallas_k_splits']} "
+      f"block_tokens {r['pallas_block_tokens']}" for r in sweep]
 
 
 def test_engine_decode_under_both_attentions():
@@ -148,8 +170,19 @@ def test_engine_decode_under_both_attentions():
       prefill_variants=(), sdpa_implementation=None, decode_batches=(2,), decode_context=100,
       peak_context=0, block_tokens=16, repeats=1, warmup=1, decode_steps=2, card=card,
       target_prefill_mfu=0.4, target_decode_roofline=0.6, decode_attentions=("gather", "pallas"),
-      log=lambda _: None)
-  check_decode_rows(e, batches=[2])
+      pallas_blockings=((2, 16), (16, 128), (2, 16)), log=lambda _: None)
+  # The default blocking and the repeat are not measured again.
+  check_decode_rows(e, batches=[2], blockings=[(2, 16)])
+  assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=1,
+                                                    padded_pages=8)
+  for bad in ((3, 48), (0, 128), (2,)):
+    with pytest.raises(ValueError, match="engine.pallas_blockings"):
+      engine.measure_engine(
+          jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(),
+          append_tokens=16, prefill_variants=(), sdpa_implementation=None, decode_batches=(2,),
+          decode_context=100, peak_context=0, block_tokens=16, repeats=1, warmup=1,
+          decode_steps=2, card=card, target_prefill_mfu=0.4, target_decode_roofline=0.6,
+          pallas_blockings=(bad,))
   with pytest.raises(ValueError, match="engine.decode_attentions"):
     engine.measure_engine(
         jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(), append_tokens=16,
@@ -292,3 +325,38 @@ def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
                                       variants=("transfer",), repeats=1, warmup=0,
                                       components=False, log=lambda line: None)
   assert all("wrong KV on the PE" in r["error"] for r in bad["rows"]) and len(bad["rows"]) == 2
+
+
+def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_path):
+  """h100x4 sweeps a few blockings; the flags of scripts/gpu_bench_call.sh set the sweep and the
+  end-to-end jobs' ModelConfig blocking (the offline job takes them as model fields)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from dualpath_jax.config_files import load_config_spec
+  from dualpath_jax.runtime.offline_job import OfflineJob
+  spec = os.path.join(REPO, "configs", "gpu_bench.py")
+
+  def parse(*args):
+    argv = ["gpu_bench", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+  assert parse(f"--config={spec}:h100x4").engine.pallas_blockings == (
+      (8, 128), (32, 128), (16, 256), (8, 256), (16, 64))
+  config = parse(f"--config={spec}:e2e_h100x4",
+                 "--config.engine.pallas_blockings=((4,128),(16,512))",
+                 "--config.end_to_end.model.pallas_k_splits=8",
+                 "--config.end_to_end.model.pallas_block_tokens=256")
+  assert config.engine.pallas_blockings == ((4, 128), (16, 512))
+  x = config.end_to_end
+  base = load_config_spec(x.base_config, REPO)
+  job_config = end_to_end.offline_config(
+      base, preset="tiny", dtype="float32", topology="1P3D", link_bytes_per_s=0, agents=1,
+      turns=1, first_append_tokens=16, append_tokens=8, gen_tokens=2, model=x.model.to_dict())
+  job_config["model"]["checkpoint"] = ""
+  model = OfflineJob.from_config(job_config, str(tmp_path)).model_config
+  assert (model.paged_attention, model.pallas_k_splits, model.pallas_block_tokens) == (
+      "pallas", 8, 256)

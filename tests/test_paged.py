@@ -3,7 +3,9 @@
 The Pallas paged-attention kernel (interpret mode on CPU) gives the gather path's logits and pool
 step after step, for rows of different lengths crossing page boundaries and a padding row; the
 pool is 2L separate [H, pages, page_tokens, D] arrays that Full Blocks and KV round-trip through;
-`paged_attention` is a choice of computation, not of weights (checkpoints ignore it).
+`paged_attention` and the kernel's blocking (`pallas_k_splits`, `pallas_block_tokens`) are
+choices of computation, not of weights (checkpoints ignore them); another blocking gives the same
+logits.
 """
 
 import os
@@ -33,12 +35,27 @@ def models():
   return gather, pallas
 
 
-# (page_tokens, max_pages): pallas_blocking gives 8 splits of 1 page; and 11 splits of 2 pages
-# with the table padded by one SCRATCH_PAGE column and 2 pages a compute block.
-@pytest.mark.parametrize("page_tokens,max_pages", [(16, 8), (4, 21)])
-def test_pallas_decode_equals_gather_decode(models, page_tokens, max_pages):
+# (page_tokens, max_pages, blocking (pallas_k_splits, pallas_block_tokens), kernel blocking):
+# the default blocking gives 8 splits of 1 page; and 11 splits of 2 pages with the table padded
+# by one SCRATCH_PAGE column and 2 pages a compute block. k_splits 2, 32-token blocks give 2
+# splits of 4 pages, 2 a block; and 2 splits of 16 pages (11 of them padding), 8 a block.
+@pytest.mark.parametrize("page_tokens,max_pages,blocking,kernel", [
+    (16, 8, (16, 128), (8, 1, 8)), (4, 21, (16, 128), (11, 2, 22)),
+    (16, 8, (2, 32), (2, 2, 8)), (4, 21, (2, 32), (2, 8, 32))])
+def test_pallas_decode_equals_gather_decode(models, monkeypatch, page_tokens, max_pages,
+                                            blocking, kernel):
   gather_model, pallas_model = models
   config = gather_model.config
+  # Another blocking: the same weights under another config (no copy), its own trace.
+  pallas_model = weights.with_config(pallas_model, pallas_model.config.replace(
+      pallas_k_splits=blocking[0], pallas_block_tokens=blocking[1]))
+  traced = []
+  original_blocking = paged.pallas_blocking
+
+  def recording_blocking(*args, **kwargs):
+    traced.append((kwargs, original_blocking(*args, **kwargs)))
+    return traced[-1][1]
+  monkeypatch.setattr(paged, "pallas_blocking", recording_blocking)
   steps, batch_size = 5, 4
   # Crossings: one within the steps, a page-aligned prompt (opens a page at the first step), one
   # at the first step's next token; the fourth row is padding.
@@ -75,6 +92,10 @@ def test_pallas_decode_equals_gather_decode(models, page_tokens, max_pages):
     np.testing.assert_allclose(got[:3], want[:3], atol=ATOL, rtol=0)
     next_tokens = [int(np.argmax(want[seq])) for seq in range(3)]  # both paths get the same
   assert crossed == {0, 1, 2}, "every sequence should open a new page during the steps"
+  # Traced with the model config's blocking (once per layer).
+  assert len(traced) == config.num_layers
+  assert all(kwargs == dict(max_k_splits=blocking[0], block_tokens=blocking[1])
+             and out == kernel for kwargs, out in traced)
   for seq, length in enumerate(prompt_lens):
     pages = table.block_tables[seq]
     kv = [np.asarray(M.read_kv_from_pages(pools[name], pages, length + steps))
@@ -82,17 +103,30 @@ def test_pallas_decode_equals_gather_decode(models, page_tokens, max_pages):
     np.testing.assert_allclose(kv[1], kv[0], atol=ATOL, rtol=0)
 
 
-def test_pallas_blocking_meets_the_kernel_constraints():
+@pytest.mark.parametrize("max_k_splits,block_tokens", [
+    (paged.PALLAS_MAX_K_SPLITS, paged.PALLAS_COMPUTE_BLOCK_TOKENS), (1, 128), (2, 32), (8, 256),
+    (32, 64), (64, 1)])
+def test_pallas_blocking_meets_the_kernel_constraints(max_k_splits, block_tokens):
   for pages_per_seq in (1, 2, 3, 7, 8, 16, 17, 21, 129, 1000):
     for page_tokens in (4, 16, 64, 256):
-      k_splits, per_block, padded = paged.pallas_blocking(pages_per_seq, page_tokens)
+      k_splits, per_block, padded = paged.pallas_blocking(
+          pages_per_seq, page_tokens, max_k_splits=max_k_splits, block_tokens=block_tokens)
       assert padded >= pages_per_seq and padded % k_splits == 0
       assert (padded // k_splits) % per_block == 0
       assert per_block & (per_block - 1) == 0  # a power of 2 (Triton loads)
-      assert k_splits <= paged.PALLAS_MAX_K_SPLITS
+      assert per_block == 1 or per_block * page_tokens <= block_tokens
+      assert k_splits <= max_k_splits
       # No split lies wholly in the padding.
       assert (k_splits - 1) * (padded // k_splits) < pages_per_seq
+
+
+def test_pallas_blocking_values():
   assert paged.pallas_blocking(129, 64) == (13, 2, 130)  # 8K context in 64-token pages
+  assert paged.pallas_blocking(129, 64, max_k_splits=16, block_tokens=128) == (13, 2, 130)
+  assert paged.pallas_blocking(129, 64, max_k_splits=8, block_tokens=256) == (7, 4, 140)
+  assert paged.pallas_blocking(129, 64, max_k_splits=16, block_tokens=64) == (15, 1, 135)
+  with pytest.raises(ValueError, match="max_k_splits"):
+    paged.pallas_blocking(129, 64, max_k_splits=0)
 
 
 def test_pool_is_separate_per_layer_arrays_and_round_trips():
@@ -141,3 +175,33 @@ def test_paged_attention_is_validated_and_not_a_weight_property(tmp_path):
   assert restored.config.paged_attention == "gather"
   with pytest.raises(ValueError, match="model.num_layers"):
     weights.restore_weights(path, stored.replace(num_layers=3))
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("pallas_k_splits", 0), ("pallas_k_splits", -4), ("pallas_k_splits", 2.0),
+    ("pallas_k_splits", True), ("pallas_block_tokens", 0), ("pallas_block_tokens", 48),
+    ("pallas_block_tokens", "128")])
+def test_pallas_blocking_fields_are_validated(field, bad):
+  with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+    M.get_preset("tiny", **{field: bad})
+
+
+def test_pallas_blocking_is_not_a_weight_property(tmp_path):
+  config = M.get_preset("tiny")
+  assert (config.pallas_k_splits, config.pallas_block_tokens) == (
+      paged.PALLAS_MAX_K_SPLITS, paged.PALLAS_COMPUTE_BLOCK_TOKENS)
+  assert M.get_preset("tiny", pallas_k_splits=np.int64(4)).pallas_k_splits == 4
+  # A checkpoint written before the fields existed restores under any blocking ...
+  path = os.path.join(REPO, "checkpoints", "tiny-recall")
+  stored = weights.read_config(path)
+  assert (stored.pallas_k_splits, stored.pallas_block_tokens) == (16, 128)
+  blocked = stored.replace(paged_attention="pallas", pallas_k_splits=4, pallas_block_tokens=64)
+  model = weights.restore_weights(path, blocked)
+  assert model.config == blocked
+  # ... one saved with another blocking restores under the defaults, and with_config swaps it.
+  weights.save_weights(tmp_path / "ckpt", model)
+  assert weights.read_config(tmp_path / "ckpt") == blocked
+  assert weights.restore_weights(tmp_path / "ckpt", stored).config == stored
+  swapped = weights.with_config(model, blocked.replace(pallas_k_splits=32))
+  assert swapped.config.pallas_k_splits == 32
+  assert swapped.embed.embedding.get_value() is model.embed.embedding.get_value()  # no copy

@@ -19,7 +19,12 @@ All with the model's own code and random weights (init_random) of a preset's tru
             'pipelined_step_s' issues the steps back to back and divides. One diagnostic row
             per decode attention (`diagnostic: 'fixed_cost'`, batch 1, context 0: the new
             token's page only, no target) shows the per-step cost that is not KV reading
-            (weights, dispatch).
+            (weights, dispatch). 'pallas' rows record the kernel blocking they ran with
+            (`pallas_k_splits`, `pallas_block_tokens`: ModelConfig fields; `pallas_blocking`:
+            what paged.pallas_blocking made of them for this context). With
+            `pallas_blockings` (pairs of k_splits, block_tokens), 'pallas' decode is measured
+            once more per pair at the largest batch (rows with `sweep: 'pallas_blocking'`), to
+            pick the fastest blocking.
   peak      a layerwise prefill of `append_tokens` on a `peak_context`-token prefix streamed from
             host Full Blocks layer by layer (layout.layer_kv -> transfer.host_to_device, layer l+1
             in flight while layer l computes, each layer deleted after use, as the PE worker
@@ -126,6 +131,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
                    warmup: int, decode_steps: int, card: hardware.CardSpec,
                    target_prefill_mfu: float, target_decode_roofline: float, seed: int = 0,
                    decode_attentions: Sequence[str] = ("gather",),
+                   pallas_blockings: Sequence[tuple[int, int]] = (),
                    log: Callable[[str], None] = print,
                    out_of_time: Callable[[], bool] = lambda: False,
                    on_update: Callable[[dict], None] | None = None) -> dict:
@@ -133,6 +139,10 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
 
   decode_attentions: the ModelConfig.paged_attention values to measure decode with, each at
   every batch size (the model's own value is not used for decode).
+  pallas_blockings: (pallas_k_splits, pallas_block_tokens) pairs (ModelConfig fields) under
+  which 'pallas' decode is measured again at the largest of decode_batches, after the other
+  decode rows; () = only the model config's own blocking. A pair equal to the model config's is
+  not measured twice where 'pallas' is among decode_attentions.
   """
   from dualpath_jax.model import cost, weights
   from dualpath_jax.model.config import PAGED_ATTENTION_IMPLEMENTATIONS
@@ -146,6 +156,21 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
     raise ValueError(f"engine.decode_attentions: expected some of "
                      f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {decode_attentions}")
   config = model_config
+  sweep = []  # the configs of the blocking sweep's points, in order, without repeats
+  for pair in pallas_blockings:
+    try:
+      k_splits, block = (int(v) for v in pair)
+      point = config.replace(paged_attention="pallas", pallas_k_splits=k_splits,
+                             pallas_block_tokens=block)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"engine.pallas_blockings: expected (k_splits, block_tokens) pairs of "
+                       f"positive ints, block_tokens a power of 2; {pair!r}: {e}") from None
+    default = (config.pallas_k_splits, config.pallas_block_tokens) == (k_splits, block)
+    if point not in sweep and not (default and "pallas" in decode_attentions):
+      sweep.append(point)
+  if sweep and not decode_batches:
+    raise ValueError("engine.pallas_blockings: needs decode_batches (the sweep runs at the "
+                     "largest)")
   result = dict(
       device=str(device), card=dict(name=card.name, peak_flops=card.peak_flops,
                                     hbm_bytes_per_s=card.hbm_bytes_per_s, source=card.source),
@@ -155,6 +180,8 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
                 f"layerwise_sdpa: jax.nn.dot_product_attention(implementation="
                 f"{sdpa_implementation!r})",
       decode_attentions=list(decode_attentions),
+      pallas_default_blocking=[config.pallas_k_splits, config.pallas_block_tokens],
+      pallas_blockings=[[c.pallas_k_splits, c.pallas_block_tokens] for c in sweep],
       append_tokens=append_tokens, repeats=repeats, warmup=warmup,
       targets=dict(prefill_mfu=target_prefill_mfu, decode_roofline_fraction=target_decode_roofline,
                    peak_bytes="<= bound"),
@@ -209,27 +236,39 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
 
     # --- decode: the fixed-cost rows first, then each batch under every attention ------------
     # The same parameter arrays under each decode attention (weights.with_config: no copy).
-    decode_models = {name: weights.with_config(model, config.replace(paged_attention=name))
-                     for name in decode_attentions}
-    runs = ([(name, 1, 0, "fixed_cost") for name in decode_attentions]
-            + [(name, batch, decode_context, None) for batch in decode_batches
-               for name in decode_attentions])
-    for name, batch, context, diagnostic in runs:
-      what = f"decode {name} batch {batch} ctx {context}"
+    decode_configs = {name: config.replace(paged_attention=name) for name in decode_attentions}
+    runs = ([(decode_configs[name], 1, 0, "fixed_cost") for name in decode_attentions]
+            + [(decode_configs[name], batch, decode_context, None) for batch in decode_batches
+               for name in decode_attentions]
+            + [(point, max(decode_batches), decode_context, "sweep") for point in sweep])
+    decode_models = {}  # a model per config: one decode-step trace each (paged.decode_step_jit)
+    for run_config, batch, context, kind in runs:
+      name = run_config.paged_attention
+      blocking = {}
+      if name == "pallas":
+        blocking = dict(pallas_k_splits=run_config.pallas_k_splits,
+                        pallas_block_tokens=run_config.pallas_block_tokens)
+      what = f"decode {name} batch {batch} ctx {context}" + (
+          f" k_splits {run_config.pallas_k_splits} block_tokens "
+          f"{run_config.pallas_block_tokens}" if kind == "sweep" else "")
       if out_of_time():
         result.setdefault("skipped", []).append(f"{what}: time budget")
         continue
       try:
-        row = _decode_row(decode_models[name], config, batch, context, block_tokens,
+        if run_config not in decode_models:
+          decode_models[run_config] = weights.with_config(model, run_config)
+        row = _decode_row(decode_models[run_config], config, batch, context, block_tokens,
                           decode_steps, warmup, weights_bytes, card, target_decode_roofline,
                           seed, log)
       except Exception as e:  # noqa: BLE001
         row = dict(batch=batch, context=context, error=repr(e))
         log(f"engine: {what} FAILED: {e!r}")
-      row = dict(paged_attention=name, **row)
-      if diagnostic:
-        row["diagnostic"] = diagnostic
+      row = dict(paged_attention=name, **blocking, **row)
+      if kind == "fixed_cost":
+        row["diagnostic"] = kind
         row.pop("met", None)  # no target: the step's cost besides reading KV
+      elif kind == "sweep":
+        row["sweep"] = "pallas_blocking"
       result["decode"].append(row)
       update()
     del decode_models
@@ -321,6 +360,8 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
   from dualpath_jax.model import cost
   from dualpath_jax.model.paged import PagedPool, decode_step_jit
 
+  from dualpath_jax.model.paged import pallas_blocking
+
   pages_per_seq = context // page_tokens + 1  # room for the new token's slot
   num_pages = 1 + batch * pages_per_seq
   shape = (config.num_kv_heads, num_pages, page_tokens, config.head_dim)
@@ -360,12 +401,21 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
              weight_bytes_read=weights_bytes - embed_bytes, kv_bytes_read=kv_bytes,
              pool_bytes=state["pool"].nbytes, tokens_per_s=batch / step_s,
              logits_finite=bool(jnp.all(jnp.isfinite(logits))))
+  blocking = ""
+  if model.config.paged_attention == "pallas":
+    k_splits, per_block, padded = pallas_blocking(
+        pages_per_seq, page_tokens, max_k_splits=model.config.pallas_k_splits,
+        block_tokens=model.config.pallas_block_tokens)
+    row["pallas_blocking"] = dict(k_splits=k_splits, pages_per_compute_block=per_block,
+                                  padded_pages=padded)
+    blocking = f" [{k_splits} splits x {padded // k_splits} pages, {per_block} a block]"
   if card.hbm_bytes_per_s:
     roofline_s = read_bytes / card.hbm_bytes_per_s
     row.update(roofline_s=roofline_s, roofline_fraction=roofline_s / step_s,
                pipelined_roofline_fraction=roofline_s / pipelined_s,
                met=bool(roofline_s / step_s >= target))
-  log(f"engine: decode {model.config.paged_attention:6s} batch {batch:3d} ctx {context}: "
+  log(f"engine: decode {model.config.paged_attention:6s} batch {batch:3d} ctx {context}"
+      f"{blocking}: "
       f"{step_s * 1e3:8.3f} ms/step "
       f"(pipelined {pipelined_s * 1e3:.3f})"
       + (f" roofline {row['roofline_s'] * 1e3:.3f} ms -> {row['roofline_fraction']:.3f}"

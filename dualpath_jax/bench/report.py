@@ -149,12 +149,18 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     name = f"decode {r.get('paged_attention', 'gather')} batch {r['batch']} ctx {r['context']}"
     if r.get("diagnostic") == "fixed_cost":
       name += " (fixed cost: weights + dispatch)"
+    if r.get("sweep") == "pallas_blocking":
+      name += f" k_splits {r['pallas_k_splits']} block_tokens {r['pallas_block_tokens']}"
     if "error" in r:
       out.append(("engine", name, "error", "—", r["error"][:80]))
       continue
     value = f"{r['step_s'] * 1e3:.2f} ms/step" + (
         f", {r['roofline_fraction']:.3f} of roofline {r['roofline_s'] * 1e3:.2f} ms"
         if "roofline_fraction" in r else "")
+    if r.get("pallas_blocking"):  # what the kernel ran with
+      b = r["pallas_blocking"]
+      value += (f"; {b['k_splits']} splits of {b['padded_pages'] // b['k_splits']} pages, "
+                f"{b['pages_per_compute_block']} a block")
     target = ("diagnostic, no target" if r.get("diagnostic") else
               f"roofline fraction >= {targets.get('decode_roofline_fraction')}")
     out.append(("engine", name, value, target, _status(r.get("met"))))

@@ -14,6 +14,9 @@ import numpy as np
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 PAGED_ATTENTION_IMPLEMENTATIONS = ("gather", "pallas")
+# ModelConfig fields that choose how the model is computed, not what its weights are: a
+# checkpoint restores under any values of them (weights.restore_weights, weights.with_config).
+EXECUTION_FIELDS = ("attention", "paged_attention", "pallas_k_splits", "pallas_block_tokens")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +58,14 @@ class ModelConfig:
   (jax.experimental.pallas.ops.gpu.paged_attention), which reads the pages in place. 'pallas'
   runs in Pallas interpret mode automatically when jax.default_backend() is 'cpu' (slow: tests
   and tiny models only); page_tokens and head_dim must be powers of 2 on GPUs (Triton)."""
+  pallas_k_splits: int = 16
+  """'pallas' blocking (not a weight property; default paged.PALLAS_MAX_K_SPLITS): at most this
+  many partitions of a row's pages run in parallel, their partial softmaxes merged at the end
+  (paged.pallas_blocking). A different value retraces the decode step."""
+  pallas_block_tokens: int = 128
+  """'pallas' blocking (not a weight property; default paged.PALLAS_COMPUTE_BLOCK_TOKENS): about
+  this many tokens are read per loop iteration of a partition, in a power-of-2 number of pages
+  (at least one page); a power of 2 (paged.pallas_blocking). A different value retraces."""
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -74,6 +85,14 @@ class ModelConfig:
     if self.paged_attention not in PAGED_ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.paged_attention must be one of "
                        f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {self.paged_attention!r}")
+    for field in ("pallas_k_splits", "pallas_block_tokens"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
+      object.__setattr__(self, field, int(value))  # plain ints: hashable alike, JSON-able
+    if self.pallas_block_tokens & (self.pallas_block_tokens - 1):
+      raise ValueError(f"ModelConfig.pallas_block_tokens must be a power of 2, got "
+                       f"{self.pallas_block_tokens!r}")
     if self.dtype not in ("bfloat16", "float32", "float16"):
       raise ValueError(f"ModelConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 

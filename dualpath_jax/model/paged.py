@@ -12,7 +12,13 @@ public inputs and outputs stay in the model's KV layout: KV [L, T, 2, H, D] in
 
 Decode attention (ModelConfig.paged_attention): 'gather' copies each row's pages into a dense
 context per layer and runs the model's attention on it; 'pallas' writes the new token's K/V into
-its page slot first and calls the Pallas kernel on the pool with lengths = seq_lens + 1.
+its page slot first and calls the Pallas kernel on the pool with lengths = seq_lens + 1. The
+kernel's blocking (`pallas_blocking`: how many partitions of a row's pages run in parallel, how
+many pages each loop iteration reads) comes from ModelConfig.pallas_k_splits and
+ModelConfig.pallas_block_tokens (defaults PALLAS_MAX_K_SPLITS, PALLAS_COMPUTE_BLOCK_TOKENS). They
+are part of the model's config, so a model under other values (weights.with_config, no copy of
+the weights) traces its own decode step: the blocking can be swept in one process
+(bench/engine.py, engine.pallas_blockings).
 
 Page SCRATCH_PAGE (0) is never given to a sequence. Padding rows of a decode batch point all their
 page ids at it with seq_len 0: they write their (ignored) KV into its slot 0 and attend to that slot
@@ -318,16 +324,21 @@ def read_kv_from_pages(pages: PagedPool, page_ids, num_tokens: int) -> jax.Array
   return _read_kv_jit(pages, page_ids, num_tokens=int(num_tokens))
 
 
-# Pallas kernel blocking: up to MAX_K_SPLITS partitions of a row's pages run in parallel (their
-# partial softmaxes are merged at the end), and each loop iteration of a partition reads about
-# COMPUTE_BLOCK_TOKENS tokens (the kernel's default: 8 pages of 16 tokens).
+# Pallas kernel blocking defaults (ModelConfig.pallas_k_splits, ModelConfig.pallas_block_tokens):
+# up to MAX_K_SPLITS partitions of a row's pages run in parallel (their partial softmaxes are
+# merged at the end), and each loop iteration of a partition reads about COMPUTE_BLOCK_TOKENS
+# tokens (the kernel's default: 8 pages of 16 tokens).
 PALLAS_MAX_K_SPLITS = 16
 PALLAS_COMPUTE_BLOCK_TOKENS = 128
 
 
-def pallas_blocking(pages_per_seq: int, page_tokens: int) -> tuple[int, int, int]:
+def pallas_blocking(pages_per_seq: int, page_tokens: int, *,
+                    max_k_splits: int = PALLAS_MAX_K_SPLITS,
+                    block_tokens: int = PALLAS_COMPUTE_BLOCK_TOKENS) -> tuple[int, int, int]:
   """(k_splits, pages_per_compute_block, padded pages_per_seq) for the Pallas paged kernel.
 
+  At most `max_k_splits` partitions; a compute block is the largest power of 2 of pages that is
+  at most block_tokens / page_tokens pages (at least 1) and at most a partition's pages.
   The kernel needs padded % k_splits == 0 and (padded / k_splits) % pages_per_compute_block == 0;
   Triton loads need pages_per_compute_block * page_tokens * head_dim to be a power of 2, so
   pages_per_compute_block is a power of 2. Padding pages (SCRATCH_PAGE) lie past every row's length: the
@@ -336,20 +347,26 @@ def pallas_blocking(pages_per_seq: int, page_tokens: int) -> tuple[int, int, int
   if pages_per_seq <= 0 or page_tokens <= 0:
     raise ValueError(f"pallas_blocking: pages_per_seq and page_tokens must be positive, got "
                      f"{pages_per_seq}, {page_tokens}")
-  k_splits = min(PALLAS_MAX_K_SPLITS, pages_per_seq)
+  if max_k_splits <= 0 or block_tokens <= 0:
+    raise ValueError(f"pallas_blocking: max_k_splits and block_tokens must be positive, got "
+                     f"{max_k_splits}, {block_tokens}")
+  k_splits = min(max_k_splits, pages_per_seq)
   per_split = -(-pages_per_seq // k_splits)
-  per_block = max(1, min(PALLAS_COMPUTE_BLOCK_TOKENS // page_tokens, per_split))
+  per_block = max(1, min(block_tokens // page_tokens, per_split))
   per_block = 1 << (per_block.bit_length() - 1)  # largest power of 2 <= per_block
   per_split = -(-per_split // per_block) * per_block
   k_splits = -(-pages_per_seq // per_split)
   return k_splits, per_block, k_splits * per_split
 
 
-def _pallas_attention(q, k_pages, v_pages, block_tables, lengths):
-  """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel."""
+def _pallas_attention(q, k_pages, v_pages, block_tables, lengths, config: ModelConfig):
+  """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel
+  blocked as config.pallas_k_splits / config.pallas_block_tokens say (read at trace time)."""
   from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-  k_splits, per_block, padded = pallas_blocking(block_tables.shape[1], k_pages.shape[2])
+  k_splits, per_block, padded = pallas_blocking(
+      block_tables.shape[1], k_pages.shape[2], max_k_splits=config.pallas_k_splits,
+      block_tokens=config.pallas_block_tokens)
   block_tables = jnp.pad(block_tables, [(0, 0), (0, padded - block_tables.shape[1])],
                          constant_values=SCRATCH_PAGE)
   # The kernel does not scale the scores (nor does its reference): scale q by head_dim ** -0.5 as
@@ -369,7 +386,8 @@ def decode_step(model: Transformer, pages: PagedPool, tokens: jax.Array, block_t
   Writes each new token's KV at page block_tables[b, seq_lens[b] // page_tokens], slot
   seq_lens[b] % page_tokens; that page must already be in the row's block table (see
   PageTable.prepare_decode: out-of-range indices would be clamped, not caught, under jit).
-  Attention follows model.config.paged_attention ('gather' or 'pallas', see the module doc).
+  Attention follows model.config.paged_attention ('gather' or 'pallas', see the module doc),
+  'pallas' blocked by model.config.pallas_k_splits and pallas_block_tokens.
   Returns (logits [B, vocab] float32, updated pages).
   """
   config = model.config
@@ -410,7 +428,8 @@ def decode_step(model: Transformer, pages: PagedPool, tokens: jax.Array, block_t
       q, k, v = layer.project_qkv(x, positions)
       # The token's own K/V goes into its slot first: the kernel reads it from there.
       new_k[index], new_v[index] = write(new_k[index], k[:, 0]), write(new_v[index], v[:, 0])
-      attn = _pallas_attention(q[:, 0], new_k[index], new_v[index], block_tables, seq_lens + 1)
+      attn = _pallas_attention(q[:, 0], new_k[index], new_v[index], block_tables, seq_lens + 1,
+                               config)
       x = layer.output_and_mlp(x, attn.reshape(batch, 1, config.num_heads * config.head_dim))
   return model.logits(x[:, 0]), PagedPool(k=tuple(new_k), v=tuple(new_v))
 

@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dualpath_jax.model.config import ModelConfig
+from dualpath_jax.model.config import EXECUTION_FIELDS, ModelConfig
 from dualpath_jax.model.transformer import Transformer
 
 # A Sharding for every leaf, or a function (path tuple, abstract leaf) -> Sharding.
@@ -23,7 +23,7 @@ ShardingSpec = Union[jax.sharding.Sharding, Callable[[tuple, jax.ShapeDtypeStruc
 
 
 # ModelConfig fields a restore may change freely: they do not describe the weights.
-_NOT_GEOMETRY = ("name", "dtype", "attention", "paged_attention")
+_NOT_GEOMETRY = ("name", "dtype") + EXECUTION_FIELDS
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -46,7 +46,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint: no checkpoint folder at {path}")
   restored = _checkpointer().restore(path, ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-  # Fields added after a checkpoint was written (e.g. paged_attention) take their defaults.
+  # Fields added after a checkpoint was written (e.g. paged_attention, pallas_k_splits) take
+  # their defaults.
   return ModelConfig(**restored["model_config"])
 
 
@@ -56,8 +57,8 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
 
   `config` defaults to the stored one; if given, it must describe the same geometry (its dtype
   may differ: parameters are cast on restore; so may its name and the fields that only choose how
-  attention is computed, `attention` and `paged_attention`). `sharding` defaults to the first
-  device.
+  attention is computed, config.EXECUTION_FIELDS: `attention`, `paged_attention` and the Pallas
+  blocking `pallas_k_splits`, `pallas_block_tokens`). `sharding` defaults to the first device.
   """
   path = os.path.abspath(os.fspath(path))
   stored = read_config(path)
@@ -88,9 +89,10 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
 
 def with_config(model: Transformer, config: ModelConfig) -> Transformer:
   """`model`'s parameters (the same arrays, not copied) under `config`, which may differ from
-  model.config only in how attention is computed (`attention`, `paged_attention`) and its name."""
+  model.config only in how attention is computed (config.EXECUTION_FIELDS: `attention`,
+  `paged_attention`, `pallas_k_splits`, `pallas_block_tokens`) and its name."""
   for field in dataclasses.fields(ModelConfig):
-    if field.name in ("name", "attention", "paged_attention"):
+    if field.name == "name" or field.name in EXECUTION_FIELDS:
       continue
     if getattr(config, field.name) != getattr(model.config, field.name):
       raise ValueError(f"with_config: model.{field.name} is {getattr(model.config, field.name)!r} "

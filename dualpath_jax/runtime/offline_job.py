@@ -109,9 +109,10 @@ class OfflineJob:
     for edge_only in ("platform", "num_cpu_devices", "matmul_precision", "variant"):
       c.pop(edge_only, None)  # applied by the experiment script before jax starts
     m = dict(c["model"])
-    # attention / paged_attention: how attention is computed, not a property of the weights.
+    # attention, paged_attention, pallas_k_splits, pallas_block_tokens: how attention is
+    # computed, not a property of the weights (model_config.EXECUTION_FIELDS).
     model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"), **{
-        key: m.pop(key) for key in ("attention", "paged_attention") if key in m})
+        key: m.pop(key) for key in model_config.EXECUTION_FIELDS if key in m})
     seed, checkpoint = m.pop("seed", 0), m.pop("checkpoint", "")
     if m:
       raise ValueError(f"model: unknown key(s) {sorted(m)}")
