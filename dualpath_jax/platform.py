@@ -35,6 +35,27 @@ def start_jax(platform: str, num_cpu_devices: int, matmul_precision: str | None 
   return jax
 
 
+def parse_flags(argv: list[str], flag_values=None) -> list[str]:
+  """absl flag parsing for `app.run(main, flags_parser=parse_flags)`: a --config.* override of a
+  field the config does not have ends the process with one 'error: ...' line naming the flag,
+  where ml_collections raises a KeyError/AttributeError traceback; absl's own parse errors (a
+  value of the wrong type) also end in one 'error: ...' line."""
+  from absl import flags  # noqa: PLC0415  (absl is the scripts' dependency, not the package's)
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  try:
+    return flag_values(argv)
+  except flags.Error as e:  # absl's own parse errors (e.g. a value of the wrong type)
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:
+    detail = str(e.args[0]) if e.args else str(e)
+    missing, _, hint = detail.partition("\n")
+    missing = missing.strip("'\"")
+    names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = next((n for n in names if missing in n.split(".")[1:]), "a --config.* flag")
+    sys.exit(f"error: {culprit}: the config has no field {missing!r}"
+             + (f" ({hint.strip()})" if hint.strip() else ""))
+
+
 def progress_to_stderr(line: str) -> None:
   """The experiment scripts' progress lines: stderr, flushed (stdout keeps the results)."""
   print(line, file=sys.stderr, flush=True)

@@ -19,6 +19,8 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
+from dualpath_jax.platform import parse_flags
+
 from dualpath_jax.config_files import load_config_spec
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu_bench.py:h100x4",
@@ -152,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

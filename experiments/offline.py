@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dualpath_jax.platform import progress_to_stderr, start_job
+from dualpath_jax.platform import parse_flags, progress_to_stderr, start_job
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/offline.py",
                                           "Experiment config (a Python file with get_config).")
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

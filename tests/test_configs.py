@@ -197,3 +197,21 @@ def test_a_missing_config_file_is_named_with_its_field(tmp_path):
     load_config_spec("configs/nonesuch.py:smoke", str(tmp_path), field="end_to_end.base_config")
   with pytest.raises(ValueError, match="config: no config file at"):
     load_config(str(tmp_path / "missing.py"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.runtim.kv_max_wait_s=1",
+     "--config.runtim.kv_max_wait_s: the config has no field 'runtim' (Did you mean"),
+    ("--config.runtime.nonexistent=1", "--config.runtime.nonexistent: the config has no field"),
+    ("--config.runtime.kv_max_wait_s=abc", "could not convert string to float"),
+])
+def test_a_bad_config_flag_is_one_error_line(override, message, tmp_path):
+  """The flags fail before main runs (platform.parse_flags), so no job starts."""
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run(
+      [sys.executable, "experiments/offline.py", "--config=configs/offline.py:smoke", override,
+       f"--workdir={tmp_path}"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+  assert result.stderr.startswith("error: ") and message in result.stderr
+  assert not os.listdir(tmp_path)
