@@ -20,8 +20,10 @@ A request's last chunk gives its first generated token (logits of its last promp
 
 `stage_s` adds up this PE's wall time per stage of its forwards (the thread runs them one after
 another, so together they are the forwards' time): 'begin' (a first chunk's read blocks stacked,
-its prompt-KV array in the DE buffer, the DE-read part merged in), 'load' (prefix KV gathered on
-the host and moved onto the PE over either path), 'compute' (dispatching the layers), 'send'
+its prompt-KV array in the DE buffer, the DE-read part merged in); loading the prefix KV, split
+four ways: 'gather' (out of the read blocks into host buffers), 'h2d' (onto the PE over the PE
+path), 'de_path' (H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the
+PE; the oracle's zeros); 'compute' (dispatching the layers), 'send'
 (each layer's KV to the DE buffer; layerwise, the wait for the sender thread: the part of the
 sends that the loads did not hide), 'logits' (the last tokens' logits, which waits for all the
 device work queued before it).
@@ -207,7 +209,8 @@ class PrefillShard:
       return None
     one = isinstance(layers, int)
     if cached > request.hit_tokens:  # a later chunk: the prefix sits in the DE node buffer
-      return self._via_de(request, request.prompt_kv[layers, :cached])
+      with self._stage("de_path"):
+        return self._via_de(request, request.prompt_kv[layers, :cached])
     parts = []
     for side in ("pe", "de"):
       if side not in request.blocks:
@@ -219,14 +222,20 @@ class PrefillShard:
       tokens = blocks.shape[0] * layout.block_tokens
       if len(request.blocks) == 1:
         tokens = min(self.cluster.admit_tokens(tokens), pow2_at_least(cached, layout.block_tokens))
-      host = (self._gather(blocks, layers, side, row, tokens) if self._sends_kv()
-              else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
+      with self._stage("gather"):
+        host = (self._gather(blocks, layers, side, row, tokens) if self._sends_kv()
+                else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
       if side == "pe":
         request.add_bytes("h2d", host.nbytes)
-        parts.append(self.tm.h2d(host))
+        with self._stage("h2d"):
+          parts.append(self.tm.h2d(host))
       else:
-        parts.append(self._via_de(request, host))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0 if one else 1)
+        with self._stage("de_path"):
+          parts.append(self._via_de(request, host))
+    if len(parts) == 1:
+      return parts[0]
+    with self._stage("stack"):
+      return jnp.concatenate(parts, axis=0 if one else 1)
 
   def _send(self, request: TurnRequest, x: jax.Array, row: int, count: int, dst_start: int,
             batch_axis: int, layers) -> None:
@@ -276,9 +285,10 @@ class PrefillShard:
     layout = self.cluster.layout
     lead = () if layers is None else (layers,)
     empty = self.cluster.zeros_on(self.engine, (*lead, tp, *layout.token_kv_shape))
-    padded = [empty if p is None else _pad_to(p, tp, axis) for p in prefixes]
-    padded += [empty] * (rows - len(padded))
-    return jnp.stack(padded, axis=axis)
+    with self._stage("stack"):
+      padded = [empty if p is None else _pad_to(p, tp, axis) for p in prefixes]
+      padded += [empty] * (rows - len(padded))
+      return jnp.stack(padded, axis=axis)
 
   # --- one forward -------------------------------------------------------------------------------
 
@@ -287,7 +297,8 @@ class PrefillShard:
     self.resident_layers += 1
     self.max_resident_layers = max(self.max_resident_layers, self.resident_layers)
     if self.cluster.runtime_config.skips_kv_io:
-      return self.cluster.zeros_on(self.engine, (rows, tp, *layout.token_kv_shape))
+      with self._stage("stack"):
+        return self.cluster.zeros_on(self.engine, (rows, tp, *layout.token_kv_shape))
     prefixes = [self._prefix(request, cached, layer, row)
                 for row, (request, cached, _) in enumerate(chunks)]
     return self._stack_rows(prefixes, rows, tp, axis=0, layers=None)
@@ -302,8 +313,7 @@ class PrefillShard:
     layers = self.model.layers
     with self._stage("compute"), self.tm.model_step():
       x = embed_tokens_jit(self.model, tokens)
-    with self._stage("load"):
-      current = self._load_layer(chunks, rows, tp, 0)
+    current = self._load_layer(chunks, rows, tp, 0)
     sends: dict[int, concurrent.futures.Future] = {}
     try:
       for l, layer in enumerate(layers):
@@ -312,9 +322,8 @@ class PrefillShard:
           with self._stage("send"):
             self._finish_send(sends.pop(done))
         # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
-        with self._stage("load"):
-          following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers)
-                       else None)
+        following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers)
+                     else None)
         with self._stage("compute"), self.tm.model_step():
           x, new_kv = prefill_layer_jit(layer, x, current, prefix_len, new_len)
         if skip_io:
@@ -337,10 +346,9 @@ class PrefillShard:
       prefix = self.cluster.zeros_on(
           self.engine, (layout.num_layers, rows, tp, *layout.token_kv_shape))
     else:
-      with self._stage("load"):
-        prefixes = [self._prefix(request, cached, slice(None), row)
-                    for row, (request, cached, _) in enumerate(chunks)]
-        prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
+      prefixes = [self._prefix(request, cached, slice(None), row)
+                  for row, (request, cached, _) in enumerate(chunks)]
+      prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
     # Layer by layer over the resident prefix: the same compiled layer as the layerwise path
     # (one whole-model program per shape would compile for minutes on large models).
     with self._stage("compute"), self.tm.model_step():
