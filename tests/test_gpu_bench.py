@@ -117,6 +117,10 @@ def test_engine(smoke):
   pm = e["peak_memory"]
   assert "error" not in pm, pm
   assert pm["bound_bytes"] > pm["weights_bytes"] > 0 and pm["logits_finite"]
+  from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
+  assert pm["layers_in_flight"] == LAYERS_IN_FLIGHT  # the bound counts the PE's layers in flight
+  assert pm["bound_bytes"] - pm["weights_bytes"] - pm["activation_bytes"]["total"] == (
+      LAYERS_IN_FLIGHT * pm["kv_layer_bytes"])
   assert pm["peak_bytes"] is None or positive(pm["peak_bytes"])  # no memory_stats on CPU
 
 

@@ -27,8 +27,9 @@ All with the model's own code and random weights (init_random) of a preset's tru
             pick the fastest blocking.
   peak      a layerwise prefill of `append_tokens` on a `peak_context`-token prefix streamed from
             host Full Blocks layer by layer (layout.layer_kv -> transfer.host_to_device, layer l+1
-            in flight while layer l computes, each layer deleted after use, as the PE worker
-            does), against weights + 2 layers of prefix KV + one layer's activations. Peak bytes
+            in flight while layer l computes, and layer l-1 held until then as the PE's sender
+            thread holds it for its D2H: LAYERS_IN_FLIGHT layers, as the PE worker does), against
+            weights + LAYERS_IN_FLIGHT layers of prefix KV + one layer's activations. Peak bytes
             come from device.memory_stats() (absent on CPU).
 """
 
@@ -430,6 +431,7 @@ def _peak_memory(model, device, config, tokens, new_len, context, block_tokens, 
   from dualpath_jax.kvstore.layout import KVLayout
   from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit,
                                           prefill_layer_jit)
+  from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
   from dualpath_jax.transfer import host_to_device
 
   layout = KVLayout.for_model(config, block_tokens)
@@ -451,12 +453,17 @@ def _peak_memory(model, device, config, tokens, new_len, context, block_tokens, 
   def run():
     x = embed_tokens_jit(model, tokens)
     current = host_to_device(layout.layer_kv(blocks, 0), dst, copy=False)
+    sending = []  # layers the PE's sender thread still holds for their D2H
     for index, layer in enumerate(model.layers):
       following = (host_to_device(layout.layer_kv(blocks, index + 1), dst, copy=False)
                    if index + 1 < config.num_layers else None)
       x, _ = prefill_layer_jit(layer, x, current[None], prefix_len, new_len)
-      current.delete()  # the PE frees each layer's prefix KV once its layer has run
+      sending.append(current)
+      while len(sending) > LAYERS_IN_FLIGHT - 2:  # its send done: the PE frees the layer
+        sending.pop(0).delete()
       current = following
+    for held in sending:
+      held.delete()
     return last_token_logits_jit(model, x, new_len)
 
   before = _stats(device)
@@ -466,13 +473,15 @@ def _peak_memory(model, device, config, tokens, new_len, context, block_tokens, 
   after = _stats(device)
   kv_layer_bytes = context * layout.token_layer_bytes
   activations = activation_bytes(config, append, context)
-  bound = weights_bytes + 2 * kv_layer_bytes + activations["total"]
+  bound = weights_bytes + LAYERS_IN_FLIGHT * kv_layer_bytes + activations["total"]
   out = dict(context=context, append=append, host_bytes=int(blocks.nbytes),
              weights_bytes=weights_bytes, kv_layer_bytes=kv_layer_bytes,
              activation_bytes=activations, bound_bytes=bound, compile_s=compile_s,
              streamed_prefill_s=run_s, logits_finite=bool(jnp.all(jnp.isfinite(logits))),
-             bound_formula="weights + 2 layers of prefix KV + one layer's activations "
-                           "(activation_bytes: einsum attention estimate)")
+             layers_in_flight=LAYERS_IN_FLIGHT,
+             bound_formula=f"weights + {LAYERS_IN_FLIGHT} layers of prefix KV (LAYERS_IN_FLIGHT) "
+                           "+ one layer's activations (activation_bytes: einsum attention "
+                           "estimate)")
   if before and after and "peak_bytes_in_use" in after:
     extra_peak = after["peak_bytes_in_use"] - before["bytes_in_use"]
     exact = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0)
