@@ -58,7 +58,8 @@ def _pad_to(x, length: int, axis: int):
 def _row_head(x, row, size: int, batch_axis: int):
   """x[row, :size] along (batch_axis, batch_axis + 1). `row` is traced and `size` comes in few
   values (admit_tokens), so that a handful of programs serve every request: a static row and
-  length compiled one program per request (~0.1 s each on 4x H200, in the PE's 'send')."""
+  length compiled one program per request and part (157 traces in the CPU smoke run, 61 now;
+  what each compile cost inside the PE's 'send' on a GPU was not measured separately)."""
   x = jax.lax.dynamic_index_in_dim(x, row, axis=batch_axis, keepdims=False)
   x = jax.lax.slice_in_dim(x, 0, size, axis=batch_axis)
   return x if batch_axis else x[None]  # [L or 1, size, ...]
@@ -191,7 +192,9 @@ class PrefillShard:
   def _gather(self, blocks: np.ndarray, layers, side: str, row: int, tokens: int) -> np.ndarray:
     """One layer's (layout.layer_kv) or every layer's (full_blocks_to_kv, `layers` a slice)
     prefix KV of `blocks`, zero-padded to `tokens` rows, in this shard's reused buffer for
-    (side, row, layer parity)."""
+    (side, row, layer % LAYERS_IN_FLIGHT), or for (side, row) when whole. The whole prefill's
+    buffers hold every layer of a row's prefix (about 1 GB per row and side for a 16K-token
+    Qwen2.5-7B prefix) and live outside the node buffer's budget, like the gather buffers."""
     layout = self.cluster.layout
     if not isinstance(layers, int):  # whole prefill: one buffer per row, reused next forward
       need = layout.num_layers * tokens * layout.token_layer_bytes
@@ -226,7 +229,7 @@ class PrefillShard:
         host = (self._gather(blocks, layers, side, row, tokens) if self._sends_kv()
                 else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
       if side == "pe":
-        request.add_bytes("h2d", host.nbytes)
+        request.add_bytes("h2d", host.nbytes)  # what moves, the bucket's padding included
         with self._stage("h2d"):
           parts.append(self.tm.h2d(host))
       else:
@@ -238,9 +241,10 @@ class PrefillShard:
       return jnp.concatenate(parts, axis=0 if one else 1)
 
   def _send(self, request: TurnRequest, x: jax.Array, row: int, count: int, dst_start: int,
-            batch_axis: int, layers) -> None:
+            batch_axis: int, layers) -> int:
     """Tokens [0, count) of batch row `row` of x -> the request's prompt KV in the DE buffer at
-    [dst_start, dst_start + count) (x: [B, T, ...] for one layer, [L, B, T, ...]).
+    [dst_start, dst_start + count) (x: [B, T, ...] for one layer, [L, B, T, ...]); returns the
+    bytes moved.
 
     One D2H from this PE's device into the DE node's buffer: the paper's steps (5)-(7) (the PE's
     CNIC reads HBM, the DE's CNIC writes DE DRAM) never touch the DE's GPU. Routing it through
