@@ -85,8 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.engine = ml_collections.ConfigDict(dict(
       preset="qwen2.5-7b", dtype="bfloat16",
       prefill_contexts=(8192, 32768), append_tokens=512,
-      prefill_variants=("layerwise", "layerwise_sdpa", "whole"),
-      sdpa_implementation="cudnn",  # '' skips layerwise_sdpa
+      prefill_variants=("layerwise", "layerwise_sdpa", "layerwise_split", "whole"),
+      sdpa_implementation="cudnn",  # '' skips layerwise_sdpa; 'cudnn' also for layerwise_split
+      # ModelConfig.prefill_kv_splits values the 'layerwise_split' rows run at (prefix chunks
+      # merged by log-sum-exp, no mask: model/split_attention.py)
+      prefill_kv_splits=(1, 2, 4, 8),
       decode_batches=(1, 8, 32), decode_context=8192, decode_steps=10,
       # ModelConfig.paged_attention values decode is measured with: 'gather' (pages copied into
       # a dense context per layer) and 'pallas' (JAX's Pallas paged-attention kernel)
@@ -124,9 +127,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                              h2d_staging="auto", d2h_staging="direct")),
       workload=ml_collections.ConfigDict(dict(length_jitter=0.5)),
       store=ml_collections.ConfigDict(dict(driver="memory", path="store")),
-      # ModelConfig execution fields (pallas_*: the Pallas decode kernel's blocking, see
+      # ModelConfig execution fields (prefill_kv_splits > 0: split prefill attention, see
+      # engine.prefill_kv_splits; pallas_*: the Pallas decode kernel's blocking, see
       # engine.pallas_blockings) and the checkpoint ('' = random weights).
-      model=ml_collections.ConfigDict(dict(attention="einsum", paged_attention="gather",
+      model=ml_collections.ConfigDict(dict(attention="einsum", prefill_kv_splits=0,
+                                           paged_attention="gather",
                                            pallas_k_splits=16, pallas_block_tokens=128,
                                            checkpoint="")),
       cost_model=""))
@@ -185,6 +190,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     sdpa_implementation="xla", decode_batches=(1, 4), decode_context=256,
                     decode_steps=3, peak_context=512, repeats=2, warmup=1,
                     pallas_blockings=((2, 128),),  # 5 pages of 64 tokens: 2 splits of 4, 2 a block
+                    prefill_kv_splits=(3,),
                     peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
     c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
                         turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,

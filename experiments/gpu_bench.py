@@ -110,6 +110,7 @@ def main(argv):
       peak_context=e.peak_context, block_tokens=e.block_tokens, repeats=e.repeats,
       warmup=e.warmup, decode_steps=e.decode_steps, decode_attentions=tuple(e.decode_attentions),
       pallas_blockings=tuple(tuple(pair) for pair in e.pallas_blockings),
+      prefill_kv_splits=tuple(e.prefill_kv_splits),
       card=hardware.detect_card(devices[0], peak_flops=e.peak_flops,
                                 hbm_bytes_per_s=e.hbm_bytes_per_s),
       target_prefill_mfu=e.target_prefill_mfu, target_decode_roofline=e.target_decode_roofline,

@@ -37,7 +37,7 @@ for part in "$@"; do
     micro)
       timeout "${MICRO_LIMIT_S:-200}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:h100x4 \
-          --config.engine.prefill_variants="('layerwise','layerwise_sdpa')" \
+          --config.engine.prefill_variants="('layerwise','layerwise_sdpa','layerwise_split')" \
           ${MICRO_FLAGS:-} --out="$RUN/micro" > "$RUN/micro.log" 2>&1
       echo "micro: exit $?"
       read -r paged h2d d2h <<< "$(python3 - "$RUN/micro/gpu_bench.json" <<'EOF'

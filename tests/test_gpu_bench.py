@@ -104,12 +104,16 @@ def test_engine(smoke):
   e = smoke[0]["engine"]
   assert e["card"]["source"].startswith("config override")
   variants = {r["variant"]: r for r in e["prefill"]}
-  assert set(variants) == {"layerwise", "layerwise_sdpa", "whole"}
+  assert set(variants) == {"layerwise", "layerwise_sdpa", "layerwise_split", "whole"}
   for r in variants.values():
     assert "error" not in r, r
     assert positive(r["median_s"]) and 0 < r["mfu"] < 2 and r["logits_finite"]
   sdpa = variants["layerwise_sdpa"]
   assert sdpa["sdpa_traced"] is True and sdpa["first_layer_rel_err_vs_einsum"] < 0.05
+  split = variants["layerwise_split"]  # smoke: einsum parts (no cuDNN on CPU), 3 prefix chunks
+  assert split["implementation"] == "einsum" and split["prefill_kv_splits"] == 3
+  # bf16 parts and output (the masked einsum rounds once, the split path per part): ~3e-3
+  assert split["first_layer_rel_err_vs_einsum"] < 0.02
   check_decode_rows(e, batches=[1, 4], blockings=[(2, 128)])
   # 256 tokens + the new one in 64-token pages: 5 pages, 2 splits of 4 (3 padding), 2 a block.
   assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=2,

@@ -9,6 +9,12 @@ All with the model's own code and random weights (init_random) of a preset's tru
             'layerwise_sdpa'  the layerwise path with the model's einsum attention swapped, for
                               this measurement only, for jax.nn.dot_product_attention with a given
                               implementation ('cudnn' on GPUs); the model code is not changed
+            'layerwise_split' the layerwise path under ModelConfig.prefill_kv_splits = k (one row
+                              per k of `prefill_kv_splits`): split_attention, the prefix in k
+                              chunks plus the new tokens merged by log-sum-exp, no mask; 'cudnn'
+                              where sdpa_implementation is 'cudnn', else 'einsum'
+            Every variant but 'layerwise' and 'whole' checks its first layer against the einsum
+            layer (first_layer_rel_err_vs_einsum).
             MFU = cost.prefill_flops(last_token_logits_only) / median seconds / peak FLOP/s.
   decode    decode_step_jit on a paged pool, `batch` sequences of `context` tokens each, once per
             decode attention (ModelConfig.paged_attention: 'gather' copies the pages into a
@@ -47,7 +53,7 @@ import numpy as np
 from dualpath_jax.bench import hardware
 from dualpath_jax.bench.timing import median_seconds
 
-PREFILL_VARIANTS = ("layerwise", "whole", "layerwise_sdpa")
+PREFILL_VARIANTS = ("layerwise", "whole", "layerwise_sdpa", "layerwise_split")
 
 
 def _tree_bytes(tree) -> int:
@@ -133,6 +139,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
                    target_prefill_mfu: float, target_decode_roofline: float, seed: int = 0,
                    decode_attentions: Sequence[str] = ("gather",),
                    pallas_blockings: Sequence[tuple[int, int]] = (),
+                   prefill_kv_splits: Sequence[int] = (4,),
                    log: Callable[[str], None] = print,
                    out_of_time: Callable[[], bool] = lambda: False,
                    on_update: Callable[[dict], None] | None = None) -> dict:
@@ -144,6 +151,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
   which 'pallas' decode is measured again at the largest of decode_batches, after the other
   decode rows; () = only the model config's own blocking. A pair equal to the model config's is
   not measured twice where 'pallas' is among decode_attentions.
+  prefill_kv_splits: the ModelConfig.prefill_kv_splits values 'layerwise_split' is measured at.
   """
   from dualpath_jax.model import cost, weights
   from dualpath_jax.model.config import PAGED_ATTENTION_IMPLEMENTATIONS
@@ -225,7 +233,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
         try:
           rows = _prefill_rows(model, config, tokens, new_len, context, append_tokens, variants,
                                sdpa_implementation, repeats, warmup, card, target_prefill_mfu,
-                               seed, log, out_of_time)
+                               seed, log, out_of_time, prefill_kv_splits)
         except Exception as e:  # noqa: BLE001
           rows = [dict(context=context, error=repr(e))]
           log(f"engine: prefill at {context} FAILED: {e!r}")
@@ -280,8 +288,9 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
 
 
 def _prefill_rows(model, config, tokens, new_len, context, append_tokens, variants,
-                  sdpa_implementation, repeats, warmup, card, target, seed, log, out_of_time):
-  from dualpath_jax.model import cost
+                  sdpa_implementation, repeats, warmup, card, target, seed, log, out_of_time,
+                  kv_splits=(4,)):
+  from dualpath_jax.model import cost, weights
   from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, prefill_jit,
                                           prefill_layer, prefill_layer_jit)
 
@@ -292,14 +301,19 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
   prefix_len = jnp.array([context], jnp.int32)
   flops = cost.prefill_flops(config, context, append_tokens, last_token_logits_only=True)
 
-  def layerwise(layer_fn):
-    x = embed_tokens_jit(model, tokens)
-    for index, layer in enumerate(model.layers):
+  def layerwise(layer_fn, run_model=model):
+    x = embed_tokens_jit(run_model, tokens)
+    for index, layer in enumerate(run_model.layers):
       x, _ = layer_fn(layer, x, prefix[index], prefix_len, new_len)
-    return last_token_logits_jit(model, x, new_len)
+    return last_token_logits_jit(run_model, x, new_len)
 
+  def einsum_first_layer():
+    x0 = embed_tokens_jit(model, tokens)
+    return x0, prefill_layer_jit(model.layers[0], x0, prefix[0], prefix_len, new_len)[0]
+
+  runs = [(v, k) for v in variants for k in (kv_splits if v == "layerwise_split" else (None,))]
   rows = []
-  for variant in variants:
+  for variant, splits in runs:
     if out_of_time():
       rows.append(dict(context=context, variant=variant, skipped="time budget"))
       continue
@@ -308,12 +322,24 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
     try:
       if variant == "layerwise":
         fn = functools.partial(layerwise, prefill_layer_jit)
+      elif variant == "layerwise_split":
+        implementation = "cudnn" if sdpa_implementation == "cudnn" else "einsum"
+        split_model = weights.with_config(model, config.replace(
+            attention=implementation, prefill_kv_splits=int(splits)))
+        row.update(implementation=implementation, prefill_kv_splits=int(splits))
+        x0, reference = einsum_first_layer()
+        t0 = time.perf_counter()
+        row["first_layer_rel_err_vs_einsum"] = _rel_err(
+            prefill_layer_jit(split_model.layers[0], x0, prefix[0], prefix_len, new_len)[0],
+            reference)
+        row["check_call_s"] = time.perf_counter() - t0  # compiles the split layer
+        del reference
+        fn = functools.partial(layerwise, prefill_layer_jit, split_model)
       elif variant == "layerwise_sdpa":
         if not sdpa_implementation:
           continue
         # Reference first, outside the swap: the model's own jitted layer (einsum attention).
-        x0 = embed_tokens_jit(model, tokens)
-        reference = prefill_layer_jit(model.layers[0], x0, prefix[0], prefix_len, new_len)[0]
+        x0, reference = einsum_first_layer()
         # A fresh jit of a fresh function (no trace cache shared with prefill_layer_jit): the
         # swap only takes effect while tracing, and must never reach the model's own jit.
         layer_fn = jax.jit(lambda *args: prefill_layer(*args))
@@ -341,7 +367,8 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
       row.update(median_s=s, min_s=min(times), tflops_per_s=flops / s / 1e12)
       if card.peak_flops:
         row.update(mfu=flops / s / card.peak_flops, met=bool(flops / s / card.peak_flops >= target))
-      log(f"engine: prefill {variant:14s} ctx {context:6d} +{append_tokens}: {s * 1e3:8.2f} ms "
+      log(f"engine: prefill {variant:14s}" + (f" k={splits}" if splits else "")
+          + f" ctx {context:6d} +{append_tokens}: {s * 1e3:8.2f} ms "
           f"{flops / s / 1e12:7.1f} TFLOP/s"
           + (f" MFU {row['mfu']:.3f}" if "mfu" in row else "")
           + f" (first call {row['first_call_s']:.1f} s)")

@@ -136,6 +136,8 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
                 f"<= {pm['bound_bytes'] / 2**30:.2f} GiB (bound)", _status(pm.get("met"))))
   for r in e.get("prefill", []):
     name = f"prefill {r.get('variant', '')} ctx {r['context']} +{r.get('append', '')}"
+    if "prefill_kv_splits" in r:
+      name += f" k={r['prefill_kv_splits']}"
     if "error" in r or "skipped" in r:
       out.append(("engine", name, "error" if "error" in r else "skipped", "—",
                   (r.get("error") or r.get("skipped"))[:80]))

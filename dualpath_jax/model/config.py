@@ -16,7 +16,10 @@ ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 PAGED_ATTENTION_IMPLEMENTATIONS = ("gather", "pallas")
 # ModelConfig fields that choose how the model is computed, not what its weights are: a
 # checkpoint restores under any values of them (weights.restore_weights, weights.with_config).
-EXECUTION_FIELDS = ("attention", "paged_attention", "pallas_k_splits", "pallas_block_tokens")
+EXECUTION_FIELDS = ("attention", "prefill_kv_splits", "paged_attention", "pallas_k_splits",
+                    "pallas_block_tokens")
+# The attentions split prefill (prefill_kv_splits > 0, model/split_attention.py) can run on.
+SPLIT_ATTENTION_IMPLEMENTATIONS = ("einsum", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +54,11 @@ class ModelConfig:
   """How attention is computed (not a weight property): 'einsum' (the reference, float32 scores
   materialised), or jax.nn.dot_product_attention with implementation 'xla' or 'cudnn' (fused
   flash attention on NVIDIA GPUs, bf16/fp16 only)."""
+  prefill_kv_splits: int = 0
+  """How prefill attends (not a weight property): 0 = one `attention` call over concat(prefix,
+  new) with an explicit mask; k > 0 = split_attention.prefill_attention: the prefix in k chunks
+  on the batch axis plus one causal call over the new tokens, merged by their log-sum-exp (no
+  mask; attention 'einsum' or 'cudnn' only). Decode and the plain forward pass are unaffected."""
   paged_attention: str = "gather"
   """How paged decode (paged.decode_step) reads the pool (not a weight property): 'gather' copies
   each sequence's pages into a dense [B, S, 2, H, D] context per layer and runs `attention` on it;
@@ -85,11 +93,16 @@ class ModelConfig:
     if self.paged_attention not in PAGED_ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.paged_attention must be one of "
                        f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {self.paged_attention!r}")
-    for field in ("pallas_k_splits", "pallas_block_tokens"):
+    for field in ("pallas_k_splits", "pallas_block_tokens", "prefill_kv_splits"):
       value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"ModelConfig.{field} must be a positive int, got {value!r}")
+      least = 0 if field == "prefill_kv_splits" else 1
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        kind = "a non-negative" if least == 0 else "a positive"
+        raise ValueError(f"ModelConfig.{field} must be {kind} int, got {value!r}")
       object.__setattr__(self, field, int(value))  # plain ints: hashable alike, JSON-able
+    if self.prefill_kv_splits and self.attention not in SPLIT_ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.prefill_kv_splits > 0 needs attention in "
+                       f"{SPLIT_ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
     if self.pallas_block_tokens & (self.pallas_block_tokens - 1):
       raise ValueError(f"ModelConfig.pallas_block_tokens must be a power of 2, got "
                        f"{self.pallas_block_tokens!r}")

@@ -87,6 +87,8 @@ def prefill_layer(layer: DecoderLayer, x: jax.Array, prefix_kv: jax.Array, prefi
   batch, new_tokens, _ = x.shape
   prefix_len = prefix_len.astype(jnp.int32)
   positions = prefix_len[:, None] + jnp.arange(new_tokens, dtype=jnp.int32)[None, :]  # [B, Tn]
+  if layer.config.prefill_kv_splits:  # no mask: the prefix in chunks + the new tokens, merged
+    return layer.prefill_split(x, positions, prefix_kv, prefix_len, new_len.astype(jnp.int32))
   mask = prefill_mask(prefix_len, new_len.astype(jnp.int32), prefix_kv.shape[1], new_tokens)
   return layer(x, positions, prefix_kv, mask)
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dualpath_jax.model import split_attention
 from dualpath_jax.model.config import ModelConfig
 
 
@@ -137,6 +138,20 @@ class DecoderLayer(nnx.Module):
     keys_values = jnp.concatenate([context_kv.astype(new_kv.dtype), new_kv], axis=1)
     attn = attention(q, keys_values, mask, c.attention).reshape(batch, tokens, c.num_heads * c.head_dim)
     return self.output_and_mlp(x, attn), new_kv
+
+  def prefill_split(self, x: jax.Array, positions: jax.Array, prefix_kv: jax.Array,
+                    prefix_len: jax.Array, new_len: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`__call__` for prefill without a mask: split_attention.prefill_attention in
+    config.prefill_kv_splits prefix chunks plus the new tokens. prefix_kv [B, Tp, 2, H, D];
+    prefix_len, new_len [B] int32. Returns (x_out [B, T, hidden], new_kv [B, T, 2, H, D])."""
+    c = self.config
+    batch, tokens, _ = x.shape
+    q, k, v = self.project_qkv(x, positions)
+    new_kv = jnp.stack([k, v], axis=2)  # [B, T, 2, H, D]
+    attn = split_attention.prefill_attention(
+        q, prefix_kv, new_kv, prefix_len, new_len, kv_splits=c.prefill_kv_splits,
+        implementation=c.attention)
+    return self.output_and_mlp(x, attn.reshape(batch, tokens, c.num_heads * c.head_dim)), new_kv
 
 
 class Transformer(nnx.Module):

@@ -109,7 +109,7 @@ class OfflineJob:
     for edge_only in ("platform", "num_cpu_devices", "matmul_precision", "variant"):
       c.pop(edge_only, None)  # applied by the experiment script before jax starts
     m = dict(c["model"])
-    # attention, paged_attention, pallas_k_splits, pallas_block_tokens: how attention is
+    # attention, prefill_kv_splits, paged_attention, pallas_*: how attention is
     # computed, not a property of the weights (model_config.EXECUTION_FIELDS).
     model = model_config.get_preset(m.pop("preset"), dtype=m.pop("dtype"), **{
         key: m.pop(key) for key in model_config.EXECUTION_FIELDS if key in m})
