@@ -9,8 +9,10 @@
 #
 # Parts: 'micro' = ceilings, data plane and engine (configs/gpu_bench.py:h100x4, ~2-3 min);
 # 'hostcopy' = scripts/bench_host_copy.py at 1-16 copy threads (< 1 min);
+# 'decode_cmdbuf' = decode at batch 32 under XLA command buffers over custom calls (~1 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4. Seconds per part: PART_LIMIT_S (default 280; micro 200).
+# PREFILL_VARIANTS: micro's engine.prefill_variants (a flag given twice would append, not replace).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
 # MICRO_FLAGS="--config.sections=('engine',)" E2E_FLAGS="--config.end_to_end.agents=8".
 # Decode in the end-to-end jobs uses the Pallas paged-attention kernel unless micro's decode rows
@@ -37,7 +39,7 @@ for part in "$@"; do
     micro)
       timeout "${MICRO_LIMIT_S:-200}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:h100x4 \
-          --config.engine.prefill_variants="('layerwise','layerwise_sdpa','layerwise_split')" \
+          --config.engine.prefill_variants="${PREFILL_VARIANTS:-('layerwise','layerwise_sdpa','layerwise_split')}" \
           ${MICRO_FLAGS:-} --out="$RUN/micro" > "$RUN/micro.log" 2>&1
       echo "micro: exit $?"
       read -r paged h2d d2h <<< "$(python3 - "$RUN/micro/gpu_bench.json" <<'EOF'
@@ -57,6 +59,19 @@ print(paged, h2d, d2h)
 EOF
 )"
       echo "end-to-end: decode attention $paged, h2d_staging $h2d, d2h_staging $d2h"
+      ;;
+    decode_cmdbuf)
+      # Decode at batch 32 (Pallas, the default blocking) and its fixed-cost row once more, with
+      # XLA's command buffers (CUDA graphs) also over custom calls (the Pallas kernel) and for
+      # graphs of any size: is the fixed cost above the weights' roofline kernel launches?
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1" \
+      timeout "${DECODE_LIMIT_S:-150}" python3 experiments/gpu_bench.py \
+          --config=configs/gpu_bench.py:h100x4 --config.sections="('engine',)" \
+          --config.engine.prefill_contexts="()" --config.engine.peak_context=0 \
+          --config.engine.decode_attentions="('pallas',)" --config.engine.decode_batches="(32,)" \
+          --config.engine.pallas_blockings="()" \
+          --out="$RUN/decode_cmdbuf" > "$RUN/decode_cmdbuf.log" 2>&1
+      echo "decode_cmdbuf: exit $?"
       ;;
     hostcopy)
       timeout 120 python3 scripts/bench_host_copy.py --threads=1,2,4,8,16 \
