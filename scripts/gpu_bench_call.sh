@@ -11,7 +11,9 @@
 # 'hostcopy' = scripts/bench_host_copy.py at 1-16 copy threads (< 1 min);
 # 'decode_cmdbuf' = decode at batch 32 under XLA command buffers over custom calls (~1 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
-# configs/gpu_bench.py:e2e_h100x4. Seconds per part: PART_LIMIT_S (default 280; micro 200).
+# configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
+# priority gate, runtime.kv_max_wait_s = s; the preset has it off). Seconds per part:
+# PART_LIMIT_S (default 280; micro 200).
 # PREFILL_VARIANTS: micro's engine.prefill_variants (a flag given twice would append, not replace).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
 # MICRO_FLAGS="--config.sections=('engine',)" E2E_FLAGS="--config.end_to_end.agents=8".
@@ -79,10 +81,15 @@ EOF
       echo "hostcopy: exit $?"
       ;;
     e2e:*)
-      IFS=: read -r _ topology cap <<< "$part"
+      IFS=: read -r _ topology cap gate <<< "$part"
       name="e2e_${topology}_cap${cap}"
+      gate_flag=()
+      if [ -n "${gate:-}" ]; then  # e2e:<topology>:<cap>:<s>: the priority gate's cap, seconds
+        name="${name}_gate${gate}"
+        gate_flag=(--config.end_to_end.runtime.kv_max_wait_s="$gate")
+      fi
       timeout "${PART_LIMIT_S:-280}" python3 experiments/gpu_bench.py \
-          --config=configs/gpu_bench.py:e2e_h100x4 \
+          --config=configs/gpu_bench.py:e2e_h100x4 "${gate_flag[@]}" \
           --config.end_to_end.topologies="('$topology',)" \
           --config.end_to_end.link_caps="($cap,)" \
           --config.end_to_end.model.paged_attention="$paged" \
