@@ -118,6 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # untimed before the clock starts (configs/offline.py)
       warmup=True, warmup_agents=0, warmup_turns=0, primed_turns=0, check_reference=False,
       engines_per_node=0,  # 0 = the base config's where it divides P and D, else 1
+      # > 0: sample every thread's stack at this rate (Hz) over each timed run; the per-thread
+      # top frames land in each job's summary.json (runtime/thread_samples.py)
+      thread_sample_hz=0.0,
       target_speedup_over_bound=0.85,
       target_jct_over_oracle=1.15,  # dualpath JCT at most 1.15x oracle's
       target_decode_inflation=0.05,  # decode step time with KV traffic at most 5% above without

@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.primed_turns = 0
   # Compare every generated token with a no-cache full recompute on one device.
   c.check_reference = True
+  # Sample every thread's stack this often (Hz) over each timed run, 0 = off: where the PE's
+  # and DE's threads spend their time, in summary.json (runtime/thread_samples.py).
+  c.thread_sample_hz = 0.0
   # XLA's float32 matmul precision for the whole process. 'highest' keeps float32 exact enough
   # for token equality with the reference on GPUs, whose default (TF32) is not.
   c.matmul_precision = "highest"

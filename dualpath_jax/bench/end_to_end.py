@@ -42,13 +42,15 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    primed_turns: int = 0, check_reference: bool = False,
                    engines_per_node: int = 0, runtime: Mapping | None = None,
                    workload: Mapping | None = None, store: Mapping | None = None,
-                   cost_model: str = "", model: Mapping | None = None) -> dict:
+                   cost_model: str = "", model: Mapping | None = None,
+                   thread_sample_hz: float = 0.0) -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
   divides both engine counts, else 1. runtime.max_context_tokens grows to the longest context.
   runtime / workload / store: further fields of those sections (e.g. compute_quota_s,
   length_jitter, driver). cost_model: the cost model's JSON ('' keeps the base's).
+  thread_sample_hz: > 0 samples the threads' stacks over each timed run (summary.json).
   """
   p, d = parse_topology(topology)
   c = _to_dict(base)
@@ -75,7 +77,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
     c["runtime"]["cost_model"] = cost_model
   c.update(modes=tuple(modes), warmup=bool(warmup), warmup_agents=int(warmup_agents),
            warmup_turns=int(warmup_turns), primed_turns=int(primed_turns),
-           check_reference=bool(check_reference))
+           check_reference=bool(check_reference), thread_sample_hz=float(thread_sample_hz))
   return c
 
 

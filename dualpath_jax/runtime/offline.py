@@ -29,6 +29,7 @@ from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.colocated import ColocatedEngine
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
+from dualpath_jax.runtime.thread_samples import ThreadSampler
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.synthetic import AgentTrajectory
 
@@ -68,6 +69,8 @@ class OfflineRun:
   than its batch took."""
   describe: str
   """The cluster as run (scheduler, alpha/beta, batching, links, mover)."""
+  thread_samples: dict | None = None
+  """Where the threads spent the timed part (runtime/thread_samples.py), if sampled."""
 
 
 def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_tokens: int,
@@ -96,11 +99,13 @@ def turn_request(store: KVBlockStore, mode: str, namespace_prefix: str,
 def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout: KVLayout,
                 trajectories: Sequence[AgentTrajectory], *, cost_model: CostModel,
                 namespace_prefix: str = "", label: str = "", primed_turns: int = 0,
-                progress: Callable[[str], None] | None = None, devices=None) -> OfflineRun:
+                progress: Callable[[str], None] | None = None, devices=None,
+                thread_sample_hz: float = 0.0) -> OfflineRun:
   """Runs every trajectory to its end on a fresh Cluster; returns the run's records.
 
   primed_turns: the first turns of every agent, run untimed before the clock starts (module
-  docstring).
+  docstring). thread_sample_hz > 0: every thread's stack is sampled at that rate over the timed
+  part (runtime/thread_samples.py; OfflineRun.thread_samples).
   """
   if isinstance(primed_turns, bool) or not isinstance(primed_turns, int) or primed_turns < 0:
     raise ValueError(f"primed_turns must be a non-negative int, got {primed_turns!r}")
@@ -117,6 +122,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   records, generated = [], {}
   start = time.perf_counter()
   marks = None  # counters when the clock starts (after the primed turns)
+  sampler = ThreadSampler(thread_sample_hz) if thread_sample_hz else None
+  thread_samples = None
 
   def submit(agent_id: str, turn: int) -> None:
     cluster.submit(turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
@@ -124,6 +131,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
 
   def start_clock() -> None:
     nonlocal start, marks
+    if sampler is not None:
+      sampler.start()
     start = time.perf_counter()
     marks = dict(bytes=cluster.bytes_by_path(),
                  forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()},
@@ -168,8 +177,11 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
         submit(agent_id, request.turn + 1)
     jct_s = time.perf_counter() - start
   finally:
+    if sampler is not None and marks is not None:
+      thread_samples = sampler.stop()
     cluster.close()
   if marks is None:  # no turn was timed (every turn primed)
+    sampler = None
     start_clock()
   since = lambda records: [(r.t_start - start, r.t_end - start, r.nbytes)  # noqa: E731
                            for r in records if r.t_start >= start]
@@ -195,7 +207,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       loaded_forwards={node: [f for f, loaded in zip(group.forwards[first[node]:],
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
-      describe=cluster.describe())
+      describe=cluster.describe(), thread_samples=thread_samples)
 
 
 def _engines(cluster: Cluster) -> list:

@@ -96,6 +96,9 @@ class OfflineJob:
   warmup_turns: int
   """Turns per trajectory of the warm-up pass (0 = all). Fewer agents and turns make a cheaper
   pass that still compiles the programs of first turns (no hit) and later ones (hits)."""
+  thread_sample_hz: float
+  """Sample every thread's stack at this rate over each timed run (0 = off): summary.json's
+  runs[i].thread_samples (runtime/thread_samples.py)."""
   primed_turns: int
   """Turns of every agent run untimed before the clock starts, into the timed run's own
   namespaces (runtime/offline.py): agents that resume with their early context stored."""
@@ -161,6 +164,9 @@ class OfflineJob:
     for key, value in counts.items():
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{key} must be a non-negative int, got {value!r}")
+    hz = c.get("thread_sample_hz", 0.0)
+    if isinstance(hz, bool) or not isinstance(hz, (int, float)) or hz < 0:
+      raise ValueError(f"thread_sample_hz must be a non-negative number, got {hz!r}")
     if runtimes[0].host_buffer_bytes < layout.full_block_bytes:
       raise ValueError(f"runtime.host_buffer_bytes: {runtimes[0].host_buffer_bytes} is smaller "
                        f"than one Full Block ({layout.full_block_bytes} bytes)")
@@ -169,6 +175,7 @@ class OfflineJob:
                snic_window_s=float(window), store_spec=StoreSpec.from_dict(store),
                trajectories=tuple(trajectories), workload_report=report, seed=seed,
                checkpoint=checkpoint, warmup=bool(c["warmup"]), **counts,
+               thread_sample_hz=float(hz),
                check_reference=bool(c["check_reference"]))
 
   def warmup_trajectories(self) -> list[AgentTrajectory]:
@@ -209,9 +216,12 @@ class OfflineJob:
                       warm, cost_model=cost_model, namespace_prefix=f"{run_id}-warmup-{name}-")
         run = run_offline(runtime, model, store, layout, trajectories, cost_model=cost_model,
                           namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name,
-                          primed_turns=self.primed_turns)
+                          primed_turns=self.primed_turns,
+                          thread_sample_hz=self.thread_sample_hz)
         runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
                          mode=name, base_mode=runtime.mode, switches=runtime.switches()))
+        if run.thread_samples is not None:
+          runs[-1]["thread_samples"] = run.thread_samples
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
         link_runs.append(dict(mode=name, link_bytes_per_s=runtime.link_bytes_per_s, nodes={
             str(node): dict(role=self._node_role(runtime, node), reads=run.link_records[node],
