@@ -57,6 +57,20 @@ class DecodeWorker(threading.Thread):
     """Drops this DE's page pool and model copy (after the thread has stopped)."""
     self.pool = self.model = None
 
+  def precompile(self, token_counts) -> int:
+    """Compiles the admission's page write for each prompt KV length (Cluster.admit_tokens) by
+    writing zeros to the scratch page, before the clock starts: otherwise the first admission of
+    a new length compiles on this thread, between decode steps. Call it while no request is in
+    flight. Returns how many lengths ran."""
+    layout = self.cluster.layout
+    for tokens in token_counts:
+      kv = jax.device_put(np.zeros((layout.num_layers, tokens, *layout.token_kv_shape),
+                                   layout.np_dtype), self.engine.replicated_sharding)
+      page_ids = np.full((-(-tokens // self.block_tokens),), paged.SCRATCH_PAGE, np.int32)
+      self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
+    jax.block_until_ready(self.pool)
+    return len(token_counts)
+
   def submit(self, request: TurnRequest) -> None:
     with self._cond:
       self._pending.append(request)

@@ -25,6 +25,7 @@ import numpy as np
 from dualpath_jax.kvstore.block_store import KVBlockStore
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.model.prefill import pow2_at_least
 from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.colocated import ColocatedEngine
 from dualpath_jax.runtime.config import RuntimeConfig
@@ -71,6 +72,8 @@ class OfflineRun:
   """The cluster as run (scheduler, alpha/beta, batching, links, mover)."""
   thread_samples: dict | None = None
   """Where the threads spent the timed part (runtime/thread_samples.py), if sampled."""
+  precompiled: dict | None = None
+  """With precompile: {shapes, admit_tokens, seconds} compiled before the first turn."""
 
 
 def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_tokens: int,
@@ -80,6 +83,47 @@ def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_
   if mode == "oracle":
     return min(known_with_kv // block_tokens, cap)
   return min(store.longest_prefix(namespace, hashes), cap)
+
+
+def timed_turn_lengths(trajectories: Sequence[AgentTrajectory], *, first_turn: int,
+                       block_tokens: int) -> list[tuple[int, int]]:
+  """(prompt tokens, hit tokens) of every turn from `first_turn` on, from the lengths alone: a
+  turn's prompt is the previous context plus its append, its hit the whole blocks of the
+  previous context that have KV (all but the last generated token), as _hit_blocks finds them
+  once the previous turn is stored."""
+  lengths = []
+  for trajectory in trajectories:
+    with_kv = 0
+    for turn, spec in enumerate(trajectory.turns):
+      prompt = with_kv + (1 if turn else 0) + len(spec.append_ids)  # context + append
+      hit = min(with_kv // block_tokens, (prompt - 1) // block_tokens) * block_tokens
+      if turn >= first_turn:
+        lengths.append((prompt, hit))
+      with_kv = prompt + spec.gen_tokens - 1
+  return lengths
+
+
+def prefill_shapes(trajectories: Sequence[AgentTrajectory], *, first_turn: int, block_tokens: int,
+                   max_batch_requests: int) -> list[tuple[int, int, int]]:
+  """The (rows, tp, tn) PE batch shapes (PrefillShard.run_batch's padding: powers of 2) that the
+  turns from `first_turn` on can produce: tp from each turn's hit and prompt, tn over the powers
+  of 2 from the smallest to the largest new-token count, rows every power of 2 up to
+  max_batch_requests. Turns without a hit (tp 0) are left out: they are the first turns, which
+  priming or warm-up runs. A batch whose chunks fall outside these (chunked prefill) still
+  compiles when it runs."""
+  hits = [(prompt, hit) for prompt, hit in timed_turn_lengths(
+      trajectories, first_turn=first_turn, block_tokens=block_tokens) if hit]
+  if not hits:
+    return []
+  tps = sorted({pow2_at_least(n, block_tokens) for prompt, hit in hits for n in (hit, prompt - 1)})
+  news = [prompt - hit for prompt, hit in hits]
+  tns = [pow2_at_least(min(news), block_tokens)]
+  while tns[-1] < pow2_at_least(max(news), block_tokens):
+    tns.append(tns[-1] * 2)
+  rows = [1]
+  while rows[-1] < pow2_at_least(max_batch_requests):
+    rows.append(rows[-1] * 2)
+  return [(r, tp, tn) for r in rows for tp in tps for tn in tns]
 
 
 def turn_request(store: KVBlockStore, mode: str, namespace_prefix: str,
@@ -100,12 +144,14 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                 trajectories: Sequence[AgentTrajectory], *, cost_model: CostModel,
                 namespace_prefix: str = "", label: str = "", primed_turns: int = 0,
                 progress: Callable[[str], None] | None = None, devices=None,
-                thread_sample_hz: float = 0.0) -> OfflineRun:
+                thread_sample_hz: float = 0.0, precompile: bool = False) -> OfflineRun:
   """Runs every trajectory to its end on a fresh Cluster; returns the run's records.
 
   primed_turns: the first turns of every agent, run untimed before the clock starts (module
   docstring). thread_sample_hz > 0: every thread's stack is sampled at that rate over the timed
-  part (runtime/thread_samples.py; OfflineRun.thread_samples).
+  part (runtime/thread_samples.py; OfflineRun.thread_samples). precompile: before any turn,
+  every PE compiles its forward for the batch shapes the timed turns can produce
+  (prefill_shapes, PrefillShard.precompile), outside the clock.
   """
   if isinstance(primed_turns, bool) or not isinstance(primed_turns, int) or primed_turns < 0:
     raise ValueError(f"primed_turns must be a non-negative int, got {primed_turns!r}")
@@ -123,7 +169,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   start = time.perf_counter()
   marks = None  # counters when the clock starts (after the primed turns)
   sampler = ThreadSampler(thread_sample_hz) if thread_sample_hz else None
-  thread_samples = None
+  thread_samples = precompiled = None
 
   def submit(agent_id: str, turn: int) -> None:
     cluster.submit(turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
@@ -143,6 +189,22 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
 
   name = label or runtime_config.mode
   try:
+    if precompile:
+      t0 = time.perf_counter()
+      shapes = prefill_shapes(trajectories, first_turn=primed_turns, block_tokens=bt,
+                              max_batch_requests=runtime_config.max_batch_requests)
+      admits = sorted({cluster.admit_tokens(prompt) for prompt, _ in timed_turn_lengths(
+          trajectories, first_turn=primed_turns, block_tokens=bt)})
+      for shard in cluster.prefill_shards:
+        shard.precompile(shapes)
+      if not runtime_config.skips_kv_io:
+        for worker in cluster.decode_workers:
+          worker.precompile(admits)
+      precompiled = dict(shapes=[list(s) for s in shapes], admit_tokens=admits,
+                         seconds=time.perf_counter() - t0)
+      if progress is not None:
+        progress(f"[{name}] precompiled {len(shapes)} PE batch shapes (rows, tp, tn) and "
+                 f"{len(admits)} DE admission lengths in {precompiled['seconds']:.1f} s, untimed")
     primed_done = 0
     if total_primed:
       if progress is not None:
@@ -207,7 +269,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       loaded_forwards={node: [f for f, loaded in zip(group.forwards[first[node]:],
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
-      describe=cluster.describe(), thread_samples=thread_samples)
+      describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled)
 
 
 def _engines(cluster: Cluster) -> list:

@@ -217,9 +217,11 @@ class OfflineJob:
         run = run_offline(runtime, model, store, layout, trajectories, cost_model=cost_model,
                           namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name,
                           primed_turns=self.primed_turns,
-                          thread_sample_hz=self.thread_sample_hz)
+                          thread_sample_hz=self.thread_sample_hz, precompile=True)
         runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
                          mode=name, base_mode=runtime.mode, switches=runtime.switches()))
+        if run.precompiled is not None:
+          runs[-1]["precompiled"] = run.precompiled
         if run.thread_samples is not None:
           runs[-1]["thread_samples"] = run.thread_samples
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]

@@ -141,6 +141,25 @@ class PrefillShard:
         request.first_token = int(first[i])
     return time.perf_counter() - start
 
+  def precompile(self, shapes) -> int:
+    """Compiles this PE's forward programs (embed, one layer, last-token logits and argmax) for
+    each (rows, tp, tn) batch shape by running them once on zeros, so that a timed run does not
+    compile them on its first batch of that shape (runtime/offline.prefill_shapes). On 2x H100 a
+    PE spent 35% of an oracle run compiling (thread samples, docs/perf/gpu_bench.md record 4).
+    Returns how many shapes ran."""
+    layout = self.cluster.layout
+    place = functools.partial(jax.device_put, device=self.engine.replicated_sharding)
+    for rows, tp, tn in shapes:
+      tokens = place(np.zeros((rows, tn), np.int32))
+      prefix_len, new_len = place(np.full((rows,), tp, np.int32)), place(np.ones((rows,), np.int32))
+      prefix = place(np.zeros((rows, tp, *layout.token_kv_shape), layout.np_dtype))
+      x = embed_tokens_jit(self.model, tokens)
+      x, _ = prefill_layer_jit(self.model.layers[0], x, prefix, prefix_len, new_len)
+      logits = last_token_logits_jit(self.model, x, new_len)
+      jax.block_until_ready(jnp.argmax(logits, axis=-1))
+      prefix.delete()
+    return len(shapes)
+
   # --- per request -------------------------------------------------------------------------------
 
   def _begin(self, request: TurnRequest) -> None:
