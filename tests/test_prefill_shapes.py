@@ -20,3 +20,52 @@ def test_prefill_shapes_cover_the_timed_turns_batches():
       (1, 2048, 256)]
   assert prefill_shapes([AgentTrajectory(agent_id="b", turns=(turn(500, 5),))], first_turn=0,
                         block_tokens=64, max_batch_requests=4) == []
+
+
+def test_precompiled_shapes_cover_every_hit_batch_of_a_run(tmp_path, monkeypatch):
+  """Every PE batch with a hit in a timed run has a shape prefill_shapes listed (so nothing of
+  the forward compiles on the clock), under both batchings: basic's token budget and
+  dualpath's compute quota."""
+  import os
+
+  from dualpath_jax.config_files import load_config
+  from dualpath_jax.model.prefill import pow2_at_least
+  from dualpath_jax.runtime.offline import prefill_shapes
+  from dualpath_jax.runtime.offline_job import OfflineJob
+  from dualpath_jax.runtime.prefill_shard import PrefillShard
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = load_config(os.path.join(root, "configs", "offline.py"),
+                       "smoke,agents=4,turns=3,first_append_tokens=200,append_tokens=40")
+  config.unlock()
+  config.modes = ("basic", "dualpath")
+  config.warmup = False
+  config.check_reference = False
+  config.primed_turns = 1
+  config.store.driver = "memory"
+  job = OfflineJob.from_config(config, str(tmp_path))
+  seen, precompiled = set(), []
+  run_batch, precompile = PrefillShard.run_batch, PrefillShard.precompile
+
+  def recording_run_batch(self, chunks):
+    if all(cached for _, cached, _ in chunks):
+      bt = self.cluster.layout.block_tokens
+      seen.add((pow2_at_least(len(chunks)), pow2_at_least(max(c for _, c, _ in chunks), bt),
+                pow2_at_least(max(n for _, _, n in chunks), bt)))
+    return run_batch(self, chunks)
+
+  def recording_precompile(self, shapes):
+    precompiled.append(list(shapes))
+    return precompile(self, shapes)
+
+  monkeypatch.setattr(PrefillShard, "run_batch", recording_run_batch)
+  monkeypatch.setattr(PrefillShard, "precompile", recording_precompile)
+  summary = job.run()
+  expected = prefill_shapes(job.trajectories, first_turn=1, block_tokens=64,
+                            max_batch_requests=job.runtimes[0].max_batch_requests)
+  assert expected and all(shapes == expected for shapes in precompiled)
+  # once per PE and timed run: 2 PEs (smoke is 2P2D) x 2 modes
+  assert len(precompiled) == 2 * job.runtimes[0].topology.num_prefill_engines
+  assert seen and seen <= set(expected), sorted(seen - set(expected))
+  assert all(run["precompiled"]["shapes"] == [list(s) for s in expected]
+             for run in summary["runs"])
