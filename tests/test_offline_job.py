@@ -54,6 +54,10 @@ def test_scheduler_override_reaches_the_run_and_balance_metrics_are_reported(sum
     assert value is None or 1.0 <= value <= 2.0  # max/avg over two shards
   for name in ("config.json", "summary.json", "turns.jsonl", "links.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
+  # Steady decode feeds the last step's tokens and lengths back on the device.
+  placements = run["decode_input_placements"]
+  assert placements["tokens_reused"] > 0 and placements["seq_lens_reused"] > 0
+  assert placements["tokens"] > 0  # each admission places them from the host
 
 
 def test_round_robin_alternates_read_sides(summary):

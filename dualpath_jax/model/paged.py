@@ -449,6 +449,15 @@ def _decode_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens):
   return decode_step(model, pages, tokens, block_tables, seq_lens)
 
 
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _greedy_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens):
+  model = nnx.merge(structure.graphdef, jax.tree_util.tree_unflatten(structure.treedef, leaves))
+  logits, pages = decode_step(model, pages, tokens, block_tables, seq_lens)
+  next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # The next step's lengths if every row goes on: one more token; padding rows (length 0) stay.
+  return next_tokens, jnp.where(seq_lens > 0, seq_lens + 1, 0), pages
+
+
 _FLAT_MODELS: dict[int, tuple] = {}
 
 
@@ -476,3 +485,13 @@ def decode_step_jit(model: Transformer, pages: PagedPool, tokens: jax.Array,
   """
   structure, leaves = _flat_model(model)
   return _decode_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens)
+
+
+def greedy_decode_step_jit(model: Transformer, pages: PagedPool, tokens: jax.Array,
+                           block_tables: jax.Array, seq_lens: jax.Array
+                           ) -> tuple[jax.Array, jax.Array, PagedPool]:
+  """`decode_step_jit` with the greedy choice in the same program: returns (next tokens [B]
+  int32, the next step's seq_lens if the batch goes on unchanged [B] int32, updated pages). A
+  DE feeds both back to the next step without a host round trip (runtime/decode_worker.py)."""
+  structure, leaves = _flat_model(model)
+  return _greedy_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens)

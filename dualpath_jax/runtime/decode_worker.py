@@ -17,7 +17,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dualpath_jax.kvstore.hashing import chain_block_hashes
@@ -52,6 +51,12 @@ class DecodeWorker(threading.Thread):
     self.step_records: list[tuple[float, float, int]] = []
     """(t_start, t_end, active sequences) of every decode step, perf_counter seconds (for the
     step-time inflation under KV traffic, runtime/metrics.py decode_inflation)."""
+    self._device_inputs: dict | None = None
+    """The last step's inputs on the device and what the next step's would be if the batch goes
+    on unchanged (`_inputs`); host copies to check against."""
+    self.input_placements: collections.Counter = collections.Counter()
+    """How often each decode input was placed from the host ('tokens', 'block_tables',
+    'seq_lens') against reused from the device ('<name>_reused')."""
 
   def release_device_memory(self) -> None:
     """Drops this DE's page pool and model copy (after the thread has stopped)."""
@@ -136,11 +141,13 @@ class DecodeWorker(threading.Thread):
         self._active, batch_size=batch, max_pages=self.max_pages)
     tokens = np.zeros((batch,), np.int32)
     tokens[:len(self._active)] = [r.generated[-1] for r in self._active]
-    place = lambda a: jax.device_put(a, self.engine.replicated_sharding)  # noqa: E731
+    inputs = self._inputs(tokens, block_tables, seq_lens)
     with self.tm.model_step():
-      logits, self.pool = paged.decode_step_jit(self.model, self.pool, place(tokens),
-                                                place(block_tables), place(seq_lens))
-      next_tokens = np.asarray(jnp.argmax(logits, axis=-1))
+      next_dev, lens_dev, self.pool = paged.greedy_decode_step_jit(self.model, self.pool, *inputs)
+      next_tokens = np.asarray(next_dev)
+    self._device_inputs = dict(
+        tokens=(next_tokens, next_dev), block_tables=(block_tables, inputs[1]),
+        seq_lens=(np.where(seq_lens > 0, seq_lens + 1, 0), lens_dev), rows=len(self._active))
     self.step_records.append((start, time.perf_counter(), len(self._active)))
     self.stage_s["step"] += self.step_records[-1][1] - start
     still = []
@@ -156,6 +163,31 @@ class DecodeWorker(threading.Thread):
       else:
         still.append(request)
     self._active = still
+
+  def _inputs(self, tokens: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray) -> list:
+    """The step's inputs on the device: each one the last step left there where the host's
+    value equals it, else placed from the host. Steady decode places only the block tables a
+    row's new page changed: the three small transfers per step took 10-20% of a DE thread's
+    samples on a GPU host (docs/perf/gpu_bench.md record 4). Tokens compare on the active rows
+    only: a padding row's token (the last step's argmax there) never reaches an active row."""
+    last = self._device_inputs or {}
+    rows = len(self._active)
+    same = dict(
+        tokens=last.get("rows") == rows and "tokens" in last
+        and np.array_equal(last["tokens"][0][:rows], tokens[:rows]),
+        block_tables="block_tables" in last and np.array_equal(last["block_tables"][0],
+                                                               block_tables),
+        seq_lens="seq_lens" in last and np.array_equal(last["seq_lens"][0], seq_lens))
+    out = []
+    for name, host in (("tokens", tokens), ("block_tables", block_tables),
+                       ("seq_lens", seq_lens)):
+      if same[name]:
+        self.input_placements[f"{name}_reused"] += 1
+        out.append(last[name][1])
+      else:
+        self.input_placements[name] += 1
+        out.append(jax.device_put(host, self.engine.replicated_sharding))
+    return out
 
   def _finish(self, request: TurnRequest) -> None:
     """Persists the turn's completed Full Blocks, frees its pages, ends it when the write commits."""

@@ -72,6 +72,9 @@ class OfflineRun:
   """The cluster as run (scheduler, alpha/beta, batching, links, mover)."""
   thread_samples: dict | None = None
   """Where the threads spent the timed part (runtime/thread_samples.py), if sampled."""
+  decode_input_placements: dict[str, int] | None = None
+  """Over the timed part, all DEs: decode inputs placed from the host ('tokens', ...) and
+  reused on the device ('tokens_reused', ...) (DecodeWorker.input_placements)."""
   precompiled: dict | None = None
   """With precompile: {shapes, admit_tokens, seconds} compiled before the first turn."""
 
@@ -182,7 +185,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     start = time.perf_counter()
     marks = dict(bytes=cluster.bytes_by_path(),
                  forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()},
-                 stages={e.engine.name: dict(e.stage_s) for e in _engines(cluster)})
+                 stages={e.engine.name: dict(e.stage_s) for e in _engines(cluster)},
+                 placements=_placements(cluster))
     for trajectory in trajectories:
       if primed[trajectory.agent_id] < len(trajectory.turns):
         submit(trajectory.agent_id, primed[trajectory.agent_id])
@@ -269,11 +273,21 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       loaded_forwards={node: [f for f, loaded in zip(group.forwards[first[node]:],
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
-      describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled)
+      describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled,
+      decode_input_placements={k: v - marks["placements"].get(k, 0)
+                               for k, v in _placements(cluster).items()})
 
 
 def _engines(cluster: Cluster) -> list:
   return [*cluster.prefill_shards, *cluster.decode_workers]
+
+
+def _placements(cluster: Cluster) -> dict[str, int]:
+  total = {}
+  for worker in cluster.decode_workers:
+    for key, count in getattr(worker, "input_placements", {}).items():
+      total[key] = total.get(key, 0) + count
+  return total
 
 
 def _record(request: TurnRequest, agent_id: str, start: float, layout: KVLayout) -> dict:

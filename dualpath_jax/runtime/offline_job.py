@@ -306,6 +306,7 @@ def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float =
       ttft_p99_s=float(np.percentile(ttft, 99)) if ttft else None,
       decode_step_median_s=statistics.median(steps) if steps else None,
       decode_inflation=decode_inflation(run.decode_steps, run.kv_moves),
+      decode_input_placements=run.decode_input_placements,
       # Where each engine's thread spent the run (seconds per stage; PE and DE totals first).
       engine_time_s={role: dict(total=_stage_totals(engines), per_engine=engines)
                      for role, engines in run.engine_stage_s.items()},
