@@ -199,13 +199,13 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                               max_batch_requests=runtime_config.max_batch_requests)
       admits = sorted({cluster.admit_tokens(prompt) for prompt, _ in timed_turn_lengths(
           trajectories, first_turn=primed_turns, block_tokens=bt)})
-      for shard in cluster.prefill_shards:
-        shard.precompile(shapes)
+      skipped = [(list(shape), error) for shard in cluster.prefill_shards
+                 for shape, error in shard.precompile(shapes)]
       if not runtime_config.skips_kv_io:
         for worker in cluster.decode_workers:
           worker.precompile(admits)
       precompiled = dict(shapes=[list(s) for s in shapes], admit_tokens=admits,
-                         seconds=time.perf_counter() - t0)
+                         skipped=skipped, seconds=time.perf_counter() - t0)
       if progress is not None:
         progress(f"[{name}] precompiled {len(shapes)} PE batch shapes (rows, tp, tn) and "
                  f"{len(admits)} DE admission lengths in {precompiled['seconds']:.1f} s, untimed")

@@ -141,24 +141,34 @@ class PrefillShard:
         request.first_token = int(first[i])
     return time.perf_counter() - start
 
-  def precompile(self, shapes) -> int:
+  def precompile(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
     """Compiles this PE's forward programs (embed, one layer, last-token logits and argmax) for
     each (rows, tp, tn) batch shape by running them once on zeros, so that a timed run does not
     compile them on its first batch of that shape (runtime/offline.prefill_shapes). On 2x H100 a
     PE spent 35% of an oracle run compiling (thread samples, docs/perf/gpu_bench.md record 4).
-    Returns how many shapes ran."""
+    The shapes are a cross product, wider than any one run may need: a shape the device cannot
+    run (out of memory, e.g. einsum attention's scores at 8 rows x 32K) is skipped, and a batch
+    of it would fail the same way when it comes. Returns the skipped (shape, error) pairs."""
     layout = self.cluster.layout
     place = functools.partial(jax.device_put, device=self.engine.replicated_sharding)
+    skipped = []
     for rows, tp, tn in shapes:
-      tokens = place(np.zeros((rows, tn), np.int32))
-      prefix_len, new_len = place(np.full((rows,), tp, np.int32)), place(np.ones((rows,), np.int32))
-      prefix = place(np.zeros((rows, tp, *layout.token_kv_shape), layout.np_dtype))
-      x = embed_tokens_jit(self.model, tokens)
-      x, _ = prefill_layer_jit(self.model.layers[0], x, prefix, prefix_len, new_len)
-      logits = last_token_logits_jit(self.model, x, new_len)
-      jax.block_until_ready(jnp.argmax(logits, axis=-1))
-      prefix.delete()
-    return len(shapes)
+      prefix = None
+      try:
+        tokens = place(np.zeros((rows, tn), np.int32))
+        prefix_len = place(np.full((rows,), tp, np.int32))
+        new_len = place(np.ones((rows,), np.int32))
+        prefix = place(np.zeros((rows, tp, *layout.token_kv_shape), layout.np_dtype))
+        x = embed_tokens_jit(self.model, tokens)
+        x, _ = prefill_layer_jit(self.model.layers[0], x, prefix, prefix_len, new_len)
+        logits = last_token_logits_jit(self.model, x, new_len)
+        jax.block_until_ready(jnp.argmax(logits, axis=-1))
+      except jax.errors.JaxRuntimeError as e:
+        skipped.append(((rows, tp, tn), str(e).splitlines()[0][:200]))
+      finally:
+        if prefix is not None:
+          prefix.delete()
+    return skipped
 
   # --- per request -------------------------------------------------------------------------------
 
