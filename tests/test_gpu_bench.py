@@ -191,6 +191,13 @@ def test_engine_decode_under_both_attentions():
           decode_context=100, peak_context=0, block_tokens=16, repeats=1, warmup=1,
           decode_steps=2, card=card, target_prefill_mfu=0.4, target_decode_roofline=0.6,
           pallas_blockings=(bad,))
+  with pytest.raises(ValueError, match="engine.prefill_kv_splits"):
+    engine.measure_engine(
+        jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(),
+        append_tokens=16, prefill_variants=("layerwise_split",), sdpa_implementation=None,
+        decode_batches=(2,), decode_context=100, peak_context=0, block_tokens=64, repeats=1,
+        warmup=0, decode_steps=2, card=card, target_prefill_mfu=0.4, target_decode_roofline=0.6,
+        prefill_kv_splits=(2.5,))
   with pytest.raises(ValueError, match="engine.decode_attentions"):
     engine.measure_engine(
         jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(), append_tokens=16,

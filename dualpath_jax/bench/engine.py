@@ -177,6 +177,11 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
     default = (config.pallas_k_splits, config.pallas_block_tokens) == (k_splits, block)
     if point not in sweep and not (default and "pallas" in decode_attentions):
       sweep.append(point)
+  prefill_kv_splits = tuple(prefill_kv_splits)
+  if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0
+             for k in prefill_kv_splits):
+    raise ValueError(f"engine.prefill_kv_splits: expected positive ints (ModelConfig."
+                     f"prefill_kv_splits values), got {prefill_kv_splits}")
   if sweep and not decode_batches:
     raise ValueError("engine.pallas_blockings: needs decode_batches (the sweep runs at the "
                      "largest)")
