@@ -17,6 +17,8 @@ Variants:
             --config.sections="('engine',)" --config.engine.prefill_contexts="()"
             --config.engine.peak_context=0 --config.engine.decode_attentions="('pallas',)"
             --config.engine.decode_batches="(32,)"
+          Prefill is measured as the masked cuDNN call ('layerwise_sdpa') and as split attention
+          ('layerwise_split', one row per engine.prefill_kv_splits value).
 Sections run in the order ceilings, data_plane, engine, end_to_end; pick some with e.g.
   --config.sections="('ceilings', 'data_plane')"
   e2e_h100x4  only the end-to-end jobs on 4 GPUs: Qwen2.5-7B geometry (random weights, bf16),
@@ -26,7 +28,9 @@ Sections run in the order ceilings, data_plane, engine, end_to_end; pick some wi
           uncapped with the store in host memory (the host links are then the NICs); 24 agents,
           a primed 16K-token first turn, then 3 timed turns appending ~500 tokens and generating
           150 (contexts 16K-21K). Without a cost model for the card, the first job profiles one
-          and the later jobs reuse it. One job per call:
+          and the later jobs reuse it. Prefill runs split attention (4 prefix chunks); each
+          timed run first compiles its PE batch shapes (summary.json 'precompiled'). Where the
+          threads spend each timed run: --config.end_to_end.thread_sample_hz=100. One job per call:
             --config.end_to_end.topologies="('1P3D',)" --config.end_to_end.link_caps="(6.25e9,)"
   pd_sweep_x8  the P/D sweep of an 8-GPU host (PAPER.md Figure 8): e2e_h100x4's jobs over 1P7D,
           2P6D, 4P4D and 6P2D, capped links only
