@@ -16,7 +16,8 @@ All with the model's own code and random weights (init_random) of a preset's tru
             Every variant but 'layerwise' and 'whole' checks its first layer against the einsum
             layer (first_layer_rel_err_vs_einsum).
             MFU = cost.prefill_flops(last_token_logits_only) / median seconds / peak FLOP/s.
-  decode    decode_step_jit on a paged pool, `batch` sequences of `context` tokens each, once per
+  decode    decode_step_jit on a paged pool (the DE runs greedy_decode_step_jit: the same step
+            plus the argmax in one program), `batch` sequences of `context` tokens each, once per
             decode attention (ModelConfig.paged_attention: 'gather' copies the pages into a
             dense context, 'pallas' reads them in place; row key `paged_attention`). The
             roofline reads every weight but the embedding table once and the batch's KV once:

@@ -6,7 +6,9 @@ each other. The one-call path (transformer.attention over concat(prefix, new)) n
 bottom-right, which cuDNN's causal mask (top-left) does not express, so cuDNN reads the mask as a
 bias tensor. A fused kernel also parallelises over batch x heads x query blocks only: at B = 1,
 T = 512 and 28 heads that is 112 blocks of 128 queries for an H100's 132 SMs, each looping over
-all 32K prefix keys.
+all 32K prefix keys. Measured (one H100, 32K + 512, docs/perf/gpu_bench.md record 4): the masked
+call 33.8% MFU, this path without a split (kv_splits 1) 42.0%, with 4 chunks 44.3%: the bias
+cost more than the missing parallelism.
 
 Here the prefix is cut into `kv_splits` chunks that ride the batch axis (each chunk's valid
 length is a padding length, no bias), and the new tokens get one causal call of their own (a
@@ -18,7 +20,8 @@ scaled scores, and the parts merge exactly:
 Implementations: 'einsum' (float32 scores; the CPU reference the tests check the merge with) and
 'cudnn' (cuDNN flash attention through jax's `jax._src.cudnn.fused_attention_stablehlo`, the one
 entry that returns the log-sum-exp in float32; the public jax.nn.dot_product_attention rounds it
-to the inputs' dtype, and a bf16 log-sum-exp would put ~3% errors into the merge weights).
+to the inputs' dtype: bf16 spaces values near 10 by 0.0625, so a merge weight exp(lse - m)
+could be off by up to ~3%; an estimate, not a measurement).
 Selected by ModelConfig.prefill_kv_splits > 0 (prefill.prefill_layer).
 """
 

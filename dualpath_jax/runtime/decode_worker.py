@@ -168,8 +168,10 @@ class DecodeWorker(threading.Thread):
     """The step's inputs on the device: each one the last step left there where the host's
     value equals it, else placed from the host. Steady decode places only the block tables a
     row's new page changed: the three small transfers per step took 10-20% of a DE thread's
-    samples on a GPU host (docs/perf/gpu_bench.md record 4). Tokens compare on the active rows
-    only: a padding row's token (the last step's argmax there) never reaches an active row."""
+    samples on a GPU host, 3% after this change, but the median step did not get shorter (the
+    time moved into the step's dispatch; 2x H100, docs/perf/gpu_bench.md record 4, call 5).
+    Tokens compare on the active rows only: a padding row's token (the last step's argmax
+    there) never reaches an active row."""
     last = self._device_inputs or {}
     rows = len(self._active)
     same = dict(

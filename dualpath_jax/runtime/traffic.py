@@ -92,9 +92,9 @@ def _take_rows(x, start, count: int):
 def _piece(x: jax.Array, rows: slice) -> jax.Array:
   """x[rows] on the device with the start traced: one program per (shape, piece length). Eager
   x[a:b] compiles one program per distinct start as well: a whole-prefill handoff (a [L, T, ...]
-  row in 64 MiB pieces) compiled a program per piece and row length. On 4x H200 (2026-11-27)
-  that path's 'send' took 12-17 s per PE for 9 GB; how much of it was compiling is not
-  measured."""
+  row in 64 MiB pieces) compiled a program per piece and row length. With it, that handoff
+  still runs at ~0.9 GB/s: on 2x H200 (docs/perf/gpu_bench.md record 4) the thread samples put
+  basic's PE 24% in the D2H into fresh host arrays, 15% in the copy from there, 9% compiling."""
   start, stop, _ = rows.indices(x.shape[0])
   return _take_rows(x, np.int32(start), stop - start)
 
