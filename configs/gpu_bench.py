@@ -75,10 +75,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       preset="qwen2.5-7b",  # KV geometry (28 layers, 4 KV heads, head dim 128)
       dtype="bfloat16",
       prefix_tokens=32768,
-      # data_plane.VARIANTS; 'transfer_fresh_buffers' is the bench's 'transfer' up to
+      # data_plane.VARIANTS; 'layer_major' is the runtime since 2026-11-28 (reads land
+      # layer-major, no gather); 'transfer_fresh_buffers' is the bench's 'transfer' up to
       # 2026-11-27 (a fresh gather array every layer), kept so older records compare
-      variants=("transfer", "transfer_direct", "traffic", "transfer_fresh_buffers"),
-      # the 'traffic' variant's TrafficConfig: the GPU end-to-end runtime's kv_chunk_bytes and
+      variants=("layer_major", "transfer", "transfer_direct", "traffic",
+                "transfer_fresh_buffers"),
+      # the 'traffic' and 'layer_major' variants' TrafficConfig: the GPU end-to-end runtime's
+      # kv_chunk_bytes and
       # kv_max_wait_s (e2e_h100x4 below); no model step runs here, so the wait never applies
       chunk_bytes=64 << 20,
       max_kv_wait_s=0.0,

@@ -87,10 +87,11 @@ def test_data_plane(smoke):
     # Every variant landed the whole prefix on the PE, and every run's layers 0 and L-1 equal
     # the host's layer_kv (else the row would be an error): reused buffers corrupt nothing.
     assert r["loaded_bytes"] == d["bytes"] and r["kv_checked_runs"] == d["repeats"] + d["warmup"]
-    assert r["gather_buffers"] == ("fresh" if r["variant"] == "transfer_fresh_buffers"
-                                   else "reused, 3 a path")
+    assert r["gather_buffers"] == {"transfer_fresh_buffers": "fresh",
+                                   "layer_major": "none: landed layer-major"}.get(
+                                       r["variant"], "reused, 3 a path")
     assert r["note"] == d["variant_notes"][r["variant"]]
-    if r["variant"] == "traffic":
+    if r["variant"] in ("traffic", "layer_major"):
       assert (r["chunk_bytes"], r["max_kv_wait_s"]) == (256 << 10, 0.0)
     else:
       assert "chunk_bytes" not in r
@@ -98,6 +99,10 @@ def test_data_plane(smoke):
   assert "| data_plane | k=3 transfer_fresh_buffers: 1024-token prefix |" in md
   assert all(positive(d["components"][k])
              for k in ("gather_gbps", "h2d_gbps", "h2d_direct_gbps", "d2d_gbps"))
+  pieces = d["components"]["h2d_pieces"]
+  assert pieces["piece_bytes"] == 256 << 10 and pieces["pieces"] >= 2 * 28  # 2 MiB layers
+  assert all(positive(pieces[f"{s}_{how}_gbps"]) for s in ("auto", "direct")
+             for how in ("back_to_back", "one_at_a_time"))
 
 
 def test_engine(smoke):
@@ -286,7 +291,8 @@ def test_data_plane_on_one_and_two_devices():
                                       log=lambda line: None)
   assert [(r["k"], r["variant"]) for r in one["rows"]] == [
       (0, "transfer"), (0, "transfer_direct"), (0, "transfer_fresh_buffers")]
-  assert one["skipped"][0]["variant"] == "traffic" and "d2d_gbps" not in one["components"]
+  assert [r["variant"] for r in one["skipped"]] == ["layer_major", "traffic"]
+  assert "d2d_gbps" not in one["components"]
   two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, components=False,
                                       log=lambda line: None)
@@ -295,7 +301,7 @@ def test_data_plane_on_one_and_two_devices():
   assert all(positive(r["gbps"]) and "ratio" not in r for r in two["rows"])
   assert all(r["loaded_bytes"] == two["bytes"] for r in two["rows"])
   assert two["chunk_bytes"] == 64 << 20 and two["max_kv_wait_s"] == 0.0  # the defaults
-  assert [r["blocks_per_path"] for r in two["rows"]][4] == [4, 4]
+  assert two["rows"][len(data_plane.VARIANTS)]["blocks_per_path"] == [4, 4]  # k = 1
 
 
 def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
@@ -314,10 +320,11 @@ def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
 
   monkeypatch.setattr(KVLayout, "layer_kv", counting_layer_kv)
   d = data_plane.measure_data_plane(jax.devices()[:3], layout=layout, prefix_tokens=48,
-                                    variants=("transfer", "traffic"), repeats=2, warmup=1,
-                                    components=False, chunk_bytes=256, log=lambda line: None)
+                                    variants=("transfer", "traffic", "layer_major"),
+                                    repeats=2, warmup=1, components=False, chunk_bytes=256,
+                                    log=lambda line: None)
   assert [(r["k"], r["variant"]) for r in d["rows"]] == [
-      (k, v) for k in range(3) for v in ("transfer", "traffic")]
+      (k, v) for k in range(3) for v in ("transfer", "traffic", "layer_major")]
   assert all("error" not in r and r["loaded_bytes"] == d["bytes"] for r in d["rows"])
   # 3 buffers a path: 3 + 6 + 9 distinct buffers per variant, every gather into one of them
   buffers = set(gathers[len(d["check_layers"]):])
@@ -337,9 +344,9 @@ def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
 
   monkeypatch.setattr(data_plane, "_path_runner", swapping_runner)
   bad = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=48,
-                                      variants=("transfer",), repeats=1, warmup=0,
-                                      components=False, log=lambda line: None)
-  assert all("wrong KV on the PE" in r["error"] for r in bad["rows"]) and len(bad["rows"]) == 2
+                                      variants=("transfer", "layer_major"), repeats=1,
+                                      warmup=0, components=False, log=lambda line: None)
+  assert all("wrong KV on the PE" in r["error"] for r in bad["rows"]) and len(bad["rows"]) == 4
 
 
 def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_path):

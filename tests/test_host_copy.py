@@ -70,6 +70,25 @@ def test_layout_copies_pad_with_zero_rows_into_dirty_buffers(mode):
     layout.full_blocks_to_kv(blocks, out=dirty[:10], tokens=tokens)
 
 
+def test_read_blocks_land_layer_major_as_the_stacked_blocks_would(mode):
+  """A read's blocks (a list, as the store returns them) land layer-major, padded, in a dirty
+  reused buffer: the same KV as the stacked blocks' transpose, zeros past the blocks."""
+  layout = KVLayout.for_model(get_preset("tiny", dtype="float32"))
+  rng = np.random.default_rng(2)
+  blocks = [rng.integers(1, 255, layout.full_block_shape, dtype=np.uint8) for _ in range(6)]
+  have, tokens = 6 * layout.block_tokens, 8 * layout.block_tokens
+  dirty = np.full(layout.num_layers * tokens * layout.token_layer_bytes, 7, np.uint8)
+  landed = layout.full_blocks_to_kv(blocks, out=dirty, tokens=tokens)
+  np.testing.assert_array_equal(landed[:, :have], layout.full_blocks_to_kv(np.stack(blocks)))
+  assert not landed[:, have:].any()
+  for layer in range(layout.num_layers):  # each layer's prefix is one contiguous array
+    assert landed[layer].flags.c_contiguous
+    np.testing.assert_array_equal(landed[layer, :have], layout.layer_kv(np.stack(blocks), layer))
+  bad = blocks[:2] + [blocks[2][:, :3]]
+  with pytest.raises(ValueError, match=r"blocks\[2\]"):
+    layout.full_blocks_to_kv(bad)
+
+
 def test_bad_input_is_reported(mode, monkeypatch):
   with pytest.raises(ValueError, match="differ in shape"):
     host_copy.copy(np.zeros((2, 3)), np.zeros((3, 2)))

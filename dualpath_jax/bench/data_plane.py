@@ -17,6 +17,12 @@ path. The buffers are allocated and touched before the clock starts (the runtime
 shard's lifetime), so the measurement carries no first-touch page faults.
 
 Variants (each row's 'note' says the same):
+  'layer_major'      the runtime since 2026-11-28: a read lands layer-major in its node buffer
+                     (KVLayout.full_blocks_to_kv, in PrefillShard._begin, the one copy that used
+                     to stack the read blocks; outside the clock here, as the older variants'
+                     stacking was), so each layer's part is one contiguous array that moves as it
+                     lies: TrafficManager.h2d (+ d2d) as 'traffic', no gather, and layer l waits
+                     for layer l - 3 to land (the runtime's LAYERS_IN_FLIGHT bound).
   'transfer'         transfer.host_to_device (staging 'auto': pinned where the backend has it;
                      copy=True, as TrafficManager.h2d: on CPU a device_put may alias the reused
                      buffer, elsewhere it makes no copy) and the DevicePutMover for the D2D.
@@ -53,9 +59,14 @@ from dualpath_jax.bench import hardware
 from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
+from dualpath_jax.runtime.traffic import row_slices
 
-VARIANTS = ("transfer", "transfer_direct", "traffic", "transfer_fresh_buffers")
+VARIANTS = ("layer_major", "transfer", "transfer_direct", "traffic", "transfer_fresh_buffers")
 VARIANT_NOTES = {
+    "layer_major": ("read landed layer-major (outside the clock, as the read's own copy); per "
+                    "layer one contiguous array through one TrafficManager per engine with "
+                    "TrafficConfig(chunk_bytes, max_kv_wait_s); no host gather; at most "
+                    f"{LAYERS_IN_FLIGHT} layers in flight: the runtime since 2026-11-28"),
     "transfer": (f"reused gather buffers ({LAYERS_IN_FLIGHT} a path, cycled by layer; one is "
                  "reused once its last layer landed on the PE); transfer.host_to_device "
                  "staging='auto' (copy=True) + DevicePutMover"),
@@ -105,7 +116,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                        on_update: Callable[[dict], None] | None = None) -> dict:
   """Data plane GB/s per (k, variant), with ratios to `ceiling_gbps[k]` when given.
 
-  chunk_bytes, max_kv_wait_s: the 'traffic' variant's TrafficConfig (the runtime's
+  chunk_bytes, max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig (the runtime's
   kv_chunk_bytes and kv_max_wait_s).
   """
   from dualpath_jax.runtime.traffic import TrafficConfig
@@ -142,7 +153,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
       variant_notes={v: VARIANT_NOTES[v] for v in variants},
       note=("ratio = achieved GB/s / raw multipath ingest ceiling with the same k "
             "(ceilings.ingest); the same equal split of bytes over the paths. chunk_bytes and "
-            "max_kv_wait_s: the 'traffic' variant's TrafficConfig. Every timed and warm-up run "
+            "max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig. Every timed and warm-up run "
             "is checked outside the clock: loaded_bytes = the PE arrays' bytes, which sit on "
             "the PE, and check_layers equal the host's layout.layer_kv"),
       rows=[])
@@ -168,7 +179,8 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(n, 1))
   try:
     if components and not out_of_time():
-      result["components"] = _components(blocks, layout, pe, des, mover, repeats, warmup, log)
+      result["components"] = _components(blocks, layout, pe, des, mover, repeats, warmup, log,
+                                         chunk_bytes)
       update()
     for k in range(n):
       parts = np.array_split(blocks, k + 1)  # contiguous views along the block axis
@@ -178,7 +190,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                                                        why="time budget"))
           log(f"data_plane: out of time budget, k={k} {variant} skipped")
           continue
-        if variant == "traffic" and engines is None:
+        if variant in ("traffic", "layer_major") and engines is None:
           result.setdefault("skipped", []).append(dict(
               k=k, variant=variant, why="TrafficManager needs Engines: at least 2 devices"))
           continue
@@ -210,11 +222,12 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
         gbps = total / s / 1e9
         row = dict(k=k, paths=k + 1, variant=variant, gbps=gbps, median_s=s,
                    blocks_per_path=[len(p) for p in parts],
-                   gather_buffers=("fresh" if variant == "transfer_fresh_buffers" else
-                                   f"reused, {LAYERS_IN_FLIGHT} a path"),
+                   gather_buffers=("none: landed layer-major" if variant == "layer_major"
+                                   else "fresh" if variant == "transfer_fresh_buffers"
+                                   else f"reused, {LAYERS_IN_FLIGHT} a path"),
                    loaded_bytes=checks[-1]["loaded_bytes"], kv_checked_runs=len(checks),
                    note=VARIANT_NOTES[variant])
-        if variant == "traffic":
+        if variant in ("traffic", "layer_major"):
           row.update(chunk_bytes=traffic_config.chunk_bytes,
                      max_kv_wait_s=traffic_config.max_kv_wait_s)
         ceiling = (ceiling_gbps or {}).get(k)
@@ -240,7 +253,7 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
   from dualpath_jax.transfer import host_to_device
 
   fresh = variant == "transfer_fresh_buffers"
-  if variant == "traffic":
+  if variant in ("traffic", "layer_major"):
     from dualpath_jax.runtime.traffic import TrafficManager
     pe_engine, de_engines = engines
     managers = [TrafficManager(e, mover=mover, config=traffic_config)
@@ -258,14 +271,23 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
       x = host_to_device(host, pe if p == 0 else des[p - 1], copy=not fresh, staging=staging)
       return x if p == 0 else mover.move(x, pe)
 
-  buffers = None if fresh else [
-      [_resident(len(part) * layout.layer_block_bytes) for _ in range(LAYERS_IN_FLIGHT)]
-      for part in parts]
+  if variant == "layer_major":  # the read's landing, done before the clock as the read's copy
+    landed = [layout.full_blocks_to_kv(part, out=_resident(part.nbytes)) for part in parts]
+    buffers = None
+  else:
+    landed = None
+    buffers = None if fresh else [
+        [_resident(len(part) * layout.layer_block_bytes) for _ in range(LAYERS_IN_FLIGHT)]
+        for part in parts]
 
   def run_path(p, part):
     out = []
     for layer in range(layout.num_layers):
-      if fresh:
+      if landed is not None:
+        if layer >= LAYERS_IN_FLIGHT:  # the runtime's bound on layers in flight
+          jax.block_until_ready(out[layer - LAYERS_IN_FLIGHT])
+        host = landed[p][layer]
+      elif fresh:
         host = layout.layer_kv(part, layer)  # fresh buffer: nobody writes it again
       else:
         if layer >= LAYERS_IN_FLIGHT:  # the buffer's last layer must have landed on the PE
@@ -276,7 +298,7 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
   return run_path
 
 
-def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
+def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_bytes) -> dict:
   """Single-thread GB/s of each step over all layers of all blocks: where the time goes."""
   from dualpath_jax.transfer import host_to_device
   total = blocks.nbytes
@@ -297,6 +319,26 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
   s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False, staging="direct")
                                  for h in layers], repeats, warmup, cleanup=_delete)
   out["h2d_direct_gbps"] = total / s / 1e9
+  # Each layer cut into chunk_bytes pieces along the token axis (the TrafficManager's cut):
+  # issued back to back, or each piece after the previous one landed (its rule with steps).
+  pieces = [h[rows] for h in layers
+            for rows in row_slices(h.shape, h.itemsize, chunk_bytes)]
+  out["h2d_pieces"] = dict(piece_bytes=chunk_bytes, pieces=len(pieces))
+  for staging in ("auto", "direct"):
+    s, _ = median_seconds(lambda staging=staging: [
+        host_to_device(h, pe, copy=False, staging=staging) for h in pieces],
+        repeats, warmup, cleanup=_delete)
+    out["h2d_pieces"][f"{staging}_back_to_back_gbps"] = total / s / 1e9
+
+    def waiting(staging=staging):
+      landed = []
+      for h in pieces:
+        if landed:
+          jax.block_until_ready(landed[-1])
+        landed.append(host_to_device(h, pe, copy=False, staging=staging))
+      return landed
+    s, _ = median_seconds(waiting, repeats, warmup, cleanup=_delete)
+    out["h2d_pieces"][f"{staging}_one_at_a_time_gbps"] = total / s / 1e9
   # D2H into the DE buffer (the PE's handoff, PrefillShard._send): the layers as on the PE, into
   # reused host memory (the node buffer's pool) or into fresh arrays, direct or through pinned.
   from dualpath_jax.transfer import device_to_host
@@ -326,7 +368,9 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log) -> dict:
     _delete(on_de)
   out["note"] = ("one thread, all layers: gather = layout.layer_kv on the host; h2d = "
                  "transfer.host_to_device of the gathered layers onto the PE (h2d_direct: "
-                 "staging='direct'); d2h_<staging> = transfer.device_to_host of the layers "
+                 "staging='direct'); h2d_pieces: the same layers in piece_bytes pieces, "
+                 "issued back to back or each after the previous landed (the TrafficManager's "
+                 "rule), staging 'auto' or 'direct'; d2h_<staging> = transfer.device_to_host of the layers "
                  "on the PE into resident host arrays (the node buffer's reused pool blocks), "
                  "d2h_<staging>_fresh_buffer into new arrays (first-touch page faults); d2d = "
                  "DevicePutMover from DE 0 to the PE")

@@ -130,22 +130,44 @@ class KVLayout:
     return blocks.view(self.np_dtype).reshape(blocks.shape[0], self.num_layers, self.block_tokens,
                                               *self.token_kv_shape)
 
-  def full_blocks_to_kv(self, blocks: np.ndarray, out: np.ndarray | None = None,
+  def full_blocks_to_kv(self, blocks, out: np.ndarray | None = None,
                         tokens: int | None = None) -> np.ndarray:
-    """[n, L, B, W] uint8 -> [L, tokens, 2, H, D] model KV (one transpose copy), into `out` (a
-    uint8 buffer of at least that many bytes) when given. `tokens` (default n*B) may be larger:
-    the rows past n*B are zeros."""
-    self.check_full_blocks(blocks)
-    raw = self._kv_rows(blocks, out, tokens, self.num_layers)
-    have = blocks.shape[0] * self.block_tokens
-    src = blocks.transpose(1, 0, 2, 3)  # a byte copy (see kv_to_full_blocks)
-    host_copy.copy(raw[:, :have].reshape(src.shape), src)
+    """Full Blocks -> [L, tokens, 2, H, D] model KV (one transposing copy), into `out` (a uint8
+    buffer of at least that many bytes) when given. `tokens` (default n*B) may be larger: the
+    rows past n*B are zeros.
+
+    blocks: uint8 [n, L, B, W], or a sequence of n Full Blocks [L, B, W] as the store's reads
+    return them (no stacked copy in between: each block lands at its rows of every layer). This
+    is how a read lands in a node buffer: layer-major, so that each layer's prefix is one
+    contiguous array that goes to a device as it is (no per-layer gather; PAPER.md section A.5:
+    n Layer Blocks side by side are one layer of the prefix).
+    """
+    stacked = isinstance(blocks, np.ndarray)
+    if stacked:
+      self.check_full_blocks(blocks)
+    else:
+      for i, block in enumerate(blocks):
+        if np.shape(block) != self.full_block_shape or np.asarray(block).dtype != np.uint8:
+          raise ValueError(f"blocks[{i}]: expected a uint8 Full Block "
+                           f"{list(self.full_block_shape)}, got {np.asarray(block).dtype} "
+                           f"{list(np.shape(block))}")
+    n = len(blocks)
+    raw = self._kv_rows(n, out, tokens, self.num_layers)
+    bt = self.block_tokens
+    if stacked:
+      src = blocks.transpose(1, 0, 2, 3)  # a byte copy (see kv_to_full_blocks)
+      host_copy.copy(raw[:, :n * bt].reshape(src.shape), src)
+    else:
+      def land(part: slice) -> None:
+        for i in range(part.start, part.stop):
+          raw[:, i * bt:(i + 1) * bt] = blocks[i]
+      host_copy.for_ranges(n, n * self.full_block_bytes, land)
     return raw.view(self.np_dtype).reshape(self.num_layers, -1, *self.token_kv_shape)
 
-  def _kv_rows(self, blocks, out, tokens, layers: int) -> np.ndarray:
+  def _kv_rows(self, num_blocks: int, out, tokens, layers: int) -> np.ndarray:
     """A uint8 [layers, tokens, token_layer_bytes] array (in `out` when given) whose rows past
     the blocks' tokens are zeroed."""
-    have = blocks.shape[0] * self.block_tokens
+    have = num_blocks * self.block_tokens
     tokens = have if tokens is None else tokens
     if tokens < have:
       raise ValueError(f"tokens: {tokens} is fewer than the blocks' {have}")
@@ -179,7 +201,7 @@ class KVLayout:
     Large gathers are split over host_copy's threads.
     """
     self.check_full_blocks(blocks)
-    raw = self._kv_rows(blocks, out, tokens, 1)[0]  # a byte copy (see kv_to_full_blocks)
+    raw = self._kv_rows(blocks.shape[0], out, tokens, 1)[0]  # a byte copy (see kv_to_full_blocks)
     have = blocks.shape[0] * self.block_tokens
     # split over host_copy's threads when large
     host_copy.copy(raw[:have].reshape(blocks.shape[0], self.block_tokens, -1), blocks[:, layer])

@@ -104,6 +104,20 @@ class Cluster:
     """Token rows of a prompt's KV array in the DE buffer (module function admit_tokens)."""
     return admit_tokens(prompt_tokens, self.layout.block_tokens)
 
+  def read_rows(self, num_blocks: int, *, both_sides: bool) -> int:
+    """Token rows of one side's read KV in its node buffer (PrefillShard._begin): a hit read on
+    one side is padded to one of a few lengths, so that the PE pads and stacks it on the device
+    with a handful of compiled programs; a hit read on both sides keeps its exact length (its
+    halves are joined on the device)."""
+    tokens = num_blocks * self.layout.block_tokens
+    if both_sides or not tokens:
+      return tokens
+    return min(self.admit_tokens(tokens), pow2_at_least(tokens, self.layout.block_tokens))
+
+  def read_bytes(self, num_blocks: int, *, both_sides: bool) -> int:
+    """Node-buffer bytes of one side's read (read_rows of every layer's KV)."""
+    return self.read_rows(num_blocks, both_sides=both_sides) * self.layout.kv_bytes_per_token
+
   def decode_bytes_for(self, tokens: int) -> int:
     """DE page-pool bytes a sequence of `tokens` occupies (whole pages)."""
     bt = self.layout.block_tokens

@@ -285,7 +285,8 @@ class GlobalScheduler:
     pe_blocks, de_blocks = request.read_split
     prompt_bytes = cluster.admit_tokens(request.prompt_tokens) * layout.kv_bytes_per_token
     de_buffer = cluster.buffers[de.node_id]
-    if de_blocks and prompt_bytes + de_blocks * layout.full_block_bytes > de_buffer.capacity_bytes:
+    if de_blocks and (prompt_bytes + cluster.read_bytes(de_blocks, both_sides=bool(pe_blocks))
+                      > de_buffer.capacity_bytes):
       # The DE buffer would hold its prompt KV and its hit blocks: more than it can ever hold.
       request.read_split = (pe_blocks + de_blocks, 0)
       pe_blocks, de_blocks = request.read_split
@@ -295,10 +296,12 @@ class GlobalScheduler:
       return True
     reservations = {}
     needs = [("de_prompt", de_buffer, prompt_bytes)]
+    both = bool(pe_blocks and de_blocks)
     if pe_blocks:
-      needs.append(("pe", cluster.buffers[pe.node_id], pe_blocks * layout.full_block_bytes))
+      needs.append(("pe", cluster.buffers[pe.node_id],
+                    cluster.read_bytes(pe_blocks, both_sides=both)))
     if de_blocks:
-      needs.append(("de", de_buffer, de_blocks * layout.full_block_bytes))
+      needs.append(("de", de_buffer, cluster.read_bytes(de_blocks, both_sides=both)))
     for name, buffer, nbytes in needs:
       reservation = buffer.try_reserve(nbytes, request)
       if reservation is None:

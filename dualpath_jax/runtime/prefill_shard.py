@@ -19,10 +19,10 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
 A request's last chunk gives its first generated token (logits of its last prompt token).
 
 `stage_s` adds up this PE's wall time per stage of its forwards (the thread runs them one after
-another, so together they are the forwards' time): 'begin' (a first chunk's read blocks stacked,
-its prompt-KV array in the DE buffer, the DE-read part merged in); loading the prefix KV, split
-four ways: 'gather' (out of the read blocks into host buffers), 'h2d' (onto the PE over the PE
-path), 'de_path' (H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the
+another, so together they are the forwards' time): 'begin' (a first chunk's read blocks landed
+layer-major in their node buffers, its prompt-KV array in the DE buffer, the DE-read part merged
+in); loading the prefix KV, split three ways: 'h2d' (onto the PE over the PE path; each layer's
+prefix is contiguous in the buffer, so nothing is gathered on the host since 2026-11-28), 'de_path' (H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the
 PE; the oracle's zeros); 'compute' (dispatching the layers), 'send'
 (each layer's KV to the DE buffer; layerwise, the wait for the sender thread: the part of the
 sends that the loads did not hide), 'logits' (the last tokens' logits, which waits for all the
@@ -84,10 +84,6 @@ class PrefillShard:
     """Most layers of prefix KV ever on this PE's device at once (layerwise: LAYERS_IN_FLIGHT)."""
     self.stage_s: collections.Counter = collections.Counter()
     """Seconds of this PE's forwards per stage (module docstring)."""
-    self._gather_buffers: dict[tuple, np.ndarray] = {}
-    """Reused host buffers of layer gathers, per (side, row, layer % LAYERS_IN_FLIGHT): a layer's
-    buffer is free again once the layer's send finished (it waited for the layer's compute,
-    which read the buffer's H2D copy)."""
     self._sender = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix=f"{engine.name}-send")
     """Runs each layer's D2H to the DE buffer while this thread loads the next layers."""
@@ -101,10 +97,8 @@ class PrefillShard:
       self.stage_s[name] += time.perf_counter() - start
 
   def release_device_memory(self) -> None:
-    """Drops this PE's model copy and gather buffers, stops its sender (after its group has
-    stopped)."""
+    """Drops this PE's model copy, stops its sender (after its group has stopped)."""
     self.model = None
-    self._gather_buffers.clear()
     self._sender.shutdown(wait=True)
 
   def run_batch(self, chunks: list[tuple[TurnRequest, int, int]]) -> float:
@@ -173,18 +167,21 @@ class PrefillShard:
   # --- per request -------------------------------------------------------------------------------
 
   def _begin(self, request: TurnRequest) -> None:
-    """First chunk: the read blocks per side, the prompt KV array in the DE node buffer."""
+    """First chunk: the read blocks land layer-major per side, the prompt KV array in the DE
+    node buffer."""
     layout = self.cluster.layout
     request.times["prefill_start"] = time.perf_counter()
-    request.blocks = {}
+    request.read_kv = {}
     for side, future in request.read_futures.items():
       blocks = future.result()
       if any(b is None for b in blocks):
         raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
                            "read back; the runtime does not yet re-plan a shrunken hit")
-      shape = (len(blocks), *layout.full_block_shape)
-      request.blocks[side] = host_copy.stack(
-          blocks, out=request.read_reservations[side].empty(shape, np.uint8))
+      # One copy, as stacking them was: every layer's rows of the prefix side by side, padded
+      # to Cluster.read_rows, so that a layer goes H2D as it lies, with no gather per layer.
+      rows = self.cluster.read_rows(len(blocks), both_sides=len(request.read_futures) > 1)
+      out = request.read_reservations[side].empty((rows * layout.kv_bytes_per_token,), np.uint8)
+      request.read_kv[side] = layout.full_blocks_to_kv(blocks, out=out, tokens=rows)
     if self.cluster.runtime_config.skips_kv_io:
       return
     # Padded to whole pages (Cluster.admit_tokens), so that the DE moves it as it is; the tail is
@@ -193,11 +190,10 @@ class PrefillShard:
     request.prompt_kv = request.de_reservation.empty(
         (layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype)
     request.prompt_kv[:, request.prompt_tokens:] = 0
-    if "de" in request.blocks:  # the DE-read hit KV is in the DE buffer already: merge it
+    if "de" in request.read_kv:  # the DE-read hit KV is in the DE buffer already: merge it
       start = request.read_split[0] * layout.block_tokens
-      for layer in range(layout.num_layers):  # straight into place: no temporary array
-        dst = request.prompt_kv[layer, start:request.hit_tokens]
-        layout.layer_kv(request.blocks["de"], layer, out=dst.view(np.uint8).reshape(-1))
+      host_copy.copy(request.prompt_kv[:, start:request.hit_tokens].view(np.uint8),
+                     request.read_kv["de"][:, :request.hit_tokens - start].view(np.uint8))
 
   def _de(self, request: TurnRequest):
     de_engine = self.cluster.topology.decode_engines[request.decode_engine]
@@ -209,28 +205,6 @@ class PrefillShard:
     request.add_bytes("h2d", host.nbytes)
     request.add_bytes("d2d", host.nbytes)
     return de_tm.d2d(de_tm.h2d(host), self.engine)
-
-  def _buffer(self, key, nbytes: int) -> np.ndarray:
-    """This shard's reused host buffer `key` (uint8, at least `nbytes`): reused memory is
-    resident, where a fresh array's pages fault in on first write (host_buffer.py)."""
-    buffer = self._gather_buffers.get(key)
-    if buffer is None or buffer.size < nbytes:
-      buffer = self._gather_buffers[key] = np.empty(nbytes, np.uint8)
-    return buffer
-
-  def _gather(self, blocks: np.ndarray, layers, side: str, row: int, tokens: int) -> np.ndarray:
-    """One layer's (layout.layer_kv) or every layer's (full_blocks_to_kv, `layers` a slice)
-    prefix KV of `blocks`, zero-padded to `tokens` rows, in this shard's reused buffer for
-    (side, row, layer % LAYERS_IN_FLIGHT), or for (side, row) when whole. The whole prefill's
-    buffers hold every layer of a row's prefix (about 1 GB per row and side for a 16K-token
-    Qwen2.5-7B prefix) and live outside the node buffer's budget, like the gather buffers."""
-    layout = self.cluster.layout
-    if not isinstance(layers, int):  # whole prefill: one buffer per row, reused next forward
-      need = layout.num_layers * tokens * layout.token_layer_bytes
-      return layout.full_blocks_to_kv(blocks, out=self._buffer((side, row), need), tokens=tokens)
-    need = tokens * layout.token_layer_bytes
-    key = (side, row, layers % LAYERS_IN_FLIGHT)
-    return layout.layer_kv(blocks, layers, out=self._buffer(key, need), tokens=tokens)
 
   def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
               ) -> jax.Array | None:
@@ -245,18 +219,16 @@ class PrefillShard:
         return self._via_de(request, request.prompt_kv[layers, :cached])
     parts = []
     for side in ("pe", "de"):
-      if side not in request.blocks:
+      if side not in request.read_kv:
         continue
-      blocks = request.blocks[side]
-      # A prefix read on one side is padded to one of a few lengths (admit_tokens) on the host,
-      # so that the device pads and stacks it with a handful of programs; a prefix read on both
-      # sides is concatenated on the device and keeps its exact lengths.
-      tokens = blocks.shape[0] * layout.block_tokens
-      if len(request.blocks) == 1:
-        tokens = min(self.cluster.admit_tokens(tokens), pow2_at_least(cached, layout.block_tokens))
-      with self._stage("gather"):
-        host = (self._gather(blocks, layers, side, row, tokens) if self._sends_kv()
-                else layout.layer_kv(blocks, layers) if one else layout.full_blocks_to_kv(blocks))
+      kv = request.read_kv[side]  # [L, Cluster.read_rows, 2, H, D], layer-major (_begin)
+      # A prefix read on one side is padded on the host (Cluster.read_rows), so that the device
+      # pads and stacks it with a handful of programs; a prefix read on both sides is
+      # concatenated on the device and keeps its exact lengths.
+      tokens = kv.shape[1]
+      if len(request.read_kv) == 1:
+        tokens = min(tokens, pow2_at_least(cached, layout.block_tokens))
+      host = kv[layers, :tokens]  # one layer: contiguous rows of the buffer, no copy
       if side == "pe":
         request.add_bytes("h2d", host.nbytes)  # what moves, the bucket's padding included
         with self._stage("h2d"):
@@ -336,11 +308,6 @@ class PrefillShard:
                 for row, (request, cached, _) in enumerate(chunks)]
     return self._stack_rows(prefixes, rows, tp, axis=0, layers=None)
 
-  def _sends_kv(self) -> bool:
-    """Each layer's KV goes to the DE, which waits for the layer's compute: what makes reusing
-    a gather buffer LAYERS_IN_FLIGHT layers later safe once that send finished."""
-    return not self.cluster.runtime_config.skips_kv_io
-
   def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
     skip_io = self.cluster.runtime_config.skips_kv_io
     layers = self.model.layers
@@ -350,7 +317,8 @@ class PrefillShard:
     sends: dict[int, concurrent.futures.Future] = {}
     try:
       for l, layer in enumerate(layers):
-        # Layer l+1's gather buffers were layer l+1-LAYERS_IN_FLIGHT's: its send must be done.
+        # At most LAYERS_IN_FLIGHT layers of prefix KV on the device: a layer's prefix leaves
+        # it once its send is done (_send_layer), so layer l+1 waits for that of l+1-3.
         if (done := l + 1 - LAYERS_IN_FLIGHT) in sends:
           with self._stage("send"):
             self._finish_send(sends.pop(done))

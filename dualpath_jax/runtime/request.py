@@ -38,8 +38,9 @@ class TurnRequest:
   """'pe'/'de' -> future of that side's storage-link read (list of Full Blocks or None)."""
   read_reservations: dict = dataclasses.field(default_factory=dict)
   """'pe'/'de' -> host-buffer reservation on that side's node for the blocks it reads."""
-  blocks: dict = dataclasses.field(default_factory=dict)
-  """'pe'/'de' -> the Full Blocks that side read [n, L, B, W] (until the first chunk ran)."""
+  read_kv: dict = dataclasses.field(default_factory=dict)
+  """'pe'/'de' -> the KV that side read, layer-major [L, Cluster.read_rows, 2, H, D] in the
+  side's reservation (PrefillShard._begin; until the first chunk ran)."""
   prefilled_tokens: int = 0
   """New tokens computed so far (chunked prefill: the cached length is hit + this)."""
   chunks: int = 0
@@ -80,10 +81,10 @@ class TurnRequest:
     return all(f.done() for f in self.read_futures.values())
 
   def release_reads(self) -> None:
-    """Returns the read blocks' host-buffer room; `blocks` (views of it) go with it."""
+    """Returns the read KV's host-buffer room; `read_kv` (views of it) goes with it."""
     for reservation in self.read_reservations.values():
       reservation.release()
-    self.blocks = {}
+    self.read_kv = {}
 
   def add_bytes(self, path: str, nbytes: int) -> None:
     self.bytes[path] = self.bytes.get(path, 0) + int(nbytes)

@@ -99,7 +99,7 @@ def _piece(x: jax.Array, rows: slice) -> jax.Array:
   return _take_rows(x, np.int32(start), stop - start)
 
 
-def _row_slices(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> list[slice]:
+def row_slices(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> list[slice]:
   if not shape or shape[0] <= 1:
     return [slice(None)]
   row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
@@ -163,7 +163,7 @@ class TrafficManager:
                ends: tuple[str, str]):
     t_start = time.perf_counter()
     pieces, previous = [], None
-    for rows in _row_slices(shape, itemsize, self.config.chunk_bytes):
+    for rows in row_slices(shape, itemsize, self.config.chunk_bytes):
       if previous is not None:
         jax.block_until_ready(previous)  # at most one piece ahead of a model step
       self._wait_for_gap()
@@ -192,7 +192,7 @@ class TrafficManager:
     if axis == 0:
       raise ValueError("axis: the leading axis is the one moves are chunked along; use axis > 0")
     out = np.empty(x.shape, x.dtype) if out is None else out
-    whole = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
+    whole = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
     self._chunked(x.shape, x.dtype.itemsize,
                   lambda rows: host_device.device_to_host(
                       x if whole else _piece(x, rows), out[rows],
@@ -204,7 +204,7 @@ class TrafficManager:
 
   def d2d(self, x: jax.Array, dst: device_move.Destination) -> jax.Array:
     """Device -> device onto another engine (or sharding), through the mover."""
-    slices = _row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
+    slices = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
     src_name, dst_name = self._name(x.sharding), self._name(dst)
     link = f"d2d:{src_name}->{dst_name}"
     pieces = self._chunked(x.shape, x.dtype.itemsize,
