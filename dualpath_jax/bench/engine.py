@@ -22,11 +22,15 @@ All with the model's own code and random weights (init_random) of a preset's tru
             dense context, 'pallas' reads them in place; row key `paged_attention`). The
             roofline reads every weight but the embedding table once and the batch's KV once:
             (weights + batch * context * kv_bytes_per_token) / HBM bytes/s; fraction = roofline
-            time / measured step time. 'step_s' syncs every step (as a DE that samples does);
-            'pipelined_step_s' issues the steps back to back and divides. One diagnostic row
-            per decode attention (`diagnostic: 'fixed_cost'`, batch 1, context 0: the new
-            token's page only, no target) shows the per-step cost that is not KV reading
-            (weights, dispatch). 'pallas' rows record the kernel blocking they ran with
+            time / measured step time. 'step_s' syncs every step (as a DE that reads each
+            step's tokens before the next did); 'pipelined_step_s' issues the steps back to back
+            and divides; 'overlapped_step_s' runs the DE's loop (runtime/decode_worker.py)
+            without its page-table work: greedy_decode_step_jit fed its last tokens and
+            seq_lens on the device, the last step's tokens read right after the next is
+            dispatched ('overlapped_met' judges it against the same target as 'met'). One
+            diagnostic row per decode attention (`diagnostic: 'fixed_cost'`, batch 1, context
+            0: the new token's page only, no target) shows the per-step cost that is not KV
+            reading (weights, dispatch). 'pallas' rows record the kernel blocking they ran with
             (`pallas_k_splits`, `pallas_block_tokens`: ModelConfig fields; `pallas_blocking`:
             what paged.pallas_blocking made of them for this context). With
             `pallas_blockings` (pairs of k_splits, block_tokens), 'pallas' decode is measured
@@ -282,6 +286,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
       if kind == "fixed_cost":
         row["diagnostic"] = kind
         row.pop("met", None)  # no target: the step's cost besides reading KV
+        row.pop("overlapped_met", None)
       elif kind == "sweep":
         row["sweep"] = "pallas_blocking"
       result["decode"].append(row)
@@ -392,9 +397,8 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
 def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weights_bytes, card,
                 target, seed, log):
   from dualpath_jax.model import cost
-  from dualpath_jax.model.paged import PagedPool, decode_step_jit
-
-  from dualpath_jax.model.paged import pallas_blocking
+  from dualpath_jax.model.paged import (PagedPool, decode_step_jit, greedy_decode_step_jit,
+                                        pallas_blocking)
 
   pages_per_seq = context // page_tokens + 1  # room for the new token's slot
   num_pages = 1 + batch * pages_per_seq
@@ -427,11 +431,35 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
     logits = step()
   jax.block_until_ready(logits)
   pipelined_s = (time.perf_counter() - t0) / steps
+
+  # The DE's loop: each step's tokens and seq_lens are the last step's outputs on the device, and
+  # the last step's tokens are read once the next is dispatched. The lengths grow a token a step
+  # into the free slots of each row's last page: every `room` steps they start again from the
+  # context (the device array placed above, no host copy).
+  room = pages_per_seq * page_tokens - context
+
+  def overlapped(count):
+    next_tokens, lens, previous = tokens, seq_lens, None
+    for i in range(count):
+      if i % room == 0:
+        lens = seq_lens
+      next_tokens, lens, state["pool"] = greedy_decode_step_jit(
+          model, state["pool"], next_tokens, block_tables, lens)
+      if previous is not None:
+        np.asarray(previous)
+      previous = next_tokens
+    np.asarray(previous)
+
+  overlapped(max(warmup, 1))  # compiles the greedy step
+  t0 = time.perf_counter()
+  overlapped(steps)
+  overlapped_s = (time.perf_counter() - t0) / steps
   embed_bytes = config.vocab_size * config.hidden_size * config.itemsize
   kv_bytes = batch * context * cost.kv_bytes_per_token(config)
   read_bytes = weights_bytes - embed_bytes + kv_bytes
   row = dict(batch=batch, context=context, first_call_s=first_call_s, step_s=step_s,
-             min_step_s=min(times), pipelined_step_s=pipelined_s, bytes_read=read_bytes,
+             min_step_s=min(times), pipelined_step_s=pipelined_s,
+             overlapped_step_s=overlapped_s, bytes_read=read_bytes,
              weight_bytes_read=weights_bytes - embed_bytes, kv_bytes_read=kv_bytes,
              pool_bytes=state["pool"].nbytes, tokens_per_s=batch / step_s,
              logits_finite=bool(jnp.all(jnp.isfinite(logits))))
@@ -447,11 +475,13 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
     roofline_s = read_bytes / card.hbm_bytes_per_s
     row.update(roofline_s=roofline_s, roofline_fraction=roofline_s / step_s,
                pipelined_roofline_fraction=roofline_s / pipelined_s,
-               met=bool(roofline_s / step_s >= target))
+               overlapped_roofline_fraction=roofline_s / overlapped_s,
+               met=bool(roofline_s / step_s >= target),
+               overlapped_met=bool(roofline_s / overlapped_s >= target))
   log(f"engine: decode {model.config.paged_attention:6s} batch {batch:3d} ctx {context}"
       f"{blocking}: "
       f"{step_s * 1e3:8.3f} ms/step "
-      f"(pipelined {pipelined_s * 1e3:.3f})"
+      f"(pipelined {pipelined_s * 1e3:.3f}, overlapped {overlapped_s * 1e3:.3f})"
       + (f" roofline {row['roofline_s'] * 1e3:.3f} ms -> {row['roofline_fraction']:.3f}"
          if "roofline_s" in row else "") + f" (first call {first_call_s:.1f} s)")
   for array in jax.tree_util.tree_leaves(state["pool"]):

@@ -159,6 +159,11 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     value = f"{r['step_s'] * 1e3:.2f} ms/step" + (
         f", {r['roofline_fraction']:.3f} of roofline {r['roofline_s'] * 1e3:.2f} ms"
         if "roofline_fraction" in r else "")
+    if "overlapped_step_s" in r:  # the DE's loop, one step in flight (older rows lack it)
+      value += f"; overlapped {r['overlapped_step_s'] * 1e3:.2f} ms/step" + (
+          f", {r['overlapped_roofline_fraction']:.3f} of roofline"
+          if "overlapped_roofline_fraction" in r else "") + (
+          f" ({_status(r['overlapped_met'])})" if "overlapped_met" in r else "")
     if r.get("pallas_blocking"):  # what the kernel ran with
       b = r["pallas_blocking"]
       value += (f"; {b['k_splits']} splits of {b['padded_pages'] // b['k_splits']} pages, "

@@ -131,7 +131,8 @@ class PageTable:
 
     Returns (new table, block_tables [batch_size, max_pages] int32, seq_lens [batch_size] int32),
     where seq_lens are the lengths before this step (the new tokens' positions). Rows past
-    len(seq_ids) are padding: all SCRATCH_PAGE, length 0.
+    len(seq_ids) are padding: all SCRATCH_PAGE, length 0; so is a row whose entry is None (a
+    free slot of a DE's batch, whose sequences keep their row while they decode).
     """
     if len(seq_ids) > batch_size:
       raise ValueError(f"prepare_decode: {len(seq_ids)} sequences exceed batch_size={batch_size}")
@@ -139,6 +140,8 @@ class PageTable:
     block_tables = np.full((batch_size, max_pages), SCRATCH_PAGE, np.int32)
     seq_lens = np.zeros((batch_size,), np.int32)
     for row, seq_id in enumerate(seq_ids):
+      if seq_id is None:
+        continue
       table = table.extend(seq_id, 1)
       pages = table.block_tables[seq_id]
       if len(pages) > max_pages:

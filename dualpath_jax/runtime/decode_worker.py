@@ -8,21 +8,60 @@ the turn (the appended prompt and the generated tokens, those before the hit exc
 is written to the store through this node's storage link; the turn ends when the write commits,
 so the agent's next turn hits it. In oracle mode the prompt KV never arrives (the pages hold
 whatever was there) and nothing is persisted.
+
+One step stays in flight. A sequence keeps one batch row (slot) from its admission to its last
+step; free slots are padding rows. Each turn of the loop admits waiting requests into free slots
+(their H2D and page writes queue on the device behind the step in flight), dispatches step n, and
+only then reads step n-1's tokens (the host waits there while step n runs), appends them and
+persists the sequences whose last token they were; with no sequence left it reads the step in
+flight (drains). Step n's tokens are step n-1's output on the device, and the host's first
+tokens for rows admitted since. Generation lengths are forced, so when step n is dispatched the
+rows whose last token it produces are known by counting: their slots take the next admission
+before those tokens are read, and their pages, named in no later step's block table, are freed
+when step n is read. Synced steps left the host's dispatch and token read between two steps on
+the device: 14.4 ms a step at batch 32 on an H100 against 12.9 ms issued back to back
+(docs/perf/gpu_bench.md record 4). A finishing sequence's pages and the next sequence's in its
+slot are held at once for a step; the global scheduler's memory rule keeps them within the pool
+(a turn's KV bytes count against its DE's pool until the turn ends).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.model import paged
 from dualpath_jax.model.prefill import pow2_at_least
 from dualpath_jax.runtime.request import TurnRequest
+
+
+@jax.jit
+def _merge_tokens(host_tokens: jax.Array, previous: jax.Array) -> jax.Array:
+  """A step's tokens [B]: the host's where it holds one (>= 0: rows admitted since the last
+  step), else the last step's output (rows that go on)."""
+  return jnp.where(host_tokens >= 0, host_tokens, previous)
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class _Step:
+  """A dispatched decode step whose tokens the host has not read yet."""
+
+  rows: list[TurnRequest | None]
+  """The request of each batch row (None: padding)."""
+  next_tokens: jax.Array
+  """[B] int32 on the device: each row's next token."""
+  dispatched_s: float
+  """perf_counter when building its inputs began."""
+  gate: contextlib.ExitStack
+  """Holds its `TrafficManager.model_step()` open from dispatch to collection."""
 
 
 class DecodeWorker(threading.Thread):
@@ -43,20 +82,41 @@ class DecodeWorker(threading.Thread):
     self.table = paged.PageTable.create(num_pages, self.block_tokens)
     self._cond = threading.Condition()
     self._pending: list[TurnRequest] = []
-    self._active: list[TurnRequest] = []
     self._stopping = False
+    self._slots: list[TurnRequest | None] = [None] * config.decode_batch_size
+    """Per batch row: the request whose next step it runs (None: free)."""
+    self._issued = [0] * config.decode_batch_size
+    """Per batch row: tokens of its request dispatched so far (the first token included)."""
+    self._admitted_rows: set[int] = set()
+    """Rows admitted since the last dispatch: their next token comes from the host."""
+    self._in_flight: list[_Step] = []
+    """Dispatched steps not read yet, oldest first: one between loop turns, two just after a
+    dispatch."""
+    self._decoding: dict[TurnRequest, None] = {}
+    """Requests taken from the queue and not yet handed to persistence, in order (an error
+    fails them all)."""
+    self._last_collect_s = 0.0
+    """perf_counter when the last step's tokens had been read and appended."""
     self.stage_s: collections.Counter = collections.Counter()
     """Seconds of this DE's thread per stage: 'admit' (a prompt's KV H2D into its pages),
-    'step' (decode steps), 'persist' (a finished turn's new blocks D2H and handed to the link)."""
+    'step' (dispatching decode steps and reading their tokens), 'persist' (a finished turn's new
+    blocks D2H and handed to the link)."""
     self.step_records: list[tuple[float, float, int]] = []
     """(t_start, t_end, active sequences) of every decode step, perf_counter seconds (for the
-    step-time inflation under KV traffic, runtime/metrics.py decode_inflation)."""
+    step-time inflation under KV traffic, runtime/metrics.py decode_inflation). With a step in
+    flight, step n spans from the later of its dispatch and the end of step n-1's collection to
+    the end of its own collection: the step period the DE sees, back-to-back steps tiling it.
+    A period holds whatever this thread did in it, admissions and persists included, so their
+    H2D and D2H count as KV moves overlapping it (synced steps never overlapped them)."""
+    self.overlapped_admissions = 0
+    """Admissions made while a step was in flight (their KV queued behind it on the device)."""
     self._device_inputs: dict | None = None
-    """The last step's inputs on the device and what the next step's would be if the batch goes
-    on unchanged (`_inputs`); host copies to check against."""
+    """The last dispatched step's next tokens on the device, and its block tables and the next
+    step's seq_lens if the batch goes on unchanged, each as (host copy, device array)."""
     self.input_placements: collections.Counter = collections.Counter()
     """How often each decode input was placed from the host ('tokens', 'block_tables',
-    'seq_lens') against reused from the device ('<name>_reused')."""
+    'seq_lens') against reused from the device ('<name>_reused'); 'tokens' counts the steps
+    with a row admitted since the last one (the host's first tokens, merged on the device)."""
 
   def release_device_memory(self) -> None:
     """Drops this DE's page pool and model copy (after the thread has stopped)."""
@@ -64,9 +124,12 @@ class DecodeWorker(threading.Thread):
 
   def precompile(self, token_counts) -> int:
     """Compiles the admission's page write for each prompt KV length (Cluster.admit_tokens) by
-    writing zeros to the scratch page, before the clock starts: otherwise the first admission of
-    a new length compiles on this thread, between decode steps. Call it while no request is in
-    flight. Returns how many lengths ran."""
+    writing zeros to the scratch page, and the steps' token merge, before the clock starts:
+    otherwise the first admission of a new length compiles on this thread, between decode
+    steps. Call it while no request is in flight. Returns how many lengths ran."""
+    no_tokens = jax.device_put(np.zeros((len(self._slots),), np.int32),
+                               self.engine.replicated_sharding)
+    _merge_tokens(no_tokens, no_tokens)
     layout = self.cluster.layout
     for tokens in token_counts:
       kv = jax.device_put(np.zeros((layout.num_layers, tokens, *layout.token_kv_shape),
@@ -82,34 +145,47 @@ class DecodeWorker(threading.Thread):
       self._cond.notify_all()
 
   def stop(self) -> None:
+    """Ends the thread after its current loop turn; a step in flight is dropped unread."""
     with self._cond:
       self._stopping = True
       self._cond.notify_all()
 
+  def _occupied(self) -> bool:
+    return any(request is not None for request in self._slots)
+
   def run(self) -> None:
-    while True:
-      with self._cond:
-        while not self._stopping and not self._pending and not self._active:
-          self._cond.wait()
-        if self._stopping:
-          return
-        room = self.cluster.runtime_config.decode_batch_size - len(self._active)
-        admitted, self._pending = self._pending[:room], self._pending[room:]
-      try:
-        for request in admitted:
-          start = time.perf_counter()
-          self._admit(request)
-          self.stage_s["admit"] += time.perf_counter() - start
-        if self._active:
-          self._step()
-      except BaseException as e:
-        for request in admitted + self._active:
-          request.error = e
-          self._end(request)
-        self._active = []
+    try:
+      while True:
+        with self._cond:
+          while (not self._stopping and not self._pending and not self._occupied()
+                 and not self._in_flight):
+            self._cond.wait()
+          if self._stopping:
+            return
+          free = self._slots.count(None)
+          admitted, self._pending = self._pending[:free], self._pending[free:]
+        try:
+          self._decoding.update(dict.fromkeys(admitted))
+          for request in admitted:
+            start = time.perf_counter()
+            self._admit(request)
+            self.stage_s["admit"] += time.perf_counter() - start
+          # One step stays in flight while rows decode; with none left, the last one is read.
+          dispatched = self._occupied()
+          if dispatched:
+            self._dispatch()
+          while len(self._in_flight) > dispatched:
+            self._collect()
+        except BaseException as e:
+          self._fail(e)
+    finally:
+      for step in self._in_flight:
+        step.gate.close()
 
   def _admit(self, request: TurnRequest) -> None:
     request.times["decode_start"] = time.perf_counter()
+    if self._in_flight:
+      self.overlapped_admissions += 1
     self.table = self.table.allocate(request, request.prompt_tokens)
     pages = self.table.block_tables[request]
     if not self.cluster.runtime_config.skips_kv_io:
@@ -131,59 +207,113 @@ class DecodeWorker(threading.Thread):
     if request.gen_tokens == 1:
       request.times["last_token"] = request.times["first_token"]
       self._finish(request)
-    else:
-      self._active.append(request)
+      return
+    row = self._slots.index(None)
+    self._slots[row], self._issued[row] = request, 1
+    self._admitted_rows.add(row)
 
-  def _step(self) -> None:
+  def _dispatch(self) -> None:
+    """Issues the next step over the occupied slots, then frees the slots of the rows whose
+    last token it produces (their requests stay in the step's record until it is read)."""
     start = time.perf_counter()
-    batch = self.cluster.runtime_config.decode_batch_size
+    batch = len(self._slots)
     self.table, block_tables, seq_lens = self.table.prepare_decode(
-        self._active, batch_size=batch, max_pages=self.max_pages)
-    tokens = np.zeros((batch,), np.int32)
-    tokens[:len(self._active)] = [r.generated[-1] for r in self._active]
-    inputs = self._inputs(tokens, block_tables, seq_lens)
-    with self.tm.model_step():
+        self._slots, batch_size=batch, max_pages=self.max_pages)
+    inputs = self._inputs(block_tables, seq_lens)
+    gate = contextlib.ExitStack()
+    gate.enter_context(self.tm.model_step())
+    try:
       next_dev, lens_dev, self.pool = paged.greedy_decode_step_jit(self.model, self.pool, *inputs)
-      next_tokens = np.asarray(next_dev)
+    except BaseException:
+      gate.close()
+      raise
+    self._in_flight.append(_Step(rows=list(self._slots), next_tokens=next_dev,
+                                 dispatched_s=start, gate=gate))
     self._device_inputs = dict(
-        tokens=(next_tokens, next_dev), block_tables=(block_tables, inputs[1]),
-        seq_lens=(np.where(seq_lens > 0, seq_lens + 1, 0), lens_dev), rows=len(self._active))
-    self.step_records.append((start, time.perf_counter(), len(self._active)))
-    self.stage_s["step"] += self.step_records[-1][1] - start
-    still = []
+        tokens=next_dev, block_tables=(block_tables, inputs[1]),
+        seq_lens=(np.where(seq_lens > 0, seq_lens + 1, 0), lens_dev))
+    self._admitted_rows.clear()
+    for row, request in enumerate(self._slots):
+      if request is not None:
+        self._issued[row] += 1
+        if self._issued[row] == request.gen_tokens:
+          self._slots[row] = None
+    self.stage_s["step"] += time.perf_counter() - start
+
+  def _collect(self) -> None:
+    """Reads the oldest step in flight: appends each row's token to its request and persists
+    the requests it completes."""
+    start = time.perf_counter()
+    step = self._in_flight[0]
+    tokens = np.asarray(step.next_tokens)
+    self._in_flight.pop(0)
+    step.gate.close()
     now = time.perf_counter()
-    for row, request in enumerate(self._active):
-      request.generated.append(int(next_tokens[row]))
+    done = []
+    for row, request in enumerate(step.rows):
+      if request is None:
+        continue
+      request.generated.append(int(tokens[row]))
       if len(request.generated) == 2:
         request.times["second_token"] = now
       if len(request.generated) == request.gen_tokens:
         request.times["last_token"] = now
-      if len(request.generated) >= request.gen_tokens:
-        self._finish(request)
-      else:
-        still.append(request)
-    self._active = still
+        done.append(request)
+    end = time.perf_counter()
+    self.step_records.append((max(step.dispatched_s, self._last_collect_s), end,
+                              sum(request is not None for request in step.rows)))
+    self._last_collect_s = end
+    self.stage_s["step"] += end - start
+    for request in done:
+      self._finish(request)
 
-  def _inputs(self, tokens: np.ndarray, block_tables: np.ndarray, seq_lens: np.ndarray) -> list:
-    """The step's inputs on the device: each one the last step left there where the host's
-    value equals it, else placed from the host. Steady decode places only the block tables a
-    row's new page changed: the three small transfers per step took 10-20% of a DE thread's
-    samples on a GPU host, 3% after this change, but the median step did not get shorter (the
-    time moved into the step's dispatch; 2x H100, docs/perf/gpu_bench.md record 4, call 5).
-    Tokens compare on the active rows only: a padding row's token (the last step's argmax
-    there) never reaches an active row."""
+  def _fail(self, error: BaseException) -> None:
+    """Fails every request taken from the queue and not yet handed to persistence (admitted,
+    decoding, in flight), returns their pages and drops the steps in flight."""
+    for step in self._in_flight:
+      step.gate.close()
+    self._in_flight = []
+    self._slots = [None] * len(self._slots)
+    self._admitted_rows.clear()
+    failed, self._decoding = list(self._decoding), {}
+    for request in failed:
+      request.error = error
+      if request in self.table.seq_lens:
+        self.table = self.table.free(request)
+      self._end(request)
+
+  def _inputs(self, block_tables: np.ndarray, seq_lens: np.ndarray) -> list:
+    """The step's inputs (tokens, block tables, seq_lens) on the device.
+
+    Tokens: the last step's output as it is when every row goes on from it; the host's first
+    tokens where every row is new; else both, merged on the device (`_merge_tokens`: one small
+    host array, -1 on the rows that go on). Never the host's copy of a generated token: that is
+    read only after the next step is dispatched. Block tables and seq_lens: each one the last
+    step left there where the host's value equals it (the step returns the next seq_lens if the
+    batch goes on unchanged), else placed from the host. Steady decode places only the block
+    tables a row's new page changed: the three small transfers per step took 10-20% of a DE
+    thread's samples on a GPU host, 3% after reuse, but the median synced step did not get
+    shorter (the time moved into the step's dispatch; 2x H100, docs/perf/gpu_bench.md record 4,
+    call 5).
+    """
     last = self._device_inputs or {}
-    rows = len(self._active)
-    same = dict(
-        tokens=last.get("rows") == rows and "tokens" in last
-        and np.array_equal(last["tokens"][0][:rows], tokens[:rows]),
-        block_tables="block_tables" in last and np.array_equal(last["block_tables"][0],
-                                                               block_tables),
-        seq_lens="seq_lens" in last and np.array_equal(last["seq_lens"][0], seq_lens))
-    out = []
-    for name, host in (("tokens", tokens), ("block_tables", block_tables),
-                       ("seq_lens", seq_lens)):
-      if same[name]:
+    # Rows that were in the last step: it is in flight or read, and they keep their slots.
+    going_on = [row for row, request in enumerate(self._slots)
+                if request is not None and row not in self._admitted_rows]
+    if going_on and not self._admitted_rows:
+      self.input_placements["tokens_reused"] += 1
+      tokens = last["tokens"]
+    else:
+      self.input_placements["tokens"] += 1
+      host = np.full((len(self._slots),), -1 if going_on else 0, np.int32)
+      for row in self._admitted_rows:
+        host[row] = self._slots[row].first_token
+      tokens = jax.device_put(host, self.engine.replicated_sharding)
+      if going_on:
+        tokens = _merge_tokens(tokens, last["tokens"])
+    out = [tokens]
+    for name, host in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+      if name in last and np.array_equal(last[name][0], host):
         self.input_placements[f"{name}_reused"] += 1
         out.append(last[name][1])
       else:
@@ -198,6 +328,7 @@ class DecodeWorker(threading.Thread):
       self._persist(request)
     finally:
       self.stage_s["persist"] += time.perf_counter() - start
+    del self._decoding[request]
 
   def _persist(self, request: TurnRequest) -> None:
     pages = self.table.block_tables[request]
