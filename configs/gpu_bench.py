@@ -81,9 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       variants=("layer_major", "transfer", "transfer_direct", "traffic",
                 "transfer_fresh_buffers"),
       # the 'traffic' and 'layer_major' variants' TrafficConfig: the GPU end-to-end runtime's
-      # kv_chunk_bytes and
-      # kv_max_wait_s (e2e_h100x4 below); no model step runs here, so the wait never applies
-      chunk_bytes=64 << 20,
+      # kv_chunk_bytes and kv_max_wait_s (e2e_h100x4 below); no model step runs here, so the
+      # wait never applies. 32 MiB: pageable H2D pieces of that size back to back moved 52.8
+      # GB/s against 32 GB/s for 64 MiB (4x H200, record 5 of docs/perf/gpu_bench.md)
+      chunk_bytes=32 << 20,
       max_kv_wait_s=0.0,
       components=True,
       repeats=3, warmup=1,
@@ -164,7 +165,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup_turns=2, primed_turns=1)
     c.end_to_end.runtime.update(compute_quota_s=0.3, max_batch_requests=4, token_budget=8192,
                                 host_buffer_bytes=48 << 30, decode_batch_size=16,
-                                max_context_tokens=24576, kv_chunk_bytes=64 << 20,
+                                max_context_tokens=24576, kv_chunk_bytes=32 << 20,
                                 # The priority gate off, as measured on 4x H200 (record 2 of
                                 # docs/perf/gpu_bench.md): then a piece waited for a moment with
                                 # no step, up to 50 ms, on a DE decoding back to back. It now

@@ -99,10 +99,13 @@ def test_data_plane(smoke):
   assert "| data_plane | k=3 transfer_fresh_buffers: 1024-token prefix |" in md
   assert all(positive(d["components"][k])
              for k in ("gather_gbps", "h2d_gbps", "h2d_direct_gbps", "d2d_gbps"))
-  pieces = d["components"]["h2d_pieces"]
-  assert pieces["piece_bytes"] == 256 << 10 and pieces["pieces"] >= 2 * 28  # 2 MiB layers
-  assert all(positive(pieces[f"{s}_{how}_gbps"]) for s in ("auto", "direct")
+  pieces = {r["piece_bytes"]: r for r in d["components"]["h2d_pieces"]}
+  assert sorted(pieces) == [256 << 10, 8 << 20, 32 << 20]
+  assert pieces[256 << 10]["pieces"] == 8 * 28 and pieces[8 << 20]["pieces"] == 28  # 2 MiB layers
+  assert all(positive(pieces[256 << 10][f"{s}_{how}_gbps"]) for s in ("auto", "direct")
              for how in ("back_to_back", "one_at_a_time"))
+  assert positive(pieces[32 << 20]["direct_back_to_back_gbps"])
+  assert "direct_one_at_a_time_gbps" not in pieces[32 << 20]
 
 
 def test_engine(smoke):
@@ -300,7 +303,7 @@ def test_data_plane_on_one_and_two_devices():
       (k, v) for k in (0, 1) for v in data_plane.VARIANTS]
   assert all(positive(r["gbps"]) and "ratio" not in r for r in two["rows"])
   assert all(r["loaded_bytes"] == two["bytes"] for r in two["rows"])
-  assert two["chunk_bytes"] == 64 << 20 and two["max_kv_wait_s"] == 0.0  # the defaults
+  assert two["chunk_bytes"] == 32 << 20 and two["max_kv_wait_s"] == 0.0  # the defaults
   assert two["rows"][len(data_plane.VARIANTS)]["blocks_per_path"] == [4, 4]  # k = 1
 
 

@@ -110,7 +110,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                        variants: Sequence[str] = VARIANTS, repeats: int, warmup: int,
                        ceiling_gbps: Mapping[int, float] | None = None,
                        target_ratio: float = 0.9, components: bool = True, seed: int = 0,
-                       chunk_bytes: int = 64 << 20, max_kv_wait_s: float = 0.0,
+                       chunk_bytes: int = 32 << 20, max_kv_wait_s: float = 0.0,
                        log: Callable[[str], None] = print,
                        out_of_time: Callable[[], bool] = lambda: False,
                        on_update: Callable[[dict], None] | None = None) -> dict:
@@ -319,26 +319,31 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
   s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False, staging="direct")
                                  for h in layers], repeats, warmup, cleanup=_delete)
   out["h2d_direct_gbps"] = total / s / 1e9
-  # Each layer cut into chunk_bytes pieces along the token axis (the TrafficManager's cut):
-  # issued back to back, or each piece after the previous one landed (its rule with steps).
-  pieces = [h[rows] for h in layers
-            for rows in row_slices(h.shape, h.itemsize, chunk_bytes)]
-  out["h2d_pieces"] = dict(piece_bytes=chunk_bytes, pieces=len(pieces))
-  for staging in ("auto", "direct"):
-    s, _ = median_seconds(lambda staging=staging: [
-        host_to_device(h, pe, copy=False, staging=staging) for h in pieces],
-        repeats, warmup, cleanup=_delete)
-    out["h2d_pieces"][f"{staging}_back_to_back_gbps"] = total / s / 1e9
+  # Each layer cut into pieces along the token axis (the TrafficManager's cut), issued back to
+  # back (its rule with the gate off) at a few sizes, and at chunk_bytes also each piece after
+  # the previous one landed (its rule with the gate on).
+  out["h2d_pieces"] = []
+  for piece_bytes in sorted({8 << 20, 32 << 20, chunk_bytes}):
+    pieces = [h[rows] for h in layers for rows in row_slices(h.shape, h.itemsize, piece_bytes)]
+    row = dict(piece_bytes=piece_bytes, pieces=len(pieces))
+    for staging in ("auto", "direct"):
+      s, _ = median_seconds(lambda staging=staging, pieces=pieces: [
+          host_to_device(h, pe, copy=False, staging=staging) for h in pieces],
+          repeats, warmup, cleanup=_delete)
+      row[f"{staging}_back_to_back_gbps"] = total / s / 1e9
+      if piece_bytes != chunk_bytes:
+        continue
 
-    def waiting(staging=staging):
-      landed = []
-      for h in pieces:
-        if landed:
-          jax.block_until_ready(landed[-1])
-        landed.append(host_to_device(h, pe, copy=False, staging=staging))
-      return landed
-    s, _ = median_seconds(waiting, repeats, warmup, cleanup=_delete)
-    out["h2d_pieces"][f"{staging}_one_at_a_time_gbps"] = total / s / 1e9
+      def waiting(staging=staging, pieces=pieces):
+        landed = []
+        for h in pieces:
+          if landed:
+            jax.block_until_ready(landed[-1])
+          landed.append(host_to_device(h, pe, copy=False, staging=staging))
+        return landed
+      s, _ = median_seconds(waiting, repeats, warmup, cleanup=_delete)
+      row[f"{staging}_one_at_a_time_gbps"] = total / s / 1e9
+    out["h2d_pieces"].append(row)
   # D2H into the DE buffer (the PE's handoff, PrefillShard._send): the layers as on the PE, into
   # reused host memory (the node buffer's pool) or into fresh arrays, direct or through pinned.
   from dualpath_jax.transfer import device_to_host
@@ -369,8 +374,8 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
   out["note"] = ("one thread, all layers: gather = layout.layer_kv on the host; h2d = "
                  "transfer.host_to_device of the gathered layers onto the PE (h2d_direct: "
                  "staging='direct'); h2d_pieces: the same layers in piece_bytes pieces, "
-                 "issued back to back or each after the previous landed (the TrafficManager's "
-                 "rule), staging 'auto' or 'direct'; d2h_<staging> = transfer.device_to_host of the layers "
+                 "issued back to back (the TrafficManager with the gate off) or, at chunk_bytes, "
+                 "each after the previous landed (gate on), staging 'auto' or 'direct'; d2h_<staging> = transfer.device_to_host of the layers "
                  "on the PE into resident host arrays (the node buffer's reused pool blocks), "
                  "d2h_<staging>_fresh_buffer into new arrays (first-touch page faults); d2d = "
                  "DevicePutMover from DE 0 to the PE")

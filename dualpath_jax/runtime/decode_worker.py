@@ -89,6 +89,9 @@ class DecodeWorker(threading.Thread):
     """Per batch row: tokens of its request dispatched so far (the first token included)."""
     self._admitted_rows: set[int] = set()
     """Rows admitted since the last dispatch: their next token comes from the host."""
+    self._landing: list[tuple[jax.Array, object]] = []
+    """(prompt KV on the device, its DE-buffer reservation) of admissions whose H2D may still be
+    reading the buffer (`_release_landed`)."""
     self._in_flight: list[_Step] = []
     """Dispatched steps not read yet, oldest first: one between loop turns, two just after a
     dispatch."""
@@ -150,12 +153,30 @@ class DecodeWorker(threading.Thread):
       self._stopping = True
       self._cond.notify_all()
 
+  def _release_landed(self, wait: bool) -> None:
+    """Returns the DE-buffer room of admitted prompt KV whose H2D has landed; with `wait`, of all
+    of it (waiting for the copies)."""
+    still = []
+    for kv, reservation in self._landing:
+      if wait or kv.is_ready():
+        try:
+          kv.block_until_ready()
+        finally:
+          reservation.release()
+      else:
+        still.append((kv, reservation))
+    self._landing = still
+
   def _occupied(self) -> bool:
     return any(request is not None for request in self._slots)
 
   def run(self) -> None:
     try:
       while True:
+        try:  # with nothing to step, wait for every admitted copy: no reservation outlives them
+          self._release_landed(wait=not (self._occupied() or self._in_flight))
+        except BaseException as e:
+          self._fail(e)
         with self._cond:
           while (not self._stopping and not self._pending and not self._occupied()
                  and not self._in_flight):
@@ -181,6 +202,7 @@ class DecodeWorker(threading.Thread):
     finally:
       for step in self._in_flight:
         step.gate.close()
+      self._release_landed(wait=True)
 
   def _admit(self, request: TurnRequest) -> None:
     request.times["decode_start"] = time.perf_counter()
@@ -198,10 +220,10 @@ class DecodeWorker(threading.Thread):
       request.add_bytes("h2d", kv.nbytes)  # what moved, padding included
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
       request.prompt_kv = None
-      # The buffer's memory goes back to its pool for the next request: the copy must have
-      # read it first (a device_put may still be reading when it returns).
-      kv.block_until_ready()
-      request.de_reservation.release()
+      # The buffer's memory goes back to its pool for the next request once the copy has read
+      # it (a device_put may still be reading when it returns): _release_landed, between steps,
+      # instead of waiting here with the step in flight.
+      self._landing.append((kv, request.de_reservation))
     request.generated = [request.first_token]
     request.times["first_token"] = time.perf_counter()
     if request.gen_tokens == 1:
@@ -273,6 +295,10 @@ class DecodeWorker(threading.Thread):
     for step in self._in_flight:
       step.gate.close()
     self._in_flight = []
+    try:
+      self._release_landed(wait=True)
+    except BaseException:  # noqa: BLE001  (the copy's own error; the turns fail with `error`)
+      self._landing = []
     self._slots = [None] * len(self._slots)
     self._admitted_rows.clear()
     failed, self._decoding = list(self._decoding), {}

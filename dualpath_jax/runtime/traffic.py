@@ -9,10 +9,15 @@ them idle. On one host there are no virtual lanes to configure; what this class 
     meanwhile does not hold it again), at most `max_kv_wait_s` (the low lane's reserved share:
     KV is delayed, never starved). Moves issued from inside a step by the step's own thread go
     at once (layerwise prefill pulling its next layer; waiting would deadlock).
-  * chunking: H2D, D2H and D2D moves are split along axis 0 into pieces of at most `chunk_bytes`,
-    and each piece waits for the previous one to land before it is issued, so a model step queued
-    on the device waits behind at most one chunk (JAX dispatch is asynchronous: without this every
-    chunk would be enqueued ahead of the step). Pieces are joined on the destination with one
+  * chunking: H2D, D2H and D2D moves are split along axis 0 into pieces of at most `chunk_bytes`.
+    With the gate on, each piece waits for the previous one to land before it is issued, so a
+    model step queued on the device waits behind at most one chunk (JAX dispatch is
+    asynchronous: without this every chunk would be enqueued ahead of the step). With the gate
+    off (max_kv_wait_s = 0) pieces go back to back: one 64 MiB H2D piece at a time moved 4.4
+    GB/s, back to back 32 GB/s, and 32 MiB pieces back to back 53 GB/s, the pinned link's rate
+    (4x H200, 2026-11-28, docs/perf/gpu_bench.md record 5): a single jax.device_put from host
+    memory is slow, several in flight fill the link. D2H pieces then all start their copies
+    (copy_to_host_async) before the first is read. Pieces are joined on the destination with one
     device-side concatenate.
   * counters: bytes per path (PATHS) and per link, and the seconds KV moves spent waiting.
   * move records: (t_start, t_end, path, source, destination) of every device-side move (H2D,
@@ -159,12 +164,17 @@ class TrafficManager:
 
   # --- device moves ----------------------------------------------------------------------------
 
+  @property
+  def gated(self) -> bool:
+    """True if KV pieces yield to model steps (max_kv_wait_s > 0): one piece in flight at once."""
+    return self.config.max_kv_wait_s > 0
+
   def _chunked(self, shape, itemsize, issue, path: str, link: str, nbytes: int,
                ends: tuple[str, str]):
     t_start = time.perf_counter()
     pieces, previous = [], None
     for rows in row_slices(shape, itemsize, self.config.chunk_bytes):
-      if previous is not None:
+      if previous is not None and self.gated:
         jax.block_until_ready(previous)  # at most one piece ahead of a model step
       self._wait_for_gap()
       previous = issue(rows)
@@ -192,12 +202,18 @@ class TrafficManager:
     if axis == 0:
       raise ValueError("axis: the leading axis is the one moves are chunked along; use axis > 0")
     out = np.empty(x.shape, x.dtype) if out is None else out
-    whole = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) == [slice(None)]
+    slices = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
+    started = {}
+    if not self.gated and len(slices) > 1 and self.config.d2h_staging == "direct":
+      # Gate off: every piece's copy starts now; each is read (and copied into `out`) in turn.
+      for rows in slices:
+        started[rows.start] = piece = _piece(x, rows)
+        piece.copy_to_host_async()
     self._chunked(x.shape, x.dtype.itemsize,
                   lambda rows: host_device.device_to_host(
-                      x if whole else _piece(x, rows), out[rows],
-                      staging=self.config.d2h_staging,
-                      axis=axis),
+                      x if len(slices) == 1 else started[rows.start] if started
+                      else _piece(x, rows),
+                      out[rows], staging=self.config.d2h_staging, axis=axis),
                   "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
                   (self._name(x.sharding), "host"))
     return out
