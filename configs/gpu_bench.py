@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # data_plane.VARIANTS; 'layer_major' is the runtime since 2026-11-28 (reads land
       # layer-major, no gather); 'transfer_fresh_buffers' is the bench's 'transfer' up to
       # 2026-11-27 (a fresh gather array every layer), kept so older records compare
-      variants=("layer_major", "transfer", "transfer_direct", "traffic",
+      variants=("layer_major", "layer_major_direct", "transfer", "transfer_direct", "traffic",
                 "transfer_fresh_buffers"),
       # the 'traffic' and 'layer_major' variants' TrafficConfig: the GPU end-to-end runtime's
       # kv_chunk_bytes and kv_max_wait_s (e2e_h100x4 below); no model step runs here, so the

@@ -88,11 +88,13 @@ def test_data_plane(smoke):
     # the host's layer_kv (else the row would be an error): reused buffers corrupt nothing.
     assert r["loaded_bytes"] == d["bytes"] and r["kv_checked_runs"] == d["repeats"] + d["warmup"]
     assert r["gather_buffers"] == {"transfer_fresh_buffers": "fresh",
-                                   "layer_major": "none: landed layer-major"}.get(
+                                   "layer_major": "none: landed layer-major",
+                                   "layer_major_direct": "none: landed layer-major"}.get(
                                        r["variant"], "reused, 3 a path")
     assert r["note"] == d["variant_notes"][r["variant"]]
     if r["variant"] in ("traffic", "layer_major"):
       assert (r["chunk_bytes"], r["max_kv_wait_s"]) == (256 << 10, 0.0)
+      assert r["h2d_staging"] == d["h2d_staging"] in ("auto", "direct")
     else:
       assert "chunk_bytes" not in r
   assert "| data_plane | k=1 traffic (0.25 MiB pieces, KV wait <= 0 s): 1024-token prefix |" in md
@@ -293,7 +295,8 @@ def test_data_plane_on_one_and_two_devices():
                                       repeats=1, warmup=0, ceiling_gbps={0: 1.0},
                                       log=lambda line: None)
   assert [(r["k"], r["variant"]) for r in one["rows"]] == [
-      (0, "transfer"), (0, "transfer_direct"), (0, "transfer_fresh_buffers")]
+      (0, "layer_major_direct"), (0, "transfer"), (0, "transfer_direct"),
+      (0, "transfer_fresh_buffers")]
   assert [r["variant"] for r in one["skipped"]] == ["layer_major", "traffic"]
   assert "d2d_gbps" not in one["components"]
   two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
@@ -323,11 +326,13 @@ def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
 
   monkeypatch.setattr(KVLayout, "layer_kv", counting_layer_kv)
   d = data_plane.measure_data_plane(jax.devices()[:3], layout=layout, prefix_tokens=48,
-                                    variants=("transfer", "traffic", "layer_major"),
+                                    variants=("transfer", "traffic", "layer_major",
+                                              "layer_major_direct"),
                                     repeats=2, warmup=1, components=False, chunk_bytes=256,
                                     log=lambda line: None)
   assert [(r["k"], r["variant"]) for r in d["rows"]] == [
-      (k, v) for k in range(3) for v in ("transfer", "traffic", "layer_major")]
+      (k, v) for k in range(3)
+      for v in ("transfer", "traffic", "layer_major", "layer_major_direct")]
   assert all("error" not in r and r["loaded_bytes"] == d["bytes"] for r in d["rows"])
   # 3 buffers a path: 3 + 6 + 9 distinct buffers per variant, every gather into one of them
   buffers = set(gathers[len(d["check_layers"]):])

@@ -23,6 +23,9 @@ Variants (each row's 'note' says the same):
                      stacking was), so each layer's part is one contiguous array that moves as it
                      lies: TrafficManager.h2d (+ d2d) as 'traffic', no gather, and layer l waits
                      for layer l - 3 to land (the runtime's LAYERS_IN_FLIGHT bound).
+  'layer_major_direct'  the same landed layers, each moved whole by transfer.host_to_device
+                     (staging='direct') + DevicePutMover, without a TrafficManager: what its
+                     pieces, joins and records cost.
   'transfer'         transfer.host_to_device (staging 'auto': pinned where the backend has it;
                      copy=True, as TrafficManager.h2d: on CPU a device_put may alias the reused
                      buffer, elsewhere it makes no copy) and the DevicePutMover for the D2D.
@@ -49,6 +52,7 @@ show where the time goes.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -61,12 +65,16 @@ from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
 from dualpath_jax.runtime.traffic import row_slices
 
-VARIANTS = ("layer_major", "transfer", "transfer_direct", "traffic", "transfer_fresh_buffers")
+VARIANTS = ("layer_major", "layer_major_direct", "transfer", "transfer_direct", "traffic", "transfer_fresh_buffers")
 VARIANT_NOTES = {
     "layer_major": ("read landed layer-major (outside the clock, as the read's own copy); per "
                     "layer one contiguous array through one TrafficManager per engine with "
                     "TrafficConfig(chunk_bytes, max_kv_wait_s); no host gather; at most "
                     f"{LAYERS_IN_FLIGHT} layers in flight: the runtime since 2026-11-28"),
+    "layer_major_direct": ("read landed layer-major (outside the clock); per layer one "
+                           "contiguous array, transfer.host_to_device staging='direct' + "
+                           "DevicePutMover, no TrafficManager; at most "
+                           f"{LAYERS_IN_FLIGHT} layers in flight"),
     "transfer": (f"reused gather buffers ({LAYERS_IN_FLIGHT} a path, cycled by layer; one is "
                  "reused once its last layer landed on the PE); transfer.host_to_device "
                  "staging='auto' (copy=True) + DevicePutMover"),
@@ -156,7 +164,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
             "max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig. Every timed and warm-up run "
             "is checked outside the clock: loaded_bytes = the PE arrays' bytes, which sit on "
             "the PE, and check_layers equal the host's layout.layer_kv"),
-      rows=[])
+      h2d_staging=traffic_config.h2d_staging, rows=[])
   log(f"data_plane: {num_blocks} Full Blocks ({result['prefix_tokens']} tokens, "
       f"{total / 2**30:.2f} GiB, {result['layer_bytes'] / 2**20:.1f} MiB a layer), {n} device(s)"
       f"; traffic pieces <= {chunk_bytes / 2**20:g} MiB, KV wait <= {max_kv_wait_s:g} s")
@@ -179,8 +187,13 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(n, 1))
   try:
     if components and not out_of_time():
-      result["components"] = _components(blocks, layout, pe, des, mover, repeats, warmup, log,
-                                         chunk_bytes)
+      result["components"] = comp = _components(blocks, layout, pe, des, mover, repeats,
+                                                warmup, log, chunk_bytes)
+      # The TrafficManager variants stage H2D the faster way, as the end-to-end runs do
+      # (scripts/gpu_bench_call.sh picks their runtime.h2d_staging from these components).
+      if comp.get("h2d_direct_gbps", 0) > comp.get("h2d_gbps", 0):
+        traffic_config = dataclasses.replace(traffic_config, h2d_staging="direct")
+      result["h2d_staging"] = traffic_config.h2d_staging
       update()
     for k in range(n):
       parts = np.array_split(blocks, k + 1)  # contiguous views along the block axis
@@ -222,14 +235,15 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
         gbps = total / s / 1e9
         row = dict(k=k, paths=k + 1, variant=variant, gbps=gbps, median_s=s,
                    blocks_per_path=[len(p) for p in parts],
-                   gather_buffers=("none: landed layer-major" if variant == "layer_major"
+                   gather_buffers=("none: landed layer-major" if variant.startswith("layer_major")
                                    else "fresh" if variant == "transfer_fresh_buffers"
                                    else f"reused, {LAYERS_IN_FLIGHT} a path"),
                    loaded_bytes=checks[-1]["loaded_bytes"], kv_checked_runs=len(checks),
                    note=VARIANT_NOTES[variant])
         if variant in ("traffic", "layer_major"):
           row.update(chunk_bytes=traffic_config.chunk_bytes,
-                     max_kv_wait_s=traffic_config.max_kv_wait_s)
+                     max_kv_wait_s=traffic_config.max_kv_wait_s,
+                     h2d_staging=traffic_config.h2d_staging)
         ceiling = (ceiling_gbps or {}).get(k)
         if ceiling:
           row.update(ceiling_gbps=ceiling, ratio=gbps / ceiling,
@@ -263,7 +277,7 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
       tm = managers[p]
       return tm.h2d(host) if p == 0 else tm.d2d(tm.h2d(host), pe_engine)
   else:
-    staging = "direct" if variant == "transfer_direct" else "auto"
+    staging = "direct" if variant in ("transfer_direct", "layer_major_direct") else "auto"
 
     def load(p, host):
       # A fresh buffer is never written again (copy=False); a reused one is, so copy=True, as
@@ -271,7 +285,7 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
       x = host_to_device(host, pe if p == 0 else des[p - 1], copy=not fresh, staging=staging)
       return x if p == 0 else mover.move(x, pe)
 
-  if variant == "layer_major":  # the read's landing, done before the clock as the read's copy
+  if variant.startswith("layer_major"):  # the read's landing, done before the clock as the read's copy
     landed = [layout.full_blocks_to_kv(part, out=_resident(part.nbytes)) for part in parts]
     buffers = None
   else:
