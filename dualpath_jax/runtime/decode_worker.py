@@ -89,6 +89,9 @@ class DecodeWorker(threading.Thread):
     """Per batch row: tokens of its request dispatched so far (the first token included)."""
     self._admitted_rows: set[int] = set()
     """Rows admitted since the last dispatch: their next token comes from the host."""
+    self._page_reads: dict[TurnRequest, jax.Array] = {}
+    """A finishing turn's new blocks read from the pool behind its last step
+    (`_read_persisted_pages`), until `_persist` moves them to the host."""
     self._landing: list[tuple[jax.Array, object]] = []
     """(prompt KV on the device, its DE-buffer reservation) of admissions whose H2D may still be
     reading the buffer (`_release_landed`)."""
@@ -228,6 +231,7 @@ class DecodeWorker(threading.Thread):
     request.times["first_token"] = time.perf_counter()
     if request.gen_tokens == 1:
       request.times["last_token"] = request.times["first_token"]
+      self._read_persisted_pages(request)
       self._finish(request)
       return
     row = self._slots.index(None)
@@ -260,6 +264,7 @@ class DecodeWorker(threading.Thread):
         self._issued[row] += 1
         if self._issued[row] == request.gen_tokens:
           self._slots[row] = None
+          self._read_persisted_pages(request)
     self.stage_s["step"] += time.perf_counter() - start
 
   def _collect(self) -> None:
@@ -303,6 +308,7 @@ class DecodeWorker(threading.Thread):
     self._admitted_rows.clear()
     failed, self._decoding = list(self._decoding), {}
     for request in failed:
+      self._page_reads.pop(request, None)
       request.error = error
       if request in self.table.seq_lens:
         self.table = self.table.free(request)
@@ -356,25 +362,43 @@ class DecodeWorker(threading.Thread):
       self.stage_s["persist"] += time.perf_counter() - start
     del self._decoding[request]
 
-  def _persist(self, request: TurnRequest) -> None:
+  def _persisted_blocks(self, request: TurnRequest) -> int:
+    """Completed blocks of the turn to persist: KV exists for the prompt and every generated
+    token but the last (never fed back); the hit's blocks are in the store already."""
+    with_kv = request.prompt_tokens + request.gen_tokens - 1
+    return max(0, with_kv // self.block_tokens - request.hit_blocks)
+
+  def _read_persisted_pages(self, request: TurnRequest) -> None:
+    """Queues the read of a finishing turn's new blocks from the pool right behind its last
+    step, before the next step is dispatched: read in _persist, after that next step was
+    queued, it waited for it on the device (the pool is that step's output)."""
+    todo = self._persisted_blocks(request)
+    if self.cluster.runtime_config.skips_kv_io or not todo:
+      return
     pages = self.table.block_tables[request]
+    n = pow2_at_least(todo)
+    page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
+    page_ids[:todo] = pages[request.hit_blocks:request.hit_blocks + todo]
+    self._page_reads[request] = paged.read_kv_from_pages(self.pool, page_ids,
+                                                         n * self.block_tokens)
+
+  def _persist(self, request: TurnRequest) -> None:
+    kv = self._page_reads.pop(request, None)
     if self.cluster.runtime_config.skips_kv_io:
       self.table = self.table.free(request)
       self._end(request)
       return
     layout = self.cluster.layout
-    # KV exists for the prompt and every generated token but the last (never fed back).
     with_kv = np.concatenate([request.prompt, np.array(request.generated[:-1], np.int32)])
     hashes = chain_block_hashes(with_kv, self.block_tokens)
     todo = hashes[request.hit_blocks:]
+    if len(todo) != self._persisted_blocks(request):  # the counts are the same arithmetic
+      raise RuntimeError(f"{request.agent_id} turn {request.turn}: {len(todo)} blocks to "
+                         f"persist, {self._persisted_blocks(request)} read from the pool")
     if not todo:
       self.table = self.table.free(request)
       self._end(request)
       return
-    n = pow2_at_least(len(todo))
-    page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
-    page_ids[:len(todo)] = pages[request.hit_blocks:len(hashes)]
-    kv = paged.read_kv_from_pages(self.pool, page_ids, n * self.block_tokens)
     host = self.tm.d2h(kv)[:, :len(todo) * self.block_tokens]
     request.add_bytes("d2h", kv.nbytes)  # what moved: padded to a power-of-two page count
     blocks = layout.kv_to_full_blocks(host)
