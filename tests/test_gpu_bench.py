@@ -101,6 +101,10 @@ def test_data_plane(smoke):
   assert "| data_plane | k=3 transfer_fresh_buffers: 1024-token prefix |" in md
   assert all(positive(d["components"][k])
              for k in ("gather_gbps", "h2d_gbps", "h2d_direct_gbps", "d2d_gbps"))
+  by_source = d["components"]["h2d_direct_by_source"]
+  assert sorted(by_source) == sorted(f"{s}_{b}_gbps" for s in ("separate", "landed_views")
+                                     for b in ("back_to_back", "3_in_flight"))
+  assert all(positive(v) for v in by_source.values())
   pieces = {r["piece_bytes"]: r for r in d["components"]["h2d_pieces"]}
   assert sorted(pieces) == [256 << 10, 8 << 20, 32 << 20]
   assert pieces[256 << 10]["pieces"] == 8 * 28 and pieces[8 << 20]["pieces"] == 28  # 2 MiB layers

@@ -333,6 +333,25 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
   s, _ = median_seconds(lambda: [host_to_device(h, pe, copy=False, staging="direct")
                                  for h in layers], repeats, warmup, cleanup=_delete)
   out["h2d_direct_gbps"] = total / s / 1e9
+  # Where the layer_major rows lose against h2d_direct (record 5: 13.9 against 32 GB/s at k = 0,
+  # the same H2D of whole layers from one thread): the source (layer views of one landed buffer
+  # against separate arrays) or the bound of 3 layers in flight.
+  landed = layout.full_blocks_to_kv(blocks, out=_resident(blocks.nbytes))
+  sources = dict(separate=layers, landed_views=[landed[layer] for layer in range(len(layers))])
+  out["h2d_direct_by_source"] = {}
+  for name, source in sources.items():
+    for bound in (None, LAYERS_IN_FLIGHT):
+      def issue(source=source, bound=bound):
+        moved = []
+        for h in source:
+          if bound and len(moved) >= bound:
+            jax.block_until_ready(moved[-bound])
+          moved.append(host_to_device(h, pe, copy=False, staging="direct"))
+        return moved
+      s, _ = median_seconds(issue, repeats, warmup, cleanup=_delete)
+      key = f"{name}_{'back_to_back' if bound is None else f'{bound}_in_flight'}_gbps"
+      out["h2d_direct_by_source"][key] = total / s / 1e9
+  del landed, sources
   # Each layer cut into pieces along the token axis (the TrafficManager's cut), issued back to
   # back (its rule with the gate off) at a few sizes, and at chunk_bytes also each piece after
   # the previous one landed (its rule with the gate on).
@@ -387,7 +406,9 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
     _delete(on_de)
   out["note"] = ("one thread, all layers: gather = layout.layer_kv on the host; h2d = "
                  "transfer.host_to_device of the gathered layers onto the PE (h2d_direct: "
-                 "staging='direct'); h2d_pieces: the same layers in piece_bytes pieces, "
+                 "staging='direct'); h2d_direct_by_source: whole layers, staging 'direct', from "
+                 "separate arrays or from layer views of one landed buffer, back to back or "
+                 "with at most 3 in flight; h2d_pieces: the same layers in piece_bytes pieces, "
                  "issued back to back (the TrafficManager with the gate off) or, at chunk_bytes, "
                  "each after the previous landed (gate on), staging 'auto' or 'direct'; d2h_<staging> = transfer.device_to_host of the layers "
                  "on the PE into resident host arrays (the node buffer's reused pool blocks), "
