@@ -65,7 +65,8 @@ from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
 from dualpath_jax.runtime.traffic import row_slices
 
-VARIANTS = ("layer_major", "layer_major_direct", "transfer", "transfer_direct", "traffic", "transfer_fresh_buffers")
+VARIANTS = ("layer_major", "layer_major_direct", "transfer", "transfer_direct", "traffic",
+            "transfer_fresh_buffers")
 VARIANT_NOTES = {
     "layer_major": ("read landed layer-major (outside the clock, as the read's own copy); per "
                     "layer one contiguous array through one TrafficManager per engine with "
@@ -161,9 +162,10 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
       variant_notes={v: VARIANT_NOTES[v] for v in variants},
       note=("ratio = achieved GB/s / raw multipath ingest ceiling with the same k "
             "(ceilings.ingest); the same equal split of bytes over the paths. chunk_bytes and "
-            "max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig. Every timed and warm-up run "
-            "is checked outside the clock: loaded_bytes = the PE arrays' bytes, which sit on "
-            "the PE, and check_layers equal the host's layout.layer_kv"),
+            "max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig. Every "
+            "timed and warm-up run is checked outside the clock: loaded_bytes = the PE "
+            "arrays' bytes, which sit on the PE, and check_layers equal the host's "
+            "layout.layer_kv"),
       h2d_staging=traffic_config.h2d_staging, rows=[])
   log(f"data_plane: {num_blocks} Full Blocks ({result['prefix_tokens']} tokens, "
       f"{total / 2**30:.2f} GiB, {result['layer_bytes'] / 2**20:.1f} MiB a layer), {n} device(s)"
@@ -285,7 +287,7 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
       x = host_to_device(host, pe if p == 0 else des[p - 1], copy=not fresh, staging=staging)
       return x if p == 0 else mover.move(x, pe)
 
-  if variant.startswith("layer_major"):  # the read's landing, done before the clock as the read's copy
+  if variant.startswith("layer_major"):  # the read's landing: before the clock, as the read's copy
     landed = [layout.full_blocks_to_kv(part, out=_resident(part.nbytes)) for part in parts]
     buffers = None
   else:
@@ -410,7 +412,8 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
                  "separate arrays or from layer views of one landed buffer, back to back or "
                  "with at most 3 in flight; h2d_pieces: the same layers in piece_bytes pieces, "
                  "issued back to back (the TrafficManager with the gate off) or, at chunk_bytes, "
-                 "each after the previous landed (gate on), staging 'auto' or 'direct'; d2h_<staging> = transfer.device_to_host of the layers "
+                 "each after the previous landed (gate on), staging 'auto' or 'direct'; "
+                 "d2h_<staging> = transfer.device_to_host of the layers "
                  "on the PE into resident host arrays (the node buffer's reused pool blocks), "
                  "d2h_<staging>_fresh_buffer into new arrays (first-touch page faults); d2d = "
                  "DevicePutMover from DE 0 to the PE")

@@ -22,11 +22,11 @@ A request's last chunk gives its first generated token (logits of its last promp
 another, so together they are the forwards' time): 'begin' (a first chunk's read blocks landed
 layer-major in their node buffers, its prompt-KV array in the DE buffer, the DE-read part merged
 in); loading the prefix KV, split three ways: 'h2d' (onto the PE over the PE path; each layer's
-prefix is contiguous in the buffer, so nothing is gathered on the host since 2026-11-28), 'de_path' (H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the
-PE; the oracle's zeros); 'compute' (dispatching the layers), 'send'
-(each layer's KV to the DE buffer; layerwise, the wait for the sender thread: the part of the
-sends that the loads did not hide), 'logits' (the last tokens' logits, which waits for all the
-device work queued before it).
+prefix is contiguous in the buffer, so nothing is gathered on the host since 2026-11-28), 'de_path'
+(H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the PE; the oracle's
+zeros); 'compute' (dispatching the layers), 'send' (each layer's KV to the DE buffer; layerwise, the
+wait for the sender thread: the part of the sends that the loads did not hide), 'logits' (the last
+tokens' logits, which waits for all the device work queued before it).
 """
 
 from __future__ import annotations
