@@ -86,6 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # GB/s against 32 GB/s for 64 MiB (4x H200, record 5 of docs/perf/gpu_bench.md)
       chunk_bytes=32 << 20,
       max_kv_wait_s=0.0,
+      # the PE's bound on layers of prefix KV in flight (runtime.prefill_layers_in_flight)
+      layers_in_flight=3,
       components=True,
       repeats=3, warmup=1,
       target_ratio=0.90))
@@ -166,6 +168,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.end_to_end.runtime.update(compute_quota_s=0.3, max_batch_requests=4, token_budget=8192,
                                 host_buffer_bytes=48 << 30, decode_batch_size=16,
                                 max_context_tokens=24576, kv_chunk_bytes=32 << 20,
+                                prefill_layers_in_flight=3,
                                 # The priority gate off, as measured on 4x H200 (record 2 of
                                 # docs/perf/gpu_bench.md): then a piece waited for a moment with
                                 # no step, up to 50 ms, on a DE decoding back to back. It now

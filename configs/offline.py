@@ -94,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # KV moves (dualpath_jax/runtime/config.py): the gate's longest wait for running model
       # steps (0 = off), how H2D leaves and D2H reaches host memory ('auto' | 'pinned' | 'direct').
       kv_max_wait_s=0.05, h2d_staging="auto", d2h_staging="direct",
+      # layerwise prefill: most layers of prefix KV on a PE at once (>= 2)
+      prefill_layers_in_flight=3,
       # Technique switches: '' / None = the mode's own (see dualpath_jax/runtime/config.py).
       scheduler=scheduler, layerwise=ml_collections.FieldReference(None, field_type=bool),
       dual_path=ml_collections.FieldReference(None, field_type=bool), batching="",

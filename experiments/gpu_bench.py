@@ -97,6 +97,7 @@ def main(argv):
       prefix_tokens=d.prefix_tokens, variants=tuple(d.variants), repeats=d.repeats,
       warmup=d.warmup, ceiling_gbps=ceiling_gbps, target_ratio=d.target_ratio,
       components=d.components, chunk_bytes=d.chunk_bytes, max_kv_wait_s=d.max_kv_wait_s,
+      layers_in_flight=d.layers_in_flight,
       seed=config.seed, log=log, out_of_time=log.out_of_time,
       on_update=update))
 

@@ -383,14 +383,19 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
   config = parse(f"--config={spec}:e2e_h100x4",
                  "--config.engine.pallas_blockings=((4,128),(16,512))",
                  "--config.end_to_end.model.pallas_k_splits=8",
-                 "--config.end_to_end.model.pallas_block_tokens=256")
+                 "--config.end_to_end.model.pallas_block_tokens=256",
+                 "--config.end_to_end.runtime.prefill_layers_in_flight=6")
   assert config.engine.pallas_blockings == ((4, 128), (16, 512))
   x = config.end_to_end
   base = load_config_spec(x.base_config, REPO)
   job_config = end_to_end.offline_config(
       base, preset="tiny", dtype="float32", topology="1P3D", link_bytes_per_s=0, agents=1,
-      turns=1, first_append_tokens=16, append_tokens=8, gen_tokens=2, model=x.model.to_dict())
+      turns=1, first_append_tokens=16, append_tokens=8, gen_tokens=2, model=x.model.to_dict(),
+      runtime=x.runtime.to_dict())
   job_config["model"]["checkpoint"] = ""
-  model = OfflineJob.from_config(job_config, str(tmp_path)).model_config
+  job = OfflineJob.from_config(job_config, str(tmp_path))
+  model = job.model_config
   assert (model.paged_attention, model.pallas_k_splits, model.pallas_block_tokens) == (
       "pallas", 8, 256)
+  # the PE's layers in flight reach the runtime config of every mode
+  assert {rc.prefill_layers_in_flight for rc in job.runtimes} == {6}

@@ -258,10 +258,12 @@ def four_layer_runs(store):
   small = simple_trajectories(agents=2, turns=2, first_append_tokens=200, append_tokens=70,
                               gen_tokens=6, vocab_size=cfg4.vocab_size, seed=1)
   out = {}
-  for mode in ("basic", "dualpath"):
-    rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512)
-    out[mode] = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
-                            namespace_prefix=f"l4-{mode}-")
+  for name, mode, in_flight in (("basic", "basic", 3), ("dualpath", "dualpath", 3),
+                                ("dualpath_2_in_flight", "dualpath", 2)):
+    rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
+                       prefill_layers_in_flight=in_flight)
+    out[name] = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
+                            namespace_prefix=f"l4-{name}-")
   return cfg4, out
 
 
@@ -274,6 +276,11 @@ def test_layerwise_prefill_holds_a_few_layers_on_the_pe(four_layer_runs):
   # The baseline loads the whole prefix before prefill: every layer at once.
   assert out["basic"].max_prefix_layers_on_pe == cfg4.num_layers == 4
   assert out["basic"].generated == out["dualpath"].generated
+  # runtime.prefill_layers_in_flight sets the bound; the outputs stay the same.
+  assert 1 <= out["dualpath_2_in_flight"].max_prefix_layers_on_pe <= 2
+  assert out["dualpath_2_in_flight"].generated == out["dualpath"].generated
+  with pytest.raises(ValueError, match="prefill_layers_in_flight"):
+    RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], prefill_layers_in_flight=1)
 
 
 def test_a_failed_layer_send_fails_its_turn_and_the_pe_keeps_serving(model, store, layout,

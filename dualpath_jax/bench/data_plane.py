@@ -120,11 +120,14 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                        ceiling_gbps: Mapping[int, float] | None = None,
                        target_ratio: float = 0.9, components: bool = True, seed: int = 0,
                        chunk_bytes: int = 32 << 20, max_kv_wait_s: float = 0.0,
+                       layers_in_flight: int = LAYERS_IN_FLIGHT,
                        log: Callable[[str], None] = print,
                        out_of_time: Callable[[], bool] = lambda: False,
                        on_update: Callable[[dict], None] | None = None) -> dict:
   """Data plane GB/s per (k, variant), with ratios to `ceiling_gbps[k]` when given.
 
+  layers_in_flight: the bound of every variant but 'transfer_fresh_buffers' (the runtime's
+  prefill_layers_in_flight; the note strings describe the default, LAYERS_IN_FLIGHT).
   chunk_bytes, max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig (the runtime's
   kv_chunk_bytes and kv_max_wait_s).
   """
@@ -157,7 +160,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
       prefix_tokens=num_blocks * layout.block_tokens, num_blocks=num_blocks, bytes=total,
       layer_bytes=total // layout.num_layers, repeats=repeats, warmup=warmup,
       target_ratio=target_ratio, threads="one a path",
-      layers_in_flight=LAYERS_IN_FLIGHT, chunk_bytes=traffic_config.chunk_bytes,
+      layers_in_flight=layers_in_flight, chunk_bytes=traffic_config.chunk_bytes,
       max_kv_wait_s=traffic_config.max_kv_wait_s, check_layers=check_layers,
       variant_notes={v: VARIANT_NOTES[v] for v in variants},
       note=("ratio = achieved GB/s / raw multipath ingest ceiling with the same k "
@@ -190,7 +193,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   try:
     if components and not out_of_time():
       result["components"] = comp = _components(blocks, layout, pe, des, mover, repeats,
-                                                warmup, log, chunk_bytes)
+                                                warmup, log, chunk_bytes, layers_in_flight)
       # The TrafficManager variants stage H2D the faster way, as the end-to-end runs do
       # (scripts/gpu_bench_call.sh picks their runtime.h2d_staging from these components).
       if comp.get("h2d_direct_gbps", 0) > comp.get("h2d_gbps", 0):
@@ -212,7 +215,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
         checks: list[dict] = []
         try:
           run_path = _path_runner(variant, layout, parts, pe, des, mover, engines,
-                                  traffic_config)
+                                  traffic_config, layers_in_flight)
 
           def run(parts=parts, run_path=run_path):
             futures = [pool.submit(run_path, p, part) for p, part in enumerate(parts)]
@@ -239,7 +242,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                    blocks_per_path=[len(p) for p in parts],
                    gather_buffers=("none: landed layer-major" if variant.startswith("layer_major")
                                    else "fresh" if variant == "transfer_fresh_buffers"
-                                   else f"reused, {LAYERS_IN_FLIGHT} a path"),
+                                   else f"reused, {layers_in_flight} a path"),
                    loaded_bytes=checks[-1]["loaded_bytes"], kv_checked_runs=len(checks),
                    note=VARIANT_NOTES[variant])
         if variant in ("traffic", "layer_major"):
@@ -259,7 +262,8 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   return result
 
 
-def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config):
+def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config,
+                 in_flight=LAYERS_IN_FLIGHT):
   """fn(path, part_blocks) -> the part's L layers on the PE (list of device arrays).
 
   Except for 'transfer_fresh_buffers', path p gathers layer l into its buffer l %
@@ -293,28 +297,29 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
   else:
     landed = None
     buffers = None if fresh else [
-        [_resident(len(part) * layout.layer_block_bytes) for _ in range(LAYERS_IN_FLIGHT)]
+        [_resident(len(part) * layout.layer_block_bytes) for _ in range(in_flight)]
         for part in parts]
 
   def run_path(p, part):
     out = []
     for layer in range(layout.num_layers):
       if landed is not None:
-        if layer >= LAYERS_IN_FLIGHT:  # the runtime's bound on layers in flight
-          jax.block_until_ready(out[layer - LAYERS_IN_FLIGHT])
+        if layer >= in_flight:  # the runtime's bound on layers in flight
+          jax.block_until_ready(out[layer - in_flight])
         host = landed[p][layer]
       elif fresh:
         host = layout.layer_kv(part, layer)  # fresh buffer: nobody writes it again
       else:
-        if layer >= LAYERS_IN_FLIGHT:  # the buffer's last layer must have landed on the PE
-          jax.block_until_ready(out[layer - LAYERS_IN_FLIGHT])
-        host = layout.layer_kv(part, layer, out=buffers[p][layer % LAYERS_IN_FLIGHT])
+        if layer >= in_flight:  # the buffer's last layer must have landed on the PE
+          jax.block_until_ready(out[layer - in_flight])
+        host = layout.layer_kv(part, layer, out=buffers[p][layer % in_flight])
       out.append(load(p, host))
     return out
   return run_path
 
 
-def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_bytes) -> dict:
+def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_bytes,
+                in_flight) -> dict:
   """Single-thread GB/s of each step over all layers of all blocks: where the time goes."""
   from dualpath_jax.transfer import host_to_device
   total = blocks.nbytes
@@ -342,7 +347,7 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
   sources = dict(separate=layers, landed_views=[landed[layer] for layer in range(len(layers))])
   out["h2d_direct_by_source"] = {}
   for name, source in sources.items():
-    for bound in (None, LAYERS_IN_FLIGHT):
+    for bound in (None, in_flight):
       def issue(source=source, bound=bound):
         moved = []
         for h in source:

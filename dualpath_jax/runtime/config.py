@@ -77,6 +77,12 @@ class RuntimeConfig:
   """How D2H moves reach host memory (transfer.device_to_host): 'direct' (np.asarray, a fresh
   host allocation per piece), 'pinned' (through the backend's pinned memory, whose blocks are
   reused), or 'auto' (pinned on GPUs)."""
+  prefill_layers_in_flight: int = 3
+  """Layerwise prefill: most layers of prefix KV on a PE's device at once (at least 2: the layer
+  computing and the next loading). More keeps more H2D moves in flight, at the cost of a layer of
+  prefix KV per row each: one jax.device_put from host memory has milliseconds of latency, and
+  with 3 in flight a path moved ~13 GB/s against ~30 GB/s back to back (4x H100,
+  docs/perf/gpu_bench.md record 5)."""
   kv_max_wait_s: float = 0.05
   """Longest a KV piece waits for the model steps running on its engine to end
   (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move
@@ -112,6 +118,10 @@ class RuntimeConfig:
     wait = self.kv_max_wait_s
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
       raise ValueError(f"runtime.kv_max_wait_s must be >= 0, got {wait!r}")
+    layers = self.prefill_layers_in_flight
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 2:
+      raise ValueError(f"runtime.prefill_layers_in_flight must be an int >= 2 (the layer "
+                       f"computing and the next one loading), got {layers!r}")
     quota = self.compute_quota_s
     if isinstance(quota, bool) or not isinstance(quota, (int, float)) or not quota > 0:
       raise ValueError(f"runtime.compute_quota_s must be positive, got {quota!r}")

@@ -12,7 +12,7 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
     after layer l, each row's new KV goes D2H from the PE straight into its DE node buffer (and,
     on a first chunk, the PE-read part of its hit, which the DE buffer does not hold yet), on the
     shard's sender thread while this thread loads the next layers; the PE holds at most
-    LAYERS_IN_FLIGHT (3) layers of prefix KV.
+    runtime.prefill_layers_in_flight (default 3) layers of prefix KV.
   whole (basic): every layer's prefix KV goes H2D before the forward starts; after the whole model
     the same KV goes to the DE.
   oracle: no read, no H2D, no D2D, no D2H: the prefix KV is uninitialised zeros on the device.
@@ -44,6 +44,7 @@ import numpy as np
 from dualpath_jax.kvstore import host_copy
 from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, pow2_at_least,
                                         prefill_layer_jit)
+from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
 
 
@@ -65,9 +66,10 @@ def _row_head(x, row, size: int, batch_axis: int):
   return x if batch_axis else x[None]  # [L or 1, size, ...]
 
 
-LAYERS_IN_FLIGHT = 3
-"""Layerwise prefill: layer l computes while layer l+1 loads and layer l-1's KV goes to the DE
-(on the shard's sender thread), so at most three layers of prefix KV sit on the PE."""
+LAYERS_IN_FLIGHT = RuntimeConfig.prefill_layers_in_flight
+"""Layerwise prefill's default bound (RuntimeConfig.prefill_layers_in_flight): layer l computes
+while layer l+1 loads and layer l-1's KV goes to the DE (on the shard's sender thread), so at
+most three layers of prefix KV sit on the PE."""
 
 
 class PrefillShard:
@@ -81,7 +83,8 @@ class PrefillShard:
     self.resident_layers = 0
     """Layers of prefix KV on this PE's device now."""
     self.max_resident_layers = 0
-    """Most layers of prefix KV ever on this PE's device at once (layerwise: LAYERS_IN_FLIGHT)."""
+    """Most layers of prefix KV ever on this PE's device at once (layerwise: at most
+    runtime.prefill_layers_in_flight)."""
     self.stage_s: collections.Counter = collections.Counter()
     """Seconds of this PE's forwards per stage (module docstring)."""
     self._sender = concurrent.futures.ThreadPoolExecutor(
@@ -310,6 +313,7 @@ class PrefillShard:
 
   def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
     skip_io = self.cluster.runtime_config.skips_kv_io
+    in_flight = self.cluster.runtime_config.prefill_layers_in_flight
     layers = self.model.layers
     with self._stage("compute"), self.tm.model_step():
       x = embed_tokens_jit(self.model, tokens)
@@ -317,9 +321,9 @@ class PrefillShard:
     sends: dict[int, concurrent.futures.Future] = {}
     try:
       for l, layer in enumerate(layers):
-        # At most LAYERS_IN_FLIGHT layers of prefix KV on the device: a layer's prefix leaves
-        # it once its send is done (_send_layer), so layer l+1 waits for that of l+1-3.
-        if (done := l + 1 - LAYERS_IN_FLIGHT) in sends:
+        # At most `in_flight` layers of prefix KV on the device: a layer's prefix leaves it
+        # once its send is done (_send_layer), so layer l+1 waits for that of l+1-in_flight.
+        if (done := l + 1 - in_flight) in sends:
           with self._stage("send"):
             self._finish_send(sends.pop(done))
         # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
