@@ -303,6 +303,10 @@ def test_data_plane_on_one_and_two_devices():
       (0, "transfer_fresh_buffers")]
   assert [r["variant"] for r in one["skipped"]] == ["layer_major", "traffic"]
   assert "d2d_gbps" not in one["components"]
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match="data_plane.layers_in_flight"):
+      data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
+                                    repeats=1, warmup=0, layers_in_flight=bad)
   two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, components=False,
                                       log=lambda line: None)

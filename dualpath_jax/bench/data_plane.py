@@ -135,6 +135,10 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   from dualpath_jax.transfer import make_mover
   from dualpath_jax.transfer.device_move import destination_sharding
 
+  if isinstance(layers_in_flight, bool) or not isinstance(layers_in_flight, int) \
+      or layers_in_flight < 1:
+    raise ValueError(f"data_plane.layers_in_flight: expected a positive int, got "
+                     f"{layers_in_flight!r}")
   unknown = set(variants) - set(VARIANTS)
   if unknown or not variants:
     raise ValueError(f"data_plane.variants: expected some of {VARIANTS}, got {variants}")
