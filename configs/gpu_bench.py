@@ -82,8 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 "transfer_fresh_buffers"),
       # the 'traffic' and 'layer_major' variants' TrafficConfig: the GPU end-to-end runtime's
       # kv_chunk_bytes and kv_max_wait_s (e2e_h100x4 below); no model step runs here, so the
-      # wait never applies. 32 MiB: pageable H2D pieces of that size back to back moved 52.8
-      # GB/s against 32 GB/s for 64 MiB (4x H200, record 5 of docs/perf/gpu_bench.md)
+      # wait never applies. 32 MiB: the ceilings' chunk size (48.6-52.8 GB/s from numpy there);
+      # through host_to_device, 32 MiB pieces back to back moved 33-35 GB/s (4x H100) and 64 MiB
+      # 32 GB/s (4x H200): no clear gain measured (record 5 of docs/perf/gpu_bench.md)
       chunk_bytes=32 << 20,
       max_kv_wait_s=0.0,
       # the PE's bound on layers of prefix KV in flight (runtime.prefill_layers_in_flight)

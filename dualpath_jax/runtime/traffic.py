@@ -14,9 +14,10 @@ them idle. On one host there are no virtual lanes to configure; what this class 
     model step queued on the device waits behind at most one chunk (JAX dispatch is
     asynchronous: without this every chunk would be enqueued ahead of the step). With the gate
     off (max_kv_wait_s = 0) pieces go back to back: one 64 MiB H2D piece at a time moved 4.4
-    GB/s, back to back 32 GB/s, and 32 MiB pieces back to back 53 GB/s, the pinned link's rate
-    (4x H200, 2026-11-28, docs/perf/gpu_bench.md record 5): a single jax.device_put from host
-    memory is slow, several in flight fill the link. D2H pieces then all start their copies
+    GB/s, back to back 32 GB/s (4x H200); 32 MiB pieces 5.7 against 33-35 GB/s (4x H100;
+    2026-11-28, docs/perf/gpu_bench.md record 5): a single jax.device_put from host memory is
+    slow, several in flight fill the link (the ceilings' 32 MiB chunks from numpy, issued the
+    same way but from separate arrays, reached 48.6-52.8 GB/s; the gap is not explained). D2H pieces then all start their copies
     (copy_to_host_async) before the first is read. Pieces are joined on the destination with one
     device-side concatenate.
   * counters: bytes per path (PATHS) and per link, and the seconds KV moves spent waiting.
