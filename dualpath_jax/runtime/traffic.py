@@ -186,7 +186,8 @@ class TrafficManager:
     return pieces
 
   def h2d(self, host_array: np.ndarray, dst: device_move.Destination | None = None) -> jax.Array:
-    """Host -> device (default: replicated on this engine); the caller may reuse host_array."""
+    """Host -> device (default: replicated on this engine). host_array must not be written
+    until the result is ready (transfer.host_to_device)."""
     host_array = np.asarray(host_array)
     dst = self.engine if dst is None else dst
     pieces = self._chunked(host_array.shape, host_array.itemsize,

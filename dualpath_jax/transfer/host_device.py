@@ -57,10 +57,13 @@ def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = Tru
   """Copies a host array onto an engine's devices (replicated) or onto a given sharding.
 
   Args:
-    host_array: the bytes to move; the caller may reuse it as soon as this returns if copy=True.
+    host_array: the bytes to move. Write it again only once the result is ready: on GPUs a
+      device_put may still be reading it when it returns (one call at a time was 7x slower than
+      several in flight, docs/perf/gpu_bench.md record 5), so the runtime waits for the device
+      array (DecodeWorker._release_landed) or for the forward that consumed it.
     dst: an Engine (the array lands replicated on its devices) or a Sharding.
     copy: False only when the caller never writes `host_array` again (it may be aliased on CPU;
-      on other backends device_put is done reading it when it returns, so no copy is made).
+      on other backends no copy is made).
     staging: 'auto' (pinned staging where it is a separate memory), 'pinned', or 'direct'
       (jax.device_put from the caller's memory: on 4x H200 with jax 0.11.2 that ran at 53 GB/s,
       the pinned rate, against ~31 GB/s through the staging copy; docs/perf/gpu_bench.md).
@@ -68,7 +71,6 @@ def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = Tru
   sharding = destination_sharding(dst)
   host_array = np.asarray(host_array)
   if _use_pinned(sharding, staging):
-    # The pinned copy is a fresh buffer, so the caller's array is free once this returns.
     staged = jax.device_put(host_array, sharding.with_memory_kind(PINNED_HOST))
     return jax.device_put(staged, sharding.with_memory_kind("device"))
   if copy and any(d.platform == "cpu" for d in sharding.device_set):
