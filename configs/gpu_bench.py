@@ -42,7 +42,7 @@ link_caps, agents, turns, ...), or use e2e_h100x4.
 import ml_collections
 
 VARIANTS = ("smoke", "h100x4", "e2e_h100x4", "pd_sweep_x8", "pd_sweep_smoke")
-SECTIONS = ("ceilings", "data_plane", "engine", "end_to_end")
+SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.variant = variant
   c.platform = "default"  # 'cpu' simulates num_cpu_devices devices; 'default' takes jax's backend
   c.num_cpu_devices = 4
-  c.sections = ("ceilings", "data_plane", "engine")
+  c.sections = ("ceilings", "host_memory", "data_plane", "engine")
   # Soft wall-clock budget (s) for the whole run: a measurement that would start later is
   # recorded as skipped. Leave room under the call's hard limit for the one already running.
   c.budget_s = 360.0
@@ -70,6 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       issue_modes=("threads", "async"),
       pageable=True,  # also H2D from plain numpy into GPU 0
       pinned=True))  # False: host buffers as plain numpy (if pinned_host fails)
+
+  # whole-layer H2D by host memory kind and copies in flight, D2H by target (bench/host_memory.py)
+  c.host_memory = ml_collections.ConfigDict(dict(
+      preset="qwen2.5-7b", dtype="bfloat16",
+      prefix_tokens=32768,  # one layer of this prefix a copy (64 MiB for the preset)
+      bounds=(0, 1, 3, 6, 12),  # most copies unfinished at once; 0 = back to back
+      sources=("numpy", "jax_pinned", "jax_pinned_array", "cuda_registered"),
+      repeats=3, warmup=1))
 
   c.data_plane = ml_collections.ConfigDict(dict(
       preset="qwen2.5-7b",  # KV geometry (28 layers, 4 KV heads, head dim 128)
@@ -89,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_kv_wait_s=0.0,
       # the PE's bound on layers of prefix KV in flight (runtime.prefill_layers_in_flight)
       layers_in_flight=3,
+      # where the 'layer_major' variants' reads land (runtime.host_memory; pinned_memory kinds)
+      host_memory="numpy",
       components=True,
       repeats=3, warmup=1,
       target_ratio=0.90))
@@ -170,6 +180,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 host_buffer_bytes=48 << 30, decode_batch_size=16,
                                 max_context_tokens=24576, kv_chunk_bytes=32 << 20,
                                 prefill_layers_in_flight=3,
+                                # the node buffers' memory: 'numpy' (pageable) up to record 5;
+                                # 'jax_pinned' / 'cuda_registered' page-locked (host_memory section)
+                                host_memory="numpy",
                                 # The priority gate off, as measured on 4x H200 (record 2 of
                                 # docs/perf/gpu_bench.md): then a piece waited for a moment with
                                 # no step, up to 50 ms, on a DE decoding back to back. It now
@@ -203,6 +216,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ceilings.update(total_mib=32, chunk_mib=4, d2d_mib=8, repeats=3, warmup=1)
     # 2 MiB a layer: 256 KiB pieces make the 'traffic' moves chunked and joined on the PE
     c.data_plane.update(prefix_tokens=1024, repeats=2, warmup=1, chunk_bytes=256 << 10)
+    # no CUDA runtime on a CPU host: 'cuda_registered' would only report its error
+    c.host_memory.update(preset="tiny", dtype="float32", prefix_tokens=1024, bounds=(0, 2),
+                         sources=("numpy", "jax_pinned", "jax_pinned_array"), repeats=2, warmup=1)
     c.engine.update(preset="tiny", prefill_contexts=(256,), append_tokens=64,
                     sdpa_implementation="xla", decode_batches=(1, 4), decode_context=256,
                     decode_steps=3, peak_context=512, repeats=2, warmup=1,

@@ -28,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu_bench.py:h100x4
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("ceilings", "data_plane", "engine", "end_to_end")
+SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
 
 
 def main(argv):
@@ -42,7 +42,8 @@ def main(argv):
                   compilation_cache_dir=config.compilation_cache_dir)
   import jaxlib  # noqa: E402
 
-  from dualpath_jax.bench import ceilings, data_plane, end_to_end, engine, hardware  # noqa: E402
+  from dualpath_jax.bench import (ceilings, data_plane, end_to_end, engine, hardware,  # noqa: E402
+                                  host_memory)
   from dualpath_jax.bench.report import Report, rows  # noqa: E402
   from dualpath_jax.bench.timing import Progress  # noqa: E402
   from dualpath_jax.kvstore.layout import KVLayout  # noqa: E402
@@ -91,13 +92,21 @@ def main(argv):
       log=log, out_of_time=log.out_of_time, on_update=update))
   ceiling_gbps = {r["k"]: r["gbps"] for r in (ceiling_result or {}).get("ingest", [])}
 
+  h = config.host_memory
+  layout = KVLayout.for_model(get_preset(h.preset, dtype=h.dtype))
+  section("host_memory", lambda update: host_memory.measure_host_memory(
+      devices[0], layer_bytes=layout.layer_block_bytes * layout.num_full_blocks(h.prefix_tokens),
+      num_layers=layout.num_layers, bounds=tuple(None if b == 0 else b for b in h.bounds),
+      sources=tuple(h.sources), repeats=h.repeats, warmup=h.warmup, seed=config.seed, log=log,
+      out_of_time=log.out_of_time))
+
   d = config.data_plane
   section("data_plane", lambda update: data_plane.measure_data_plane(
       devices, layout=KVLayout.for_model(get_preset(d.preset, dtype=d.dtype)),
       prefix_tokens=d.prefix_tokens, variants=tuple(d.variants), repeats=d.repeats,
       warmup=d.warmup, ceiling_gbps=ceiling_gbps, target_ratio=d.target_ratio,
       components=d.components, chunk_bytes=d.chunk_bytes, max_kv_wait_s=d.max_kv_wait_s,
-      layers_in_flight=d.layers_in_flight,
+      layers_in_flight=d.layers_in_flight, host_memory=d.host_memory,
       seed=config.seed, log=log, out_of_time=log.out_of_time,
       on_update=update))
 

@@ -12,7 +12,9 @@
 # 'decode_cmdbuf' = decode at batch 32 under XLA command buffers over custom calls (~1 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
-# priority gate, runtime.kv_max_wait_s = s; the preset has it off). Seconds per part:
+# priority gate, runtime.kv_max_wait_s = s; the preset has it off; 'e2e:<topology>:<cap>:<s>:<kind>'
+# also sets runtime.host_memory = kind, e.g. 'e2e:2P2D:6.25e9::jax_pinned', and H2D staging
+# 'direct': page-locked buffers need no staging copy). Seconds per part:
 # PART_LIMIT_S (default 280; micro 200).
 # PREFILL_VARIANTS: micro's engine.prefill_variants (a flag given twice would append, not replace).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
@@ -81,19 +83,25 @@ EOF
       echo "hostcopy: exit $?"
       ;;
     e2e:*)
-      IFS=: read -r _ topology cap gate <<< "$part"
+      IFS=: read -r _ topology cap gate memory <<< "$part"
       name="e2e_${topology}_cap${cap}"
       gate_flag=()
       if [ -n "${gate:-}" ]; then  # e2e:<topology>:<cap>:<s>: the priority gate's cap, seconds
         name="${name}_gate${gate}"
         gate_flag=(--config.end_to_end.runtime.kv_max_wait_s="$gate")
       fi
+      part_h2d=$h2d
+      if [ -n "${memory:-}" ]; then  # e2e:<topology>:<cap>:<s>:<kind>: the node buffers' memory
+        name="${name}_${memory}"
+        gate_flag+=(--config.end_to_end.runtime.host_memory="$memory")
+        part_h2d=direct
+      fi
       timeout "${PART_LIMIT_S:-280}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:e2e_h100x4 "${gate_flag[@]}" \
           --config.end_to_end.topologies="('$topology',)" \
           --config.end_to_end.link_caps="($cap,)" \
           --config.end_to_end.model.paged_attention="$paged" \
-          --config.end_to_end.runtime.h2d_staging="$h2d" \
+          --config.end_to_end.runtime.h2d_staging="$part_h2d" \
           --config.end_to_end.runtime.d2h_staging="$d2h" \
           ${E2E_FLAGS:-} --out="$RUN/$name" > "$RUN/$name.log" 2>&1
       echo "$name: exit $?"

@@ -43,7 +43,7 @@ def test_meta_and_every_section(smoke):
   assert meta["complete"] is True
   assert meta["platform"] == "cpu" and meta["num_devices"] == 4
   assert meta["jax"] and meta["date"] and meta["config"]["variant"] == "smoke"
-  for section in ("ceilings", "data_plane", "engine", "end_to_end"):
+  for section in ("ceilings", "host_memory", "data_plane", "engine", "end_to_end"):
     assert section in doc, section
     assert "error" not in doc[section], doc[section].get("traceback")
     assert "running" not in doc[section]
@@ -64,6 +64,20 @@ def test_ceilings(smoke):
   for r in c["ingest"]:
     assert positive(r["gbps"]) and set(r["by_mode"]) == {"threads", "async"}
     assert sum(r["chunks_per_path"]) * c["chunk_bytes"] == c["total_bytes"]
+
+
+def test_host_memory(smoke):
+  doc, md, _ = smoke
+  h = doc["host_memory"]
+  sources = doc["meta"]["config"]["host_memory"]["sources"]
+  assert [(r["source"], r["bound"]) for r in h["h2d"]] == [
+      (s, b) for s in sources for b in (None, 2)]
+  assert all(positive(r["gbps"]) and r["bytes_equal"] for r in h["h2d"])
+  assert h["bytes"] == h["layer_bytes"] * h["num_layers"]
+  assert set(h["d2h"]) == {"numpy_fresh", "jax_pinned_host", "resident_direct",
+                           "resident_pinned", "pinned_host_view"}
+  assert all(positive(r["gbps"]) for r in h["d2h"].values() if isinstance(r, dict))
+  assert "H2D of" in md and "from jax_pinned_array" in md
 
 
 def test_data_plane(smoke):
@@ -388,7 +402,8 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
                  "--config.engine.pallas_blockings=((4,128),(16,512))",
                  "--config.end_to_end.model.pallas_k_splits=8",
                  "--config.end_to_end.model.pallas_block_tokens=256",
-                 "--config.end_to_end.runtime.prefill_layers_in_flight=6")
+                 "--config.end_to_end.runtime.prefill_layers_in_flight=6",
+                 "--config.end_to_end.runtime.host_memory=jax_pinned")
   assert config.engine.pallas_blockings == ((4, 128), (16, 512))
   x = config.end_to_end
   base = load_config_spec(x.base_config, REPO)
@@ -403,3 +418,4 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
       "pallas", 8, 256)
   # the PE's layers in flight reach the runtime config of every mode
   assert {rc.prefill_layers_in_flight for rc in job.runtimes} == {6}
+  assert {rc.host_memory for rc in job.runtimes} == {"jax_pinned"}

@@ -258,10 +258,12 @@ def four_layer_runs(store):
   small = simple_trajectories(agents=2, turns=2, first_append_tokens=200, append_tokens=70,
                               gen_tokens=6, vocab_size=cfg4.vocab_size, seed=1)
   out = {}
-  for name, mode, in_flight in (("basic", "basic", 3), ("dualpath", "dualpath", 3),
-                                ("dualpath_2_in_flight", "dualpath", 2)):
+  for name, mode, in_flight, memory in (
+      ("basic", "basic", 3, "numpy"), ("dualpath", "dualpath", 3, "numpy"),
+      ("dualpath_2_in_flight", "dualpath", 2, "numpy"),
+      ("dualpath_jax_pinned", "dualpath", 3, "jax_pinned")):
     rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
-                       prefill_layers_in_flight=in_flight)
+                       prefill_layers_in_flight=in_flight, host_memory=memory)
     out[name] = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
                             namespace_prefix=f"l4-{name}-")
   return cfg4, out
@@ -281,6 +283,17 @@ def test_layerwise_prefill_holds_a_few_layers_on_the_pe(four_layer_runs):
   assert out["dualpath_2_in_flight"].generated == out["dualpath"].generated
   with pytest.raises(ValueError, match="prefill_layers_in_flight"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], prefill_layers_in_flight=1)
+
+
+def test_host_buffers_in_jax_pinned_memory_give_the_same_outputs(four_layer_runs):
+  """runtime.host_memory='jax_pinned': reads land in and leave from pool blocks that are views of
+  jax pinned_host arrays (on CPU the same RAM, but the same code path as on a GPU)."""
+  _, out = four_layer_runs
+  pinned = out["dualpath_jax_pinned"]
+  assert any(r["hit_tokens"] for r in pinned.turns)
+  assert pinned.generated == out["dualpath"].generated
+  with pytest.raises(ValueError, match="runtime.host_memory"):
+    RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], host_memory="hugepages")
 
 
 def test_a_failed_layer_send_fails_its_turn_and_the_pe_keeps_serving(model, store, layout,

@@ -40,6 +40,9 @@ Variants (each row's 'note' says the same):
                      gathered into a fresh numpy array (first-touch page faults; copy=False,
                      since nobody writes it again) and no wait between layers. Kept so that
                      older records stay comparable; the runtime no longer does this.
+The 'layer_major' variants land the read in host memory of the section's `host_memory` kind
+(transfer.pinned_memory: 'numpy' pageable as up to record 5, or page-locked), as the runtime's
+node buffers do under runtime.host_memory.
 Every run's PE arrays are checked outside the clock: their bytes add up to the prefix's, they
 sit on the PE, and layers 0 and L - 1 equal layout.layer_kv of the host blocks (layer 0's buffer
 is reused by layer 3, so a premature reuse shows there).
@@ -64,6 +67,7 @@ from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
 from dualpath_jax.runtime.traffic import row_slices
+from dualpath_jax.transfer import pinned_memory
 
 VARIANTS = ("layer_major", "layer_major_direct", "transfer", "transfer_direct", "traffic",
             "transfer_fresh_buffers")
@@ -121,6 +125,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                        target_ratio: float = 0.9, components: bool = True, seed: int = 0,
                        chunk_bytes: int = 32 << 20, max_kv_wait_s: float = 0.0,
                        layers_in_flight: int = LAYERS_IN_FLIGHT,
+                       host_memory: str = "numpy",
                        log: Callable[[str], None] = print,
                        out_of_time: Callable[[], bool] = lambda: False,
                        on_update: Callable[[dict], None] | None = None) -> dict:
@@ -142,6 +147,9 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   unknown = set(variants) - set(VARIANTS)
   if unknown or not variants:
     raise ValueError(f"data_plane.variants: expected some of {VARIANTS}, got {variants}")
+  if host_memory not in pinned_memory.HOST_MEMORY_KINDS:
+    raise ValueError(f"data_plane.host_memory: expected one of "
+                     f"{list(pinned_memory.HOST_MEMORY_KINDS)}, got {host_memory!r}")
   traffic_config = TrafficConfig(chunk_bytes=chunk_bytes, max_kv_wait_s=float(max_kv_wait_s))
   devices = tuple(devices)
   n = len(devices)
@@ -164,7 +172,8 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
       prefix_tokens=num_blocks * layout.block_tokens, num_blocks=num_blocks, bytes=total,
       layer_bytes=total // layout.num_layers, repeats=repeats, warmup=warmup,
       target_ratio=target_ratio, threads="one a path",
-      layers_in_flight=layers_in_flight, chunk_bytes=traffic_config.chunk_bytes,
+      layers_in_flight=layers_in_flight, host_memory=host_memory,
+      chunk_bytes=traffic_config.chunk_bytes,
       max_kv_wait_s=traffic_config.max_kv_wait_s, check_layers=check_layers,
       variant_notes={v: VARIANT_NOTES[v] for v in variants},
       note=("ratio = achieved GB/s / raw multipath ingest ceiling with the same k "
@@ -219,7 +228,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
         checks: list[dict] = []
         try:
           run_path = _path_runner(variant, layout, parts, pe, des, mover, engines,
-                                  traffic_config, layers_in_flight)
+                                  traffic_config, layers_in_flight, host_memory)
 
           def run(parts=parts, run_path=run_path):
             futures = [pool.submit(run_path, p, part) for p, part in enumerate(parts)]
@@ -267,7 +276,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
 
 
 def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config,
-                 in_flight=LAYERS_IN_FLIGHT):
+                 in_flight=LAYERS_IN_FLIGHT, host_memory="numpy"):
   """fn(path, part_blocks) -> the part's L layers on the PE (list of device arrays).
 
   Except for 'transfer_fresh_buffers', path p gathers layer l into its buffer l %
@@ -275,6 +284,7 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
   PE: PrefillShard._gather's buffers and the rule that makes reusing them safe.
   """
   from dualpath_jax.transfer import host_to_device
+  from dualpath_jax.transfer.device_move import destination_sharding
 
   fresh = variant == "transfer_fresh_buffers"
   if variant in ("traffic", "layer_major"):
@@ -296,7 +306,14 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
       return x if p == 0 else mover.move(x, pe)
 
   if variant.startswith("layer_major"):  # the read's landing: before the clock, as the read's copy
-    landed = [layout.full_blocks_to_kv(part, out=_resident(part.nbytes)) for part in parts]
+    def landing(p, nbytes):
+      if host_memory == "numpy":
+        return _resident(nbytes)
+      engine = pe if p == 0 else des[p - 1]
+      device = min(destination_sharding(engine).device_set, key=lambda d: d.id)
+      return pinned_memory.allocate(nbytes, host_memory, device)
+    landed = [layout.full_blocks_to_kv(part, out=landing(p, part.nbytes))
+              for p, part in enumerate(parts)]
     buffers = None
   else:
     landed = None

@@ -100,6 +100,26 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     out.append(("ceilings", f"ingest into gpu0: own link + {r['k']} forwarding",
                 _gb(r["gbps"]) + speedup, "info (DESIGN.md k=3: 121)", "—"))
 
+  h = doc.get("host_memory") or {}
+  if "error" in h:
+    out.append(("host_memory", "section", "error", "—", h["error"][:80]))
+  by_source: dict[str, list[str]] = {}
+  for r in h.get("h2d", []):
+    if "gbps" in r:
+      by_source.setdefault(r["source"], []).append(
+          f"{'b2b' if r['bound'] is None else r['bound']}: {r['gbps']:.1f}"
+          + ("" if r["bytes_equal"] else " WRONG"))
+    else:
+      by_source[r["source"]] = [str(r.get("error") or r.get("skipped"))[:80]]
+  for source, values in by_source.items():
+    out.append(("host_memory", f"H2D of {h.get('num_layers')} layers from {source}, GB/s by "
+                "copies in flight", ", ".join(values), "info", "—"))
+  for target, r in (h.get("d2h") or {}).items():
+    if not isinstance(r, dict):
+      continue
+    out.append(("host_memory", f"D2H into {target}",
+                _gb(r["gbps"]) if "gbps" in r else r.get("error", "")[:80], "info", "—"))
+
   d = doc.get("data_plane") or {}
   if "error" in d:
     out.append(("data_plane", "section", "error", "—", d["error"][:80]))

@@ -10,6 +10,7 @@ one or more lock-step forwards and hands it to its DE; the DE ends it once its b
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -30,6 +31,7 @@ from dualpath_jax.runtime.request import TurnRequest
 from dualpath_jax.runtime.storage_link import StorageLink, StorageLinkConfig
 from dualpath_jax.runtime.traffic import TrafficConfig, TrafficManager
 from dualpath_jax.scheduler.quota import CostModel
+from dualpath_jax.transfer import pinned_memory
 from dualpath_jax.transfer.device_move import make_mover
 
 ADMIT_BUCKETS_PER_OCTAVE = 8
@@ -62,9 +64,12 @@ class Cluster:
     per_node = {n.node_id: n for n in self.topology.nodes}
     self.links = {i: StorageLink(store, node_id=i, config=StorageLinkConfig(
         link_bytes_per_s=runtime_config.link_bytes_per_s)) for i in per_node}
-    self.buffers = {i: HostBuffer(host_buffer_bytes=runtime_config.host_buffer_bytes,
-                                  full_block_bytes=layout.full_block_bytes, node_id=i)
-                    for i in per_node}
+    self.buffers = {i: HostBuffer(
+        host_buffer_bytes=runtime_config.host_buffer_bytes,
+        full_block_bytes=layout.full_block_bytes, node_id=i,
+        allocate=functools.partial(pinned_memory.allocate, kind=runtime_config.host_memory,
+                                   device=node.engines[0].devices[0]))
+        for i, node in per_node.items()}
     mover = make_mover(runtime_config.mover)
     traffic_config = TrafficConfig(chunk_bytes=runtime_config.kv_chunk_bytes,
                                    max_kv_wait_s=float(runtime_config.kv_max_wait_s),

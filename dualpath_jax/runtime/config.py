@@ -62,6 +62,11 @@ class RuntimeConfig:
   """Emulated storage-link speed per node (bytes/s); None = the hardware's own limit."""
   host_buffer_bytes: int = 1 << 30
   """Host buffer per node (bytes); must hold at least one Full Block."""
+  host_memory: str = "numpy"
+  """What the host buffers' pool blocks are (transfer.pinned_memory): 'numpy' (pageable),
+  'jax_pinned' (views of jax pinned_host arrays) or 'cuda_registered' (numpy page-locked by
+  cudaHostRegister). On GPUs a copy from page-locked memory needs no staging copy; the GPU bench's
+  host_memory section measures what each kind gives."""
   mover: str = "device_put"
   """Device-to-device implementation: 'device_put' or 'shard_map'."""
   decode_batch_size: int = 8
@@ -115,6 +120,10 @@ class RuntimeConfig:
       if getattr(self, field) not in STAGING_MODES:
         raise ValueError(f"runtime.{field}: expected one of {list(STAGING_MODES)}, got "
                          f"{getattr(self, field)!r}")
+    from dualpath_jax.transfer.pinned_memory import HOST_MEMORY_KINDS
+    if self.host_memory not in HOST_MEMORY_KINDS:
+      raise ValueError(f"runtime.host_memory: expected one of {list(HOST_MEMORY_KINDS)}, got "
+                       f"{self.host_memory!r}")
     wait = self.kv_max_wait_s
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
       raise ValueError(f"runtime.kv_max_wait_s must be >= 0, got {wait!r}")

@@ -15,17 +15,17 @@ power of two (at most 12.5% larger than asked for); freed blocks wait for the ne
 class, and are dropped (largest first) when a new block would take the pool past the buffer's
 capacity plus that rounding.
 
-Pinned memory: the buffer itself holds plain numpy arrays, on every backend. On backends with a
-separate 'pinned_host' memory (GPUs), the per-layer H2D path (transfer.host_to_device, called by
-the traffic manager) stages each layer's chunk into pinned host memory and copies it from there;
-pinning the whole buffer is not done because the store hands back its own numpy arrays. On CPU
-there is no separate pinned memory and the arrays go to the device directly.
+Pinned memory: pool blocks come from `allocate(nbytes)`, plain numpy by default. The cluster
+passes transfer.pinned_memory.allocate of the runtime's `host_memory` kind, so on GPUs the blocks
+can be page-locked and a device copy from them needs no staging copy. The store's own read arrays
+stay numpy; the read's landing copy (KVLayout.full_blocks_to_kv) writes into a pool block.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -98,7 +98,8 @@ class Reservation:
 class HostBuffer:
   """A byte budget of host memory on one node; reserve() blocks, try_reserve() does not."""
 
-  def __init__(self, *, host_buffer_bytes: int, full_block_bytes: int, node_id: int = 0):
+  def __init__(self, *, host_buffer_bytes: int, full_block_bytes: int, node_id: int = 0,
+               allocate: Callable[[int], np.ndarray] | None = None):
     if isinstance(full_block_bytes, bool) or not full_block_bytes > 0:
       raise ValueError(f"full_block_bytes must be positive, got {full_block_bytes!r}")
     if isinstance(host_buffer_bytes, bool) or not host_buffer_bytes >= full_block_bytes:
@@ -107,6 +108,7 @@ class HostBuffer:
     self.capacity_bytes = int(host_buffer_bytes)
     self.full_block_bytes = int(full_block_bytes)
     self.node_id = node_id
+    self._allocate = allocate or (lambda nbytes: np.empty(nbytes, np.uint8))
     self._used_bytes = 0
     self._peak_bytes = 0
     self._cond = threading.Condition()
@@ -188,7 +190,7 @@ class HostBuffer:
         if not self._free_blocks[largest]:
           del self._free_blocks[largest]
       self._pool_bytes += size
-    return np.empty(size, np.uint8)
+    return self._allocate(size)
 
   def _give_back(self, nbytes: int, blocks: list[np.ndarray] = ()) -> None:
     with self._cond:

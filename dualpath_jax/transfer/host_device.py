@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Sharding
 
 from dualpath_jax.kvstore import host_copy
+from dualpath_jax.transfer import pinned_memory
 from dualpath_jax.transfer.device_move import Destination, destination_sharding
 
 PINNED_HOST = "pinned_host"
@@ -80,8 +81,12 @@ def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = Tru
 
 def _pinned_host_view(x: jax.Array) -> np.ndarray:
   """x copied into the backend's pinned host memory, seen as numpy without another copy where
-  the backend exports that memory over DLPack (else through np.asarray, one host copy more)."""
+  the backend gives its pointer (pinned_memory.host_view) or exports it over DLPack (else
+  through np.asarray, one host copy more)."""
   staged = jax.device_put(x, x.sharding.with_memory_kind(PINNED_HOST))
+  view = pinned_memory.host_view(staged)
+  if view is not None:
+    return view
   try:
     return np.from_dlpack(staged)
   except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError):
