@@ -48,3 +48,84 @@ def test_host_buffer_takes_its_pool_blocks_from_the_allocator():
   with buffer.reserve(8192) as r:
     b = r.empty((2, 1024), np.float32)  # the same size class: the block is reused
   assert sizes == [8192] and buffer.pool_hits == 1 and b.base is not None
+
+
+def test_page_locked_registry_covers_views_and_forgets_freed_memory():
+  a = pinned_memory.allocate(1 << 16, "jax_pinned")
+  assert pinned_memory.is_page_locked(a) and pinned_memory.is_page_locked(a[4096:8192])
+  assert not pinned_memory.is_page_locked(np.empty(1 << 16, np.uint8))
+  assert not pinned_memory.is_page_locked(pinned_memory.allocate(4096, "numpy"))
+  start = a.ctypes.data
+  del a
+  import gc
+  gc.collect()
+  assert start not in pinned_memory._locked
+
+
+def test_arena_first_fit_merges_freed_neighbours():
+  from dualpath_jax.runtime.host_buffer import Arena
+  arena = Arena(np.zeros(10 * 4096, np.uint8))
+  a, b, c = (arena.take(n) for n in (4096, 3 * 4096 - 7, 2 * 4096))
+  assert [x.nbytes for x in (a, b, c)] == [4096, 3 * 4096, 2 * 4096]
+  assert arena.take(5 * 4096) is None  # 4 pages left
+  assert not arena.give(np.zeros(4096, np.uint8))  # not the arena's
+  assert not arena.give(b[:4096])  # not a block take() returned
+  assert arena.give(a) and arena.give(c)
+  assert arena.take(7 * 4096) is None  # free runs of 1 and 6 pages, split by b
+  d = arena.take(6 * 4096)  # c merged with the free tail
+  assert d.ctypes.data == arena.memory.ctypes.data + 4 * 4096
+  assert arena.give(d) and arena.give(b) and arena.free_bytes == 10 * 4096
+  whole = arena.take(10 * 4096)  # everything merged into one run again
+  assert whole is not None and whole.ctypes.data == arena.memory.ctypes.data
+
+
+def test_host_buffer_arena_serves_blocks_and_falls_back_when_fragmented():
+  calls = []
+
+  def allocate(nbytes):
+    calls.append(nbytes)
+    return pinned_memory.allocate(nbytes, "jax_pinned")
+
+  with pytest.raises(ValueError, match="arena_memory"):
+    HostBuffer(host_buffer_bytes=8 * 4096, full_block_bytes=4096,
+               arena_memory=np.empty(4096, np.uint8))
+  buffer = HostBuffer(host_buffer_bytes=8 * 4096, full_block_bytes=4096, allocate=allocate,
+                      arena_memory=pinned_memory.lease(8 * 4096, "jax_pinned"))
+  assert calls == []
+  r1, r2 = buffer.reserve(4 * 4096), buffer.reserve(4096)
+  x = r1.empty((3, 4096), np.uint8)
+  y = r2.empty((4096,), np.uint8)
+  x[:] = 1
+  y[:] = 2
+  assert pinned_memory.is_page_locked(x) and int(x.sum()) == 3 * 4096 and int(y[0]) == 2
+  r1.release()
+  with buffer.reserve(6 * 4096) as r3:  # 7 pages free, split 3 + 4 around y: no run of 5
+    z = r3.empty((5, 4096), np.uint8)
+    assert buffer.arena_misses == 1 and calls == [5 * 4096]
+    z[:] = 3
+  r2.release()
+  stats = buffer.stats()
+  assert stats["arena"] and stats["peak_bytes"] == 7 * 4096 and stats["arena_misses"] == 1
+  with buffer.reserve(8 * 4096) as r4:  # all freed: the arena is one run again
+    r4.empty((8, 4096), np.uint8)
+  assert buffer.arena_misses == 1
+
+
+def test_median_seconds_setup_runs_outside_the_clock_before_each_call():
+  from dualpath_jax.bench.timing import median_seconds
+  made = []
+
+  def setup():
+    made.append(len(made))
+    return made[-1]
+
+  seen = []
+  median_seconds(lambda arg: seen.append(arg), repeats=2, warmup=1, setup=setup)
+  assert seen == [0, 1, 2]
+
+
+def test_lease_reuses_what_was_given_back():
+  a = pinned_memory.lease(3 * 4096, "jax_pinned")
+  pinned_memory.give_back(a, "jax_pinned")
+  assert pinned_memory.lease(3 * 4096, "jax_pinned") is a
+  assert pinned_memory.lease(3 * 4096, "jax_pinned") is not a  # taken: a new one

@@ -263,7 +263,8 @@ def four_layer_runs(store):
       ("dualpath_2_in_flight", "dualpath", 2, "numpy"),
       ("dualpath_jax_pinned", "dualpath", 3, "jax_pinned")):
     rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
-                       prefill_layers_in_flight=in_flight, host_memory=memory)
+                       prefill_layers_in_flight=in_flight, host_memory=memory,
+                       host_buffer_bytes=64 << 20)
     out[name] = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
                             namespace_prefix=f"l4-{name}-")
   return cfg4, out
@@ -292,6 +293,10 @@ def test_host_buffers_in_jax_pinned_memory_give_the_same_outputs(four_layer_runs
   pinned = out["dualpath_jax_pinned"]
   assert any(r["hit_tokens"] for r in pinned.turns)
   assert pinned.generated == out["dualpath"].generated
+  # every node buffer carved its blocks out of its arena
+  assert all(b["arena"] and b["pool_hits"] > 0 and b["arena_misses"] == 0
+             for b in pinned.host_buffers.values())
+  assert not any(b["arena"] for b in out["dualpath"].host_buffers.values())
   with pytest.raises(ValueError, match="runtime.host_memory"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], host_memory="hugepages")
 

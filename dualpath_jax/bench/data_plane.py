@@ -408,24 +408,24 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
   # D2H into the DE buffer (the PE's handoff, PrefillShard._send): the layers as on the PE, into
   # reused host memory (the node buffer's pool) or into fresh arrays, direct or through pinned.
   from dualpath_jax.transfer import device_to_host
-  on_pe = [host_to_device(h, pe, copy=False) for h in layers]
-  jax.block_until_ready(on_pe)
+  def on_pe():  # new device arrays each run: jax caches an array's host copy after a D2H
+    return [host_to_device(h, pe, copy=False) for h in layers]
+
   targets = [np.empty_like(h) for h in layers]
   for h in targets:
     h.fill(0)  # resident, as a reused pool block is
   for staging in ("direct", "pinned"):
     try:
-      s, _ = median_seconds(lambda staging=staging: [
-          device_to_host(x, t, staging=staging) for x, t in zip(on_pe, targets)],
-          repeats, warmup)
+      s, _ = median_seconds(lambda xs, staging=staging: [
+          device_to_host(x, t, staging=staging) for x, t in zip(xs, targets)],
+          repeats, warmup, setup=on_pe)
       out[f"d2h_{staging}_gbps"] = total / s / 1e9
-      s, _ = median_seconds(lambda staging=staging: [
-          device_to_host(x, np.empty(x.shape, x.dtype), staging=staging) for x in on_pe],
-          repeats, warmup)
+      s, _ = median_seconds(lambda xs, staging=staging: [
+          device_to_host(x, np.empty(x.shape, x.dtype), staging=staging) for x in xs],
+          repeats, warmup, setup=on_pe)
       out[f"d2h_{staging}_fresh_buffer_gbps"] = total / s / 1e9
     except Exception as e:  # noqa: BLE001  (a backend without pinned host memory)
       out[f"d2h_{staging}_error"] = f"{type(e).__name__}: {e}"[:300]
-  _delete(on_pe)
   if des:
     on_de = [host_to_device(h, des[0], copy=False) for h in layers]
     s, _ = median_seconds(lambda: [mover.move(x, pe) for x in on_de], repeats, warmup,
@@ -439,8 +439,9 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
                  "with at most 3 in flight; h2d_pieces: the same layers in piece_bytes pieces, "
                  "issued back to back (the TrafficManager with the gate off) or, at chunk_bytes, "
                  "each after the previous landed (gate on), staging 'auto' or 'direct'; "
-                 "d2h_<staging> = transfer.device_to_host of the layers "
-                 "on the PE into resident host arrays (the node buffer's reused pool blocks), "
+                 "d2h_<staging> = transfer.device_to_host of the layers, placed on the PE anew "
+                 "before each run (jax caches a host copy: up to record 5 the 'direct' rows "
+                 "timed only the host copy), into resident host arrays (the node buffer's reused pool blocks), "
                  "d2h_<staging>_fresh_buffer into new arrays (first-touch page faults); d2d = "
                  "DevicePutMover from DE 0 to the PE")
   log("data_plane: components (one thread) " + ", ".join(

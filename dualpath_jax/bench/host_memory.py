@@ -112,8 +112,9 @@ def measure_host_memory(device: jax.Device, *, layer_bytes: int, num_layers: int
     del held
   if not out_of_time():
     from dualpath_jax.transfer import device_to_host
-    on_device = [jax.device_put(h, device_sharding(device)) for h in layers]
-    jax.block_until_ready(on_device)
+    def fresh():  # new device arrays each run: jax caches an array's host copy after a D2H
+      return [jax.device_put(h, device_sharding(device)) for h in layers]
+
     resident = [np.zeros_like(h) for h in layers]  # a reused pool block's state
     targets = {
         "numpy_fresh": lambda x, i: np.asarray(x),
@@ -122,12 +123,13 @@ def measure_host_memory(device: jax.Device, *, layer_bytes: int, num_layers: int
         "resident_pinned": lambda x, i: device_to_host(x, resident[i], staging="pinned")}
     for name, fn in targets.items():
       try:
-        s, _ = median_seconds(lambda fn=fn: [fn(x, i) for i, x in enumerate(on_device)],
-                              repeats, warmup, cleanup=_delete)
+        s, _ = median_seconds(lambda on_device, fn=fn: [fn(x, i) for i, x in enumerate(on_device)],
+                              repeats, warmup, setup=fresh, cleanup=_delete)
         result["d2h"][name] = dict(gbps=total / s / 1e9, median_s=s)
         log(f"host_memory: d2h into {name} {total / s / 1e9:.2f} GB/s")
       except Exception as e:  # noqa: BLE001
         result["d2h"][name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+    on_device = fresh()
     pinned = jax.device_put(on_device[0], pinned_host_sharding(device))
     result["d2h"]["pinned_host_view"] = (
         "pointer view (no copy)" if pinned_memory.host_view(pinned) is not None

@@ -16,25 +16,31 @@ from typing import Any, TextIO
 import jax
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int, *,
-                   cleanup: Callable[[Any], None] | None = None) -> tuple[float, list[float]]:
+def median_seconds(fn: Callable[..., Any], repeats: int, warmup: int, *,
+                   cleanup: Callable[[Any], None] | None = None,
+                   setup: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
   """Median seconds of `fn()` (its outputs ready) over `repeats` calls after `warmup` calls.
 
   Returns (median, every timed repeat). `cleanup(outputs)`, if given, runs after each call with
   the clock stopped (e.g. deleting device arrays so that repeats do not pile up memory).
+  `setup()`, if given, runs before each call with the clock stopped, and the call is
+  `fn(setup())` (e.g. fresh device arrays: jax caches an array's host copy after the first D2H).
   """
   if repeats <= 0:
     raise ValueError(f"repeats must be positive, got {repeats}")
   times = []
   for i in range(warmup + repeats):
+    args = () if setup is None else (setup(),)
+    if args:
+      jax.block_until_ready(args[0])
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     jax.block_until_ready(out)
     if i >= warmup:
       times.append(time.perf_counter() - t0)
     if cleanup is not None:
       cleanup(out)
-    del out
+    del out, args
   return statistics.median(times), times
 
 

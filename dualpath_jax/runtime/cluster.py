@@ -64,11 +64,25 @@ class Cluster:
     per_node = {n.node_id: n for n in self.topology.nodes}
     self.links = {i: StorageLink(store, node_id=i, config=StorageLinkConfig(
         link_bytes_per_s=runtime_config.link_bytes_per_s)) for i in per_node}
+    # Page-locked node buffers get their whole capacity at once (an arena: page-locking per
+    # block was slow), leased so that the job's next cluster reuses it (returned in close()).
+    memory = runtime_config.host_memory
+    self._arenas = {}
+    self.arena_lease_s = {}
+    """Per node: seconds taken to lease its buffer's arena (page-locked kinds only)."""
+    for i, node in per_node.items():
+      if memory != "numpy":
+        t0 = time.perf_counter()
+        self._arenas[i] = (pinned_memory.lease(runtime_config.host_buffer_bytes, memory,
+                                               node.engines[0].devices[0]),
+                           node.engines[0].devices[0])
+        self.arena_lease_s[i] = time.perf_counter() - t0
     self.buffers = {i: HostBuffer(
         host_buffer_bytes=runtime_config.host_buffer_bytes,
         full_block_bytes=layout.full_block_bytes, node_id=i,
-        allocate=functools.partial(pinned_memory.allocate, kind=runtime_config.host_memory,
-                                   device=node.engines[0].devices[0]))
+        allocate=functools.partial(pinned_memory.allocate, kind=memory,
+                                   device=node.engines[0].devices[0]),
+        arena_memory=self._arenas[i][0] if i in self._arenas else None)
         for i, node in per_node.items()}
     mover = make_mover(runtime_config.mover)
     traffic_config = TrafficConfig(chunk_bytes=runtime_config.kv_chunk_bytes,
@@ -182,3 +196,11 @@ class Cluster:
     for engine in [*self.decode_workers, *self.prefill_shards]:
       engine.release_device_memory()
     self._zeros.clear()
+    arenas, self._arenas = self._arenas, {}
+    for memory, device in arenas.values():  # every worker has stopped: the arenas are free
+      pinned_memory.give_back(memory, self.runtime_config.host_memory, device)
+
+  def host_buffer_stats(self) -> dict[int, dict]:
+    """Per node: HostBuffer.stats() and the seconds its arena's lease took."""
+    return {i: dict(b.stats(), arena_lease_s=self.arena_lease_s.get(i, 0.0))
+            for i, b in self.buffers.items()}

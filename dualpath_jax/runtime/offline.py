@@ -77,6 +77,9 @@ class OfflineRun:
   reused on the device ('tokens_reused', ...) (DecodeWorker.input_placements)."""
   precompiled: dict | None = None
   """With precompile: {shapes, admit_tokens, seconds} compiled before the first turn."""
+  host_buffers: dict[int, dict] | None = None
+  """Per node: HostBuffer.stats() at the end (peak bytes reserved, where pool blocks came from,
+  over the cluster's life) and its arena's lease seconds (Cluster.host_buffer_stats)."""
 
 
 def _hit_blocks(store, mode: str, namespace: str, hashes: Sequence[str], prompt_tokens: int,
@@ -275,7 +278,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                        for node, group in cluster.prefill_groups.items()},
       describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled,
       decode_input_placements={k: v - marks["placements"].get(k, 0)
-                               for k, v in _placements(cluster).items()})
+                               for k, v in _placements(cluster).items()},
+      host_buffers=cluster.host_buffer_stats())
 
 
 def _engines(cluster: Cluster) -> list:

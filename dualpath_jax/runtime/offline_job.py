@@ -307,6 +307,7 @@ def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float =
       decode_step_median_s=statistics.median(steps) if steps else None,
       decode_inflation=decode_inflation(run.decode_steps, run.kv_moves),
       decode_input_placements=run.decode_input_placements,
+      host_buffers=run.host_buffers,
       # Where each engine's thread spent the run (seconds per stage; PE and DE totals first).
       engine_time_s={role: dict(total=_stage_totals(engines), per_engine=engines)
                      for role, engines in run.engine_stage_s.items()},

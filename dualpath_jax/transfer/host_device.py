@@ -5,7 +5,10 @@ GPUs a pageable numpy buffer moves at ~9 GB/s and a pinned one at ~54 GB/s (DESI
 `host_to_device` first places the array in the 'pinned_host' memory of the destination devices and
 then copies it into device memory. CPU backends also list a 'pinned_host' memory kind, but it is
 the same RAM as the "device": staging there would only add a copy, so on CPU the copy goes
-straight to the device.
+straight to the device. Nor is a source staged that is already page-locked memory of
+transfer.pinned_memory (the node buffers under runtime.host_memory 'jax_pinned' or
+'cuda_registered'): from there one 64 MiB copy took ~1.9 ms against ~15 ms from numpy (4x H100,
+docs/perf/gpu_bench.md record 6).
 
 Aliasing: jax.device_put of a suitably aligned numpy array may alias it on CPU (even with
 may_alias=False, measured with jax 0.10.2), so a later write into a reused host buffer would
@@ -39,7 +42,7 @@ def has_pinned_host(sharding: Sharding) -> bool:
   return True
 
 
-def _use_pinned(sharding: Sharding, staging: str) -> bool:
+def _use_pinned(sharding: Sharding, staging: str, source: np.ndarray | None = None) -> bool:
   if staging not in STAGING_MODES:
     raise ValueError(f"staging: expected one of {list(STAGING_MODES)}, got {staging!r}")
   if staging == "direct":
@@ -50,6 +53,8 @@ def _use_pinned(sharding: Sharding, staging: str) -> bool:
       raise ValueError("staging: 'pinned' asked for, but the destination has no pinned_host memory")
     return True
   on_cpu = all(d.platform == "cpu" for d in sharding.device_set)
+  if source is not None and pinned_memory.is_page_locked(source):
+    return False  # already page-locked (a node buffer's arena): staging would only add a copy
   return supported and not on_cpu
 
 
@@ -65,13 +70,14 @@ def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = Tru
     dst: an Engine (the array lands replicated on its devices) or a Sharding.
     copy: False only when the caller never writes `host_array` again (it may be aliased on CPU;
       on other backends no copy is made).
-    staging: 'auto' (pinned staging where it is a separate memory), 'pinned', or 'direct'
+    staging: 'auto' (pinned staging where it is a separate memory and `host_array` is not
+      already page-locked memory of transfer.pinned_memory), 'pinned', or 'direct'
       (jax.device_put from the caller's memory: on 4x H200 with jax 0.11.2 that ran at 53 GB/s,
       the pinned rate, against ~31 GB/s through the staging copy; docs/perf/gpu_bench.md).
   """
   sharding = destination_sharding(dst)
   host_array = np.asarray(host_array)
-  if _use_pinned(sharding, staging):
+  if _use_pinned(sharding, staging, host_array):
     staged = jax.device_put(host_array, sharding.with_memory_kind(PINNED_HOST))
     return jax.device_put(staged, sharding.with_memory_kind("device"))
   if copy and any(d.platform == "cpu" for d in sharding.device_set):

@@ -26,6 +26,7 @@ import functools
 import glob
 import os
 import sys
+import threading
 import weakref
 
 import jax
@@ -40,6 +41,33 @@ def _check_kind(kind: str) -> None:
     raise ValueError(f"host_memory: expected one of {list(HOST_MEMORY_KINDS)}, got {kind!r}")
 
 
+_locked: dict[int, int] = {}  # start address -> end address of live page-locked allocations
+_locked_mutex = threading.Lock()
+
+
+def _register(array: np.ndarray) -> np.ndarray:
+  start = array.ctypes.data
+  with _locked_mutex:
+    _locked[start] = start + array.nbytes
+  weakref.finalize(array, _unregister, start)
+  return array
+
+
+def _unregister(start: int) -> None:
+  with _locked_mutex:
+    _locked.pop(start, None)
+
+
+def is_page_locked(array: np.ndarray) -> bool:
+  """True if `array`'s bytes lie in one live allocation of a page-locked kind made here."""
+  if not isinstance(array, np.ndarray) or array.nbytes == 0:
+    return False
+  start = array.__array_interface__["data"][0]
+  end = start + array.nbytes
+  with _locked_mutex:
+    return any(s <= start and end <= e for s, e in _locked.items())
+
+
 def allocate(nbytes: int, kind: str = "numpy", device: jax.Device | None = None) -> np.ndarray:
   """A writable 1-D uint8 array of `nbytes` in host memory of `kind` (see the module doc).
 
@@ -52,8 +80,8 @@ def allocate(nbytes: int, kind: str = "numpy", device: jax.Device | None = None)
   if kind == "numpy":
     return np.empty(nbytes, np.uint8)
   if kind == "jax_pinned":
-    return _jax_pinned(nbytes, device or jax.devices()[0])
-  return _cuda_registered(nbytes)
+    return _register(_jax_pinned(nbytes, device or jax.devices()[0]))
+  return _register(_cuda_registered(nbytes))
 
 
 def _jax_pinned(nbytes: int, device: jax.Device) -> np.ndarray:
@@ -124,3 +152,26 @@ def _cuda_registered(nbytes: int) -> np.ndarray:
                        f"returned CUDA error {status}")
   weakref.finalize(array, lib.cudaHostUnregister, pointer)
   return array
+
+
+_spare: dict[tuple, list[np.ndarray]] = {}  # (kind, device id, nbytes) -> allocations given back
+_spare_mutex = threading.Lock()
+
+
+def lease(nbytes: int, kind: str, device: jax.Device | None = None) -> np.ndarray:
+  """allocate(), or an allocation of the same kind, device and size that an earlier holder gave
+  back: page-locking gigabytes takes seconds, and each run of a job builds its own cluster."""
+  key = (kind, None if device is None else device.id, int(nbytes))
+  with _spare_mutex:
+    spare = _spare.get(key)
+    if spare:
+      return spare.pop()
+  return allocate(nbytes, kind, device)
+
+
+def give_back(array: np.ndarray, kind: str, device: jax.Device | None = None) -> None:
+  """Returns a lease()d allocation for the next lease() of that kind, device and size. The caller
+  must no longer use it, nor have copies from it in flight."""
+  key = (kind, None if device is None else device.id, int(array.nbytes))
+  with _spare_mutex:
+    _spare.setdefault(key, []).append(array)
