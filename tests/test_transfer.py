@@ -101,8 +101,9 @@ def test_traffic_manager_chunks_and_counts(topo):
   assert all(t0 <= t1 for t0, t1, *_ in tm.move_records)
 
 
-@pytest.mark.parametrize("max_kv_wait_s", [0.0, 0.05])
-def test_pieces_go_back_to_back_with_the_gate_off(topo, monkeypatch, max_kv_wait_s):
+@pytest.mark.parametrize("max_kv_wait_s,d2h_staging", [(0.0, "direct"), (0.05, "direct"),
+                                                        (0.0, "pinned")])
+def test_pieces_go_back_to_back_with_the_gate_off(topo, monkeypatch, max_kv_wait_s, d2h_staging):
   """Gate off: a move's pieces are all issued before any lands (one at a time, 64 MiB H2D
   pieces moved 4.4 GB/s on an H200, back to back 32); gate on: each waits for the previous.
   Either way the bytes arrive whole, for H2D, D2D and D2H."""
@@ -115,7 +116,8 @@ def test_pieces_go_back_to_back_with_the_gate_off(topo, monkeypatch, max_kv_wait
   piece = traffic._piece
   monkeypatch.setattr(traffic, "_piece", lambda x, rows: started.append(rows) or piece(x, rows))
   tm = TrafficManager(pe, mover=make_mover("device_put"),
-                      config=TrafficConfig(chunk_bytes=256, max_kv_wait_s=max_kv_wait_s))
+                      config=TrafficConfig(chunk_bytes=256, max_kv_wait_s=max_kv_wait_s,
+                                           d2h_staging=d2h_staging))
   x = tm.h2d(host)
   y = tm.d2d(x, de)
   out = tm.d2h(y)

@@ -206,11 +206,11 @@ class TrafficManager:
     out = np.empty(x.shape, x.dtype) if out is None else out
     slices = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
     started = {}
-    if not self.gated and len(slices) > 1 and self.config.d2h_staging == "direct":
+    if not self.gated and len(slices) > 1:
       # Gate off: every piece's copy starts now; each is read (and copied into `out`) in turn.
       for rows in slices:
-        started[rows.start] = piece = _piece(x, rows)
-        piece.copy_to_host_async()
+        started[rows.start] = host_device.start_device_to_host(_piece(x, rows),
+                                                               self.config.d2h_staging)
     self._chunked(x.shape, x.dtype.itemsize,
                   lambda rows: host_device.device_to_host(
                       x if len(slices) == 1 else started[rows.start] if started
