@@ -129,3 +129,43 @@ def test_lease_reuses_what_was_given_back():
   pinned_memory.give_back(a, "jax_pinned")
   assert pinned_memory.lease(3 * 4096, "jax_pinned") is a
   assert pinned_memory.lease(3 * 4096, "jax_pinned") is not a  # taken: a new one
+
+
+def _memcpy2d(src: np.ndarray, base: np.ndarray, out: np.ndarray, geometry) -> None:
+  """What cudaMemcpy2D does with `geometry`, on host bytes."""
+  height, width, src_pitch, dst_pitch = geometry
+  src_bytes = src.reshape(-1).view(np.uint8)
+  dst_bytes = base.reshape(-1).view(np.uint8)
+  offset = out.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+  for h in range(height):
+    dst_bytes[offset + h * dst_pitch:offset + h * dst_pitch + width] = \
+        src_bytes[h * src_pitch:h * src_pitch + width]
+
+
+@pytest.mark.parametrize("layers,axis", [(slice(1, 2), 1), (slice(None), 1), (slice(0, 2), None)])
+def test_memcpy2d_geometry_lands_the_head_rows_like_numpy(layers, axis):
+  rng = np.random.default_rng(0)
+  base = rng.integers(0, 9, (3, 10, 2, 4), np.int16)  # a prompt's [L, T, 2, H] in a buffer
+  want = base.copy()
+  if axis is None:
+    out = base[layers]
+    x = rng.integers(0, 9, out.shape, np.int16)
+    want[layers] = x
+  else:
+    out = base[layers, 2:7]  # 5 tokens land at rows 2..6
+    x = rng.integers(0, 9, (out.shape[0], 8, 2, 4), np.int16)  # padded to 8 on the device
+    want[layers, 2:7] = x[:, :5]
+  _memcpy2d(x, base, out, pinned_memory.memcpy2d_geometry(x.shape, x.dtype, out, axis))
+  np.testing.assert_array_equal(base, want)
+
+
+def test_cuda_memcpy_needs_a_gpu_and_a_fitting_out():
+  x = jax.device_put(np.zeros((2, 3), np.float32), jax.devices()[0])
+  with pytest.raises(ValueError, match="cuda_memcpy"):
+    pinned_memory.cuda_copy_to_host(x, np.empty((2, 3), np.float32))
+  with pytest.raises(ValueError, match="out"):
+    pinned_memory.memcpy2d_geometry((2, 3), np.float32, np.empty((2, 4), np.float32), 1)
+  with pytest.raises(ValueError, match="C-contiguous"):
+    pinned_memory.memcpy2d_geometry((2, 3), np.float32, np.empty((2, 6), np.float32)[:, ::2], 1)
+  with pytest.raises(ValueError, match="C-contiguous"):  # shorter along axis 1, last axis strided
+    pinned_memory.memcpy2d_geometry((2, 3), np.float32, np.empty((2, 4), np.float32)[:, :4:2], 1)

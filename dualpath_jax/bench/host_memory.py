@@ -14,7 +14,9 @@ transfer.pinned_memory, issued back to back or with at most N in flight:
 
 and D2H of those layers from the device: into fresh numpy (np.asarray), into XLA's pinned host
 memory (device_put onto a pinned_host sharding), and into resident host arrays (the DE buffer's
-reused blocks, what the PE's handoff does) through transfer.device_to_host 'direct' or 'pinned'. Every moved
+reused blocks, what the PE's handoff does) through transfer.device_to_host 'direct' or 'pinned',
+and on GPUs into page-locked arrays ('cuda_registered') through 'pinned' or 'cuda_memcpy' (one
+DMA by the CUDA runtime; its bytes are checked). Every moved
 layer is checked against its source outside the clock (first and last layer).
 """
 
@@ -121,11 +123,26 @@ def measure_host_memory(device: jax.Device, *, layer_bytes: int, num_layers: int
         "jax_pinned_host": lambda x, i: jax.device_put(x, pinned_host_sharding(device)),
         "resident_direct": lambda x, i: device_to_host(x, resident[i], staging="direct"),
         "resident_pinned": lambda x, i: device_to_host(x, resident[i], staging="pinned")}
+    checked = {}
+    if device.platform == "gpu":  # the CUDA runtime's copy straight into page-locked arrays
+      try:
+        locked = [pinned_memory.allocate(h.nbytes, "cuda_registered") for h in layers]
+        targets["locked_pinned"] = lambda x, i: device_to_host(x, locked[i], staging="pinned")
+        targets["locked_cuda_memcpy"] = lambda x, i: device_to_host(x, locked[i],
+                                                                    staging="cuda_memcpy")
+        checked = {"locked_pinned": locked, "locked_cuda_memcpy": locked}
+      except Exception as e:  # noqa: BLE001
+        result["d2h"]["locked"] = dict(error=f"{type(e).__name__}: {e}"[:300])
     for name, fn in targets.items():
       try:
         s, _ = median_seconds(lambda on_device, fn=fn: [fn(x, i) for i, x in enumerate(on_device)],
                               repeats, warmup, setup=fresh, cleanup=_delete)
         result["d2h"][name] = dict(gbps=total / s / 1e9, median_s=s)
+        if name in checked:
+          result["d2h"][name]["bytes_equal"] = all(
+              np.array_equal(checked[name][i].reshape(-1), layers[i]) for i in check)
+          for buffer in checked[name]:
+            buffer.fill(0)
         log(f"host_memory: d2h into {name} {total / s / 1e9:.2f} GB/s")
       except Exception as e:  # noqa: BLE001
         result["d2h"][name] = dict(error=f"{type(e).__name__}: {e}"[:300])

@@ -117,8 +117,10 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
   for target, r in (h.get("d2h") or {}).items():
     if not isinstance(r, dict):
       continue
-    out.append(("host_memory", f"D2H into {target}",
-                _gb(r["gbps"]) if "gbps" in r else r.get("error", "")[:80], "info", "—"))
+    value = _gb(r["gbps"]) if "gbps" in r else r.get("error", "")[:80]
+    if r.get("bytes_equal") is False:
+      value += " WRONG BYTES"
+    out.append(("host_memory", f"D2H into {target}", value, "info", "—"))
 
   d = doc.get("data_plane") or {}
   if "error" in d:

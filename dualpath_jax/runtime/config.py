@@ -81,7 +81,8 @@ class RuntimeConfig:
   d2h_staging: str = "direct"
   """How D2H moves reach host memory (transfer.device_to_host): 'direct' (np.asarray, a fresh
   host allocation per piece), 'pinned' (through the backend's pinned memory, whose blocks are
-  reused), or 'auto' (pinned on GPUs)."""
+  reused), 'auto' (pinned on GPUs) or 'cuda_memcpy' (the CUDA runtime copies straight into the
+  node buffer: one DMA into page-locked host_memory; CUDA GPUs only)."""
   prefill_layers_in_flight: int = 3
   """Layerwise prefill: most layers of prefix KV on a PE's device at once (at least 2: the layer
   computing and the next loading). More keeps more H2D moves in flight, at the cost of a layer of
@@ -115,10 +116,10 @@ class RuntimeConfig:
     rate = self.link_bytes_per_s
     if rate is not None and (isinstance(rate, bool) or not rate > 0):
       raise ValueError(f"runtime.link_bytes_per_s must be positive or None, got {rate!r}")
-    from dualpath_jax.transfer.host_device import STAGING_MODES
-    for field in ("h2d_staging", "d2h_staging"):
-      if getattr(self, field) not in STAGING_MODES:
-        raise ValueError(f"runtime.{field}: expected one of {list(STAGING_MODES)}, got "
+    from dualpath_jax.transfer.host_device import D2H_STAGING_MODES, STAGING_MODES
+    for field, modes in (("h2d_staging", STAGING_MODES), ("d2h_staging", D2H_STAGING_MODES)):
+      if getattr(self, field) not in modes:
+        raise ValueError(f"runtime.{field}: expected one of {list(modes)}, got "
                          f"{getattr(self, field)!r}")
     from dualpath_jax.transfer.pinned_memory import HOST_MEMORY_KINDS
     if self.host_memory not in HOST_MEMORY_KINDS:

@@ -79,10 +79,10 @@ class TrafficConfig:
       raise ValueError(f"chunk_bytes must be a positive int, got {self.chunk_bytes!r}")
     if not self.max_kv_wait_s >= 0:
       raise ValueError(f"max_kv_wait_s must be >= 0, got {self.max_kv_wait_s!r}")
-    for field in ("h2d_staging", "d2h_staging"):
-      if getattr(self, field) not in host_device.STAGING_MODES:
-        raise ValueError(f"{field}: expected one of {list(host_device.STAGING_MODES)}, got "
-                         f"{getattr(self, field)!r}")
+    for field, modes in (("h2d_staging", host_device.STAGING_MODES),
+                         ("d2h_staging", host_device.D2H_STAGING_MODES)):
+      if getattr(self, field) not in modes:
+        raise ValueError(f"{field}: expected one of {list(modes)}, got {getattr(self, field)!r}")
 
 
 @jax.jit

@@ -28,6 +28,9 @@ from dualpath_jax.transfer.device_move import Destination, destination_sharding
 
 PINNED_HOST = "pinned_host"
 STAGING_MODES = ("auto", "pinned", "direct")
+D2H_STAGING_MODES = (*STAGING_MODES, "cuda_memcpy")
+"""D2H also has 'cuda_memcpy': the CUDA runtime copies from the GPU straight into `out`
+(pinned_memory.cuda_copy_to_host), one DMA with no host copy when `out` is page-locked."""
 
 
 def has_pinned_host(sharding: Sharding) -> bool:
@@ -106,6 +109,8 @@ def start_device_to_host(x: jax.Array, staging: str = "direct") -> jax.Array:
   first lets the copies run while the earlier pieces are read."""
   if not isinstance(x, jax.Array):
     raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
+  if staging == "cuda_memcpy":
+    return x  # nothing to queue: the copy itself is one synchronous DMA
   if _use_pinned(x.sharding, staging):
     return jax.device_put(x, x.sharding.with_memory_kind(PINNED_HOST))
   x.copy_to_host_async()
@@ -124,11 +129,15 @@ def device_to_host(x: jax.Array, out: np.ndarray | None = None, *,
   threaded host copy into `out`), or 'auto' (pinned where it is a separate memory, as for H2D).
   'direct' measured 1.3 GB/s for 64 MiB layers into fresh arrays, 'pinned' 53.8 GB/s into pinned
   memory and 15.8 GB/s on into resident arrays (2x H200, docs/perf/gpu_bench.md record 6).
+  'cuda_memcpy': the CUDA runtime copies into `out` directly (GPUs only; D2H_STAGING_MODES).
   x may already sit in pinned host memory (start_device_to_host).
   The result never aliases device memory the runtime may later reuse.
   """
   if not isinstance(x, jax.Array):
     raise TypeError(f"x: expected a jax.Array, got {type(x).__name__}")
+  if staging == "cuda_memcpy":
+    out = np.empty(x.shape, x.dtype) if out is None else out
+    return pinned_memory.cuda_copy_to_host(x, out, axis)
   pinned = _use_pinned(x.sharding, staging)
   if out is not None:
     head = out.shape == x.shape or (

@@ -175,3 +175,58 @@ def give_back(array: np.ndarray, kind: str, device: jax.Device | None = None) ->
   key = (kind, None if device is None else device.id, int(array.nbytes))
   with _spare_mutex:
     _spare.setdefault(key, []).append(array)
+
+
+_DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
+
+
+def cuda_copy_to_host(x: jax.Array, out: np.ndarray, axis: int | None = None) -> np.ndarray:
+  """x's bytes copied by the CUDA runtime (cudaMemcpy2D) from its GPU straight into `out`: one
+  DMA and no host copy when `out` is page-locked (a node buffer's arena). With `axis`, `out` may
+  be shorter than x along it (x's leading entries land). x must be a single-GPU array; out's
+  axes from `axis` on must be C-contiguous and the axes before it collapse to one stride.
+  Blocks until x is ready and the copy is done (the GIL is released during the copy)."""
+  devices = x.devices()
+  if len(devices) != 1 or next(iter(devices)).platform != "gpu":
+    raise ValueError(f"d2h_staging 'cuda_memcpy' needs an array on one CUDA GPU, got one on "
+                     f"{sorted(str(d) for d in devices)}")
+  (device,) = devices
+  height, width, src_pitch, dst_pitch = memcpy2d_geometry(x.shape, x.dtype, out, axis)
+  if width == 0 or height == 0:
+    return out
+  lib = cuda_runtime()
+  x.block_until_ready()
+  ordinal = getattr(device, "local_hardware_id", None)
+  status = lib.cudaSetDevice(ctypes.c_int(device.id if ordinal is None else ordinal))
+  if status == 0:
+    status = lib.cudaMemcpy2D(
+        ctypes.c_void_p(out.__array_interface__["data"][0]), ctypes.c_size_t(dst_pitch),
+        ctypes.c_void_p(x.unsafe_buffer_pointer()), ctypes.c_size_t(src_pitch),
+        ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(_DEVICE_TO_HOST))
+  if status != 0:
+    raise RuntimeError(f"d2h_staging 'cuda_memcpy': CUDA error {status} copying "
+                       f"{height} x {width} bytes from {device}")
+  return out
+
+
+def memcpy2d_geometry(x_shape, dtype, out: np.ndarray, axis: int | None
+                      ) -> tuple[int, int, int, int]:
+  """(height, width, source pitch, destination pitch) in bytes of the 2-D copy that puts a
+  C-contiguous array of `x_shape` into `out` (shorter than it along `axis`, if given)."""
+  x_shape = tuple(x_shape)
+  axis = 0 if axis is None or out.shape == x_shape else axis
+  if out.dtype != np.dtype(dtype) or out.ndim != len(x_shape) or out.shape[axis] > x_shape[axis] \
+      or out.shape[:axis] + out.shape[axis + 1:] != x_shape[:axis] + x_shape[axis + 1:]:
+    raise ValueError(f"out: expected {np.dtype(dtype)} {list(x_shape)} or shorter along axis "
+                     f"{axis}, got {out.dtype} {list(out.shape)}")
+  tail = int(np.prod(out.shape[axis + 1:], dtype=np.int64)) * out.itemsize
+  width = out.shape[axis] * tail  # bytes of one row of the 2-D copy
+  contiguous = [out.strides[d] == out.strides[d + 1] * out.shape[d + 1]
+                for d in range(out.ndim - 1)]
+  if out.strides[-1] != out.itemsize or not all(contiguous[axis:]):
+    raise ValueError(f"out: axes {axis}.. must be C-contiguous, strides {out.strides}")
+  if not all(contiguous[:max(axis - 1, 0)]):
+    raise ValueError(f"out: axes before {axis} must collapse to one stride, strides {out.strides}")
+  height = int(np.prod(out.shape[:axis], dtype=np.int64)) if axis else 1
+  dst_pitch = out.strides[axis - 1] if axis else width
+  return height, width, x_shape[axis] * tail, dst_pitch
