@@ -14,7 +14,8 @@
 # configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
 # priority gate, runtime.kv_max_wait_s = s; the preset has it off; 'e2e:<topology>:<cap>:<s>:<kind>'
 # also sets runtime.host_memory = kind, e.g. 'e2e:2P2D:6.25e9::jax_pinned', and H2D staging
-# 'direct': page-locked buffers need no staging copy). Seconds per part:
+# 'direct': page-locked buffers need no staging copy; a sixth field sets runtime.d2h_staging, e.g.
+# 'e2e:1P1D:6.25e9::cuda_registered:cuda_memcpy'). Seconds per part:
 # PART_LIMIT_S (default 280; micro 200).
 # PREFILL_VARIANTS: micro's engine.prefill_variants (a flag given twice would append, not replace).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
@@ -83,7 +84,7 @@ EOF
       echo "hostcopy: exit $?"
       ;;
     e2e:*)
-      IFS=: read -r _ topology cap gate memory <<< "$part"
+      IFS=: read -r _ topology cap gate memory part_d2h <<< "$part"
       name="e2e_${topology}_cap${cap}"
       gate_flag=()
       if [ -n "${gate:-}" ]; then  # e2e:<topology>:<cap>:<s>: the priority gate's cap, seconds
@@ -96,13 +97,18 @@ EOF
         gate_flag+=(--config.end_to_end.runtime.host_memory="$memory")
         part_h2d=direct
       fi
+      if [ -n "${part_d2h:-}" ]; then
+        name="${name}_d2h${part_d2h}"
+      else
+        part_d2h=$d2h
+      fi
       timeout "${PART_LIMIT_S:-280}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:e2e_h100x4 "${gate_flag[@]}" \
           --config.end_to_end.topologies="('$topology',)" \
           --config.end_to_end.link_caps="($cap,)" \
           --config.end_to_end.model.paged_attention="$paged" \
           --config.end_to_end.runtime.h2d_staging="$part_h2d" \
-          --config.end_to_end.runtime.d2h_staging="$d2h" \
+          --config.end_to_end.runtime.d2h_staging="$part_d2h" \
           ${E2E_FLAGS:-} --out="$RUN/$name" > "$RUN/$name.log" 2>&1
       echo "$name: exit $?"
       grep -h "^end_to_end " "$RUN/$name/gpu_bench.md" 2>/dev/null | cut -c1-200

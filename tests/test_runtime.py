@@ -495,3 +495,44 @@ def test_de_side_read_that_cannot_fit_the_de_buffer_goes_to_the_pe_side(model, s
     assert big.read_split == (5, 0)
   finally:
     cluster.close()
+
+
+@pytest.mark.parametrize("mode", ["basic", "dualpath"])
+def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(store, monkeypatch, mode):
+  """d2h_staging='cuda_memcpy' copies with cudaMemcpy2D (GPUs only). Here the copy is emulated on
+  the host from pinned_memory.memcpy2d_geometry, byte for byte as cudaMemcpy2D would do it: every
+  D2H the runtime makes (the PE's handoff, the DE's persists) must fit that geometry and give the
+  same tokens as 'direct'."""
+  from dualpath_jax.transfer import pinned_memory
+  calls = []
+
+  def emulated(x, out, axis=None):
+    height, width, src_pitch, dst_pitch = pinned_memory.memcpy2d_geometry(x.shape, x.dtype, out,
+                                                                          axis)
+    src = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+    start = out.__array_interface__["data"][0]
+    base = out
+    while base.base is not None and isinstance(base.base, np.ndarray):
+      base = base.base
+    dst = base.reshape(-1).view(np.uint8)
+    offset = start - dst.__array_interface__["data"][0]
+    for h in range(height):
+      dst[offset + h * dst_pitch:offset + h * dst_pitch + width] = \
+          src[h * src_pitch:h * src_pitch + width]
+    calls.append(x.shape)
+    return out
+
+  monkeypatch.setattr(pinned_memory, "cuda_copy_to_host", emulated)
+  cfg4 = get_preset("tiny", dtype="float32", num_layers=4)
+  model4 = weights.init_random(cfg4, 1)
+  layout4 = KVLayout.for_model(cfg4)
+  store4 = KVBlockStore.open(StoreSpec(driver="memory", path="x"), layout4, context=ts.Context())
+  small = simple_trajectories(agents=2, turns=2, first_append_tokens=200, append_tokens=70,
+                              gen_tokens=6, vocab_size=cfg4.vocab_size, seed=1)
+  generated = {}
+  for staging in ("direct", "cuda_memcpy"):
+    rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
+                       d2h_staging=staging, kv_chunk_bytes=64 << 10)
+    generated[staging] = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
+                                     namespace_prefix=f"memcpy-{mode}-{staging}-").generated
+  assert calls and generated["cuda_memcpy"] == generated["direct"]

@@ -224,7 +224,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     while len(records) < total:
       request: TurnRequest = done_queue.get(timeout=600)
       if request.error is not None:
-        raise RuntimeError(f"{request.agent_id} turn {request.turn} failed") from request.error
+        raise RuntimeError(f"{request.agent_id} turn {request.turn} failed: "
+                           f"{request.error!r}") from request.error
       agent_id = request.agent_id[len(namespace_prefix):]
       contexts[agent_id] = request.prompt.tolist() + request.generated
       with_kv[agent_id] = len(contexts[agent_id]) - 1

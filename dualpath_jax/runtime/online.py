@@ -276,7 +276,8 @@ def run_online(runtime_config: RuntimeConfig, model, store: KVBlockStore, layout
   def take(request: TurnRequest, stopped: bool) -> None:
     nonlocal finished, sequence
     if request.error is not None:
-      raise RuntimeError(f"{request.agent_id} turn {request.turn} failed") from request.error
+      raise RuntimeError(f"{request.agent_id} turn {request.turn} failed: "
+                           f"{request.error!r}") from request.error
     agent_id = request.agent_id[len(namespace_prefix):]
     _, arrival, submitted = in_flight.pop((agent_id, request.turn))
     contexts[agent_id] = request.prompt.tolist() + request.generated

@@ -214,7 +214,7 @@ def memcpy2d_geometry(x_shape, dtype, out: np.ndarray, axis: int | None
   """(height, width, source pitch, destination pitch) in bytes of the 2-D copy that puts a
   C-contiguous array of `x_shape` into `out` (shorter than it along `axis`, if given)."""
   x_shape = tuple(x_shape)
-  axis = 0 if axis is None or out.shape == x_shape else axis
+  axis = 0 if axis is None else axis
   if out.dtype != np.dtype(dtype) or out.ndim != len(x_shape) or out.shape[axis] > x_shape[axis] \
       or out.shape[:axis] + out.shape[axis + 1:] != x_shape[:axis] + x_shape[axis + 1:]:
     raise ValueError(f"out: expected {np.dtype(dtype)} {list(x_shape)} or shorter along axis "
