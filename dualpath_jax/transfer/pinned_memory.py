@@ -178,6 +178,27 @@ def give_back(array: np.ndarray, kind: str, device: jax.Device | None = None) ->
 
 
 _DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
+_NON_BLOCKING = 1  # cudaStreamNonBlocking
+_streams = threading.local()
+
+
+def _copy_stream(lib, ordinal: int, stream: ctypes.c_void_p) -> int:
+  """This thread's copy stream on GPU `ordinal` into `stream` (created once); a CUDA status.
+
+  Non-blocking: a copy on the legacy default stream waits for (and holds up) the work of every
+  blocking stream of the device. With the copies there, dualpath's decode inflation was +25%
+  against +4% through XLA's own pinned copies (2x H200, docs/perf/gpu_bench.md record 6)."""
+  cache = getattr(_streams, "by_device", None)
+  if cache is None:
+    cache = _streams.by_device = {}
+  if ordinal not in cache:
+    made = ctypes.c_void_p()
+    status = lib.cudaStreamCreateWithFlags(ctypes.byref(made), ctypes.c_uint(_NON_BLOCKING))
+    if status != 0:
+      return status
+    cache[ordinal] = made.value
+  stream.value = cache[ordinal]
+  return 0
 
 
 def cuda_copy_to_host(x: jax.Array, out: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -185,7 +206,8 @@ def cuda_copy_to_host(x: jax.Array, out: np.ndarray, axis: int | None = None) ->
   DMA and no host copy when `out` is page-locked (a node buffer's arena). With `axis`, `out` may
   be shorter than x along it (x's leading entries land). x must be a single-GPU array; out's
   axes from `axis` on must be C-contiguous and the axes before it collapse to one stride.
-  Blocks until x is ready and the copy is done (the GIL is released during the copy)."""
+  Blocks until x is ready and the copy is done (the GIL is released during the copy), which runs
+  on a non-blocking stream of this thread's own."""
   devices = x.devices()
   if len(devices) != 1 or next(iter(devices)).platform != "gpu":
     raise ValueError(f"d2h_staging 'cuda_memcpy' needs an array on one CUDA GPU, got one on "
@@ -197,12 +219,18 @@ def cuda_copy_to_host(x: jax.Array, out: np.ndarray, axis: int | None = None) ->
   lib = cuda_runtime()
   x.block_until_ready()
   ordinal = getattr(device, "local_hardware_id", None)
-  status = lib.cudaSetDevice(ctypes.c_int(device.id if ordinal is None else ordinal))
+  ordinal = device.id if ordinal is None else ordinal
+  status = lib.cudaSetDevice(ctypes.c_int(ordinal))
+  stream = ctypes.c_void_p()
   if status == 0:
-    status = lib.cudaMemcpy2D(
+    status = _copy_stream(lib, ordinal, stream)
+  if status == 0:
+    status = lib.cudaMemcpy2DAsync(
         ctypes.c_void_p(out.__array_interface__["data"][0]), ctypes.c_size_t(dst_pitch),
         ctypes.c_void_p(x.unsafe_buffer_pointer()), ctypes.c_size_t(src_pitch),
-        ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(_DEVICE_TO_HOST))
+        ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(_DEVICE_TO_HOST), stream)
+  if status == 0:
+    status = lib.cudaStreamSynchronize(stream)
   if status != 0:
     raise RuntimeError(f"d2h_staging 'cuda_memcpy': CUDA error {status} copying "
                        f"{height} x {width} bytes from {device}")
