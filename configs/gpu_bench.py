@@ -177,12 +177,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         append_tokens=500, gen_tokens=150, engines_per_node=1, warmup=True, warmup_agents=4,
         warmup_turns=2, primed_turns=1)
     c.end_to_end.runtime.update(compute_quota_s=0.3, max_batch_requests=4, token_budget=8192,
-                                host_buffer_bytes=48 << 30, decode_batch_size=16,
+                                # 16 GiB a node, page-locked once (node peaks: 12 GiB on
+                                # 1P1D, 2x H200, record 6 of docs/perf/gpu_bench.md)
+                                host_buffer_bytes=16 << 30, decode_batch_size=16,
                                 max_context_tokens=24576, kv_chunk_bytes=32 << 20,
                                 prefill_layers_in_flight=3,
                                 # the node buffers' memory: 'numpy' (pageable) up to record 5;
-                                # 'jax_pinned' / 'cuda_registered' page-locked (host_memory section)
-                                host_memory="numpy",
+                                # page-locked since record 6 (1P1D capped, 2x H200: basic 11.3 ->
+                                # 8.2 s, dualpath 8.9 -> 7.5 s with the D2H below), H2D from it
+                                # 'direct' and D2H into it by the CUDA runtime
+                                host_memory="cuda_registered", h2d_staging="direct",
+                                d2h_staging="cuda_memcpy",
                                 # The priority gate off, as measured on 4x H200 (record 2 of
                                 # docs/perf/gpu_bench.md): then a piece waited for a moment with
                                 # no step, up to 50 ms, on a DE decoding back to back. It now
@@ -205,7 +210,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                         warmup_agents=0, warmup_turns=0, primed_turns=0)
     c.end_to_end.runtime.update(compute_quota_s=0.03, token_budget=2048, max_batch_requests=8,
                                 host_buffer_bytes=256 << 20, max_context_tokens=2048,
-                                kv_chunk_bytes=4 << 20, decode_batch_size=8)
+                                kv_chunk_bytes=4 << 20, decode_batch_size=8,
+                                # no CUDA on a CPU host
+                                host_memory="numpy", h2d_staging="auto", d2h_staging="direct")
     c.end_to_end.workload.update(length_jitter=0.5)
     c.end_to_end.model.update(attention="einsum", paged_attention="gather")
   if variant == "smoke":

@@ -2,8 +2,9 @@
 # One device-tool call of the GPU benchmark (issue: DualPath on a real multi-GPU host): each part
 # a separate process with its own time limit, so that a part cut short still leaves its JSON
 # (gpu_bench.json is rewritten after every measurement) and the next part runs.
-# Each end-to-end job moves KV with the H2D/D2H staging that micro's data-plane components
-# measured faster in the same call (else 'auto' / 'direct').
+# Each end-to-end job moves KV as configs/gpu_bench.py:e2e_h100x4 says (since record 6:
+# page-locked node buffers, H2D 'direct', D2H 'cuda_memcpy'; up to record 6 the staging was
+# picked from micro's data-plane components, whose D2H rows were wrong: jax caches a host copy).
 #
 #   OUT=/path bash scripts/gpu_bench_call.sh micro e2e:1P3D:6.25e9 e2e:2P2D:0
 #
@@ -13,9 +14,9 @@
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
 # priority gate, runtime.kv_max_wait_s = s; the preset has it off; 'e2e:<topology>:<cap>:<s>:<kind>'
-# also sets runtime.host_memory = kind, e.g. 'e2e:2P2D:6.25e9::jax_pinned', and H2D staging
-# 'direct': page-locked buffers need no staging copy; a sixth field sets runtime.d2h_staging, e.g.
-# 'e2e:1P1D:6.25e9::cuda_registered:cuda_memcpy'). Seconds per part:
+# also sets runtime.host_memory = kind, e.g. 'e2e:2P2D:6.25e9::numpy' (record 5's pageable
+# buffers, with H2D staged through pinned memory); a sixth field sets runtime.d2h_staging, e.g.
+# 'e2e:1P1D:6.25e9::numpy:pinned'). Seconds per part:
 # PART_LIMIT_S (default 280; micro 200).
 # PREFILL_VARIANTS: micro's engine.prefill_variants (a flag given twice would append, not replace).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
@@ -37,8 +38,6 @@ fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$RUN/gpus.txt" 2>&1
 paged=pallas
-h2d=auto
-d2h=direct
 for part in "$@"; do
   case "$part" in
     micro)
@@ -47,23 +46,18 @@ for part in "$@"; do
           --config.engine.prefill_variants="${PREFILL_VARIANTS:-('layerwise','layerwise_sdpa','layerwise_split')}" \
           ${MICRO_FLAGS:-} --out="$RUN/micro" > "$RUN/micro.log" 2>&1
       echo "micro: exit $?"
-      read -r paged h2d d2h <<< "$(python3 - "$RUN/micro/gpu_bench.json" <<'EOF'
+      paged="$(python3 - "$RUN/micro/gpu_bench.json" <<'EOF'
 import json, sys
 try:
   result = json.load(open(sys.argv[1]))
-except Exception:  # no result: the defaults
+except Exception:  # no result: the default
   result = {}
 rows = (result.get("engine") or {}).get("decode") or []
 pallas = [r for r in rows if r.get("paged_attention") == "pallas"]
-paged = "gather" if pallas and all("error" in r for r in pallas) else "pallas"
-# The end-to-end jobs move KV the faster way that the data plane's components measured.
-parts = (result.get("data_plane") or {}).get("components") or {}
-h2d = "direct" if parts.get("h2d_direct_gbps", 0) > parts.get("h2d_gbps", 0) else "auto"
-d2h = "pinned" if parts.get("d2h_pinned_gbps", 0) > parts.get("d2h_direct_gbps", 0) else "direct"
-print(paged, h2d, d2h)
+print("gather" if pallas and all("error" in r for r in pallas) else "pallas")
 EOF
 )"
-      echo "end-to-end: decode attention $paged, h2d_staging $h2d, d2h_staging $d2h"
+      echo "end-to-end: decode attention $paged"
       ;;
     decode_cmdbuf)
       # Decode at batch 32 (Pallas, the default blocking) and its fixed-cost row once more, with
@@ -86,29 +80,27 @@ EOF
     e2e:*)
       IFS=: read -r _ topology cap gate memory part_d2h <<< "$part"
       name="e2e_${topology}_cap${cap}"
-      gate_flag=()
+      part_flags=()
       if [ -n "${gate:-}" ]; then  # e2e:<topology>:<cap>:<s>: the priority gate's cap, seconds
         name="${name}_gate${gate}"
-        gate_flag=(--config.end_to_end.runtime.kv_max_wait_s="$gate")
+        part_flags=(--config.end_to_end.runtime.kv_max_wait_s="$gate")
       fi
-      part_h2d=$h2d
       if [ -n "${memory:-}" ]; then  # e2e:<topology>:<cap>:<s>:<kind>: the node buffers' memory
         name="${name}_${memory}"
-        gate_flag+=(--config.end_to_end.runtime.host_memory="$memory")
-        part_h2d=direct
+        part_flags+=(--config.end_to_end.runtime.host_memory="$memory")
+        if [ "$memory" = numpy ]; then  # pageable: staged through pinned memory, as before
+          part_flags+=(--config.end_to_end.runtime.h2d_staging=auto)
+        fi
       fi
-      if [ -n "${part_d2h:-}" ]; then
+      if [ -n "${part_d2h:-}" ]; then  # ...:<kind>:<d2h staging>
         name="${name}_d2h${part_d2h}"
-      else
-        part_d2h=$d2h
+        part_flags+=(--config.end_to_end.runtime.d2h_staging="$part_d2h")
       fi
       timeout "${PART_LIMIT_S:-280}" python3 experiments/gpu_bench.py \
-          --config=configs/gpu_bench.py:e2e_h100x4 "${gate_flag[@]}" \
+          --config=configs/gpu_bench.py:e2e_h100x4 "${part_flags[@]}" \
           --config.end_to_end.topologies="('$topology',)" \
           --config.end_to_end.link_caps="($cap,)" \
           --config.end_to_end.model.paged_attention="$paged" \
-          --config.end_to_end.runtime.h2d_staging="$part_h2d" \
-          --config.end_to_end.runtime.d2h_staging="$part_d2h" \
           ${E2E_FLAGS:-} --out="$RUN/$name" > "$RUN/$name.log" 2>&1
       echo "$name: exit $?"
       grep -h "^end_to_end " "$RUN/$name/gpu_bench.md" 2>/dev/null | cut -c1-200

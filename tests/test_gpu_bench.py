@@ -419,3 +419,4 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
   # the PE's layers in flight reach the runtime config of every mode
   assert {rc.prefill_layers_in_flight for rc in job.runtimes} == {6}
   assert {rc.host_memory for rc in job.runtimes} == {"jax_pinned"}
+  assert {rc.d2h_staging for rc in job.runtimes} == {"cuda_memcpy"}  # the preset's, since record 6

@@ -250,13 +250,19 @@ def test_blocks_persisted_in_one_turn_hit_in_the_next(runs, store, layout, trajs
 # --- 4. PE residency -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def four_layer_runs(store):
+def four_layers():
+  """A 4-layer tiny model (more layers than a PE holds at once), its store and 2 short agents."""
   cfg4 = get_preset("tiny", dtype="float32", num_layers=4)
-  model4 = weights.init_random(cfg4, 1)
   layout4 = KVLayout.for_model(cfg4)
   store4 = KVBlockStore.open(StoreSpec(driver="memory", path="x"), layout4, context=ts.Context())
   small = simple_trajectories(agents=2, turns=2, first_append_tokens=200, append_tokens=70,
                               gen_tokens=6, vocab_size=cfg4.vocab_size, seed=1)
+  return cfg4, weights.init_random(cfg4, 1), layout4, store4, small
+
+
+@pytest.fixture(scope="module")
+def four_layer_runs(four_layers):
+  cfg4, model4, layout4, store4, small = four_layers
   out = {}
   for name, mode, in_flight, memory in (
       ("basic", "basic", 3, "numpy"), ("dualpath", "dualpath", 3, "numpy"),
@@ -498,7 +504,7 @@ def test_de_side_read_that_cannot_fit_the_de_buffer_goes_to_the_pe_side(model, s
 
 
 @pytest.mark.parametrize("mode", ["basic", "dualpath"])
-def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(store, monkeypatch, mode):
+def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(four_layers, monkeypatch, mode):
   """d2h_staging='cuda_memcpy' copies with cudaMemcpy2D (GPUs only). Here the copy is emulated on
   the host from pinned_memory.memcpy2d_geometry, byte for byte as cudaMemcpy2D would do it: every
   D2H the runtime makes (the PE's handoff, the DE's persists) must fit that geometry and give the
@@ -523,12 +529,7 @@ def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(store, monkeypatch, mod
     return out
 
   monkeypatch.setattr(pinned_memory, "cuda_copy_to_host", emulated)
-  cfg4 = get_preset("tiny", dtype="float32", num_layers=4)
-  model4 = weights.init_random(cfg4, 1)
-  layout4 = KVLayout.for_model(cfg4)
-  store4 = KVBlockStore.open(StoreSpec(driver="memory", path="x"), layout4, context=ts.Context())
-  small = simple_trajectories(agents=2, turns=2, first_append_tokens=200, append_tokens=70,
-                              gen_tokens=6, vocab_size=cfg4.vocab_size, seed=1)
+  _, model4, layout4, store4, small = four_layers
   generated = {}
   for staging in ("direct", "cuda_memcpy"):
     rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512,

@@ -150,7 +150,10 @@ def measure_ceilings(devices: Sequence[jax.Device], *, total_bytes: int, chunk_b
     update()
 
     if pageable:
-      host = [np.asarray(c) for c in chunks.chunks[0]] if chunks.pinned else chunks.chunks[0]
+      # A copy: np.asarray of a pinned_host array may view the pinned memory itself (up to
+      # 2026-11-28 this row did that and read 52 GB/s where numpy moved 29 back to back).
+      host = ([np.array(np.asarray(c), copy=True) for c in chunks.chunks[0]] if chunks.pinned
+              else chunks.chunks[0])
       s = timer(lambda: [_h2d(c, devices[0]) for c in host])
       result["h2d_pageable_gpu0"] = dict(gbps=_gbps(total, s), median_s=s)
       log(f"ceilings: h2d gpu0 from pageable numpy {_gbps(total, s):7.2f} GB/s")

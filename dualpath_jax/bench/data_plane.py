@@ -441,7 +441,8 @@ def _components(blocks, layout, pe, des, mover, repeats, warmup, log, chunk_byte
                  "each after the previous landed (gate on), staging 'auto' or 'direct'; "
                  "d2h_<staging> = transfer.device_to_host of the layers, placed on the PE anew "
                  "before each run (jax caches a host copy: up to record 5 the 'direct' rows "
-                 "timed only the host copy), into resident host arrays (the node buffer's reused pool blocks), "
+                 "timed only the host copy), into resident host arrays (the node buffer's "
+                 "reused pool blocks), "
                  "d2h_<staging>_fresh_buffer into new arrays (first-touch page faults); d2d = "
                  "DevicePutMover from DE 0 to the PE")
   log("data_plane: components (one thread) " + ", ".join(

@@ -8,22 +8,22 @@ decode engine has taken the prompt KV onto its devices (DE side, PAPER.md sectio
 Memory: arrays a request builds in its reservation (`Reservation.empty`: the stacked read blocks,
 the prompt KV in the DE buffer) come from the buffer's pool of reused host blocks, as the paper's
 buffers are allocated once and reused. A fresh numpy array of a gigabyte is fresh pages that the
-kernel faults in (and zeroes) on first write: on the 4x H200 host a D2H into fresh arrays moved
-11.5 GB/s against 26.9 GB/s into resident ones, and a host gather 9.8 against 32.0 GB/s on 8
-threads (docs/perf/gpu_bench.md, record 3). Pool blocks come in size classes eight per
-power of two (at most 12.5% larger than asked for); freed blocks wait for the next request of their
-class, and are dropped (largest first) when a new block would take the pool past the buffer's
-capacity plus that rounding.
+kernel faults in (and zeroes) on first write: on the 4x H200 host a host gather into fresh arrays
+moved 9.8 against 32.0 GB/s into resident ones on 8 threads (docs/perf/gpu_bench.md, record 3).
+Pool blocks come in size classes eight per power of two (at most 12.5% larger than asked for);
+freed blocks wait for the next request of their class, and are dropped (largest first) when a new
+block would take the pool past the buffer's capacity plus that rounding.
 
 Pinned memory: pool blocks come from `allocate(nbytes)`, plain numpy by default. The cluster
 passes transfer.pinned_memory.allocate of the runtime's `host_memory` kind, so on GPUs the blocks
 can be page-locked and a device copy from them needs no staging copy. Page-locking is slow (a
 first run allocating pinned blocks per size class spent 20% of the PE's samples there, 4x H100),
 so the buffer can be given its whole capacity once (`arena_memory`, which the cluster leases
-from transfer.pinned_memory and returns at close for the next cluster) and carve blocks out of it (first fit, freed blocks merge with free neighbours); a block that finds no room
-there (fragmentation) comes from `allocate` as before and is counted in `arena_misses`. The
-store's own read arrays stay numpy; the read's landing copy (KVLayout.full_blocks_to_kv) writes
-into a pool block.
+from transfer.pinned_memory and returns at close for the next cluster) and carve blocks out of
+it (first fit, freed blocks merge with free neighbours); a block that finds no room there
+(fragmentation) comes from `allocate` as before and is counted in `arena_misses`. The store's
+own read arrays stay numpy; the read's landing copy (KVLayout.full_blocks_to_kv) writes into a
+pool block.
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def host_view(x: jax.Array) -> np.ndarray | None:
 
 @functools.lru_cache(maxsize=1)
 def cuda_runtime() -> ctypes.CDLL:
-  """The CUDA runtime library that jax's CUDA plugin ships (nvidia-cuda-runtime), or the system's."""
+  """The CUDA runtime library that jax's CUDA plugin ships (nvidia-cuda-runtime), or the
+  system's."""
   candidates = []
   for root in sys.path:
     candidates += sorted(glob.glob(os.path.join(root, "nvidia", "cuda_runtime", "lib",
