@@ -130,12 +130,19 @@ class DecodeWorker(threading.Thread):
 
   def precompile(self, token_counts) -> int:
     """Compiles the admission's page write for each prompt KV length (Cluster.admit_tokens) by
-    writing zeros to the scratch page, and the steps' token merge, before the clock starts:
-    otherwise the first admission of a new length compiles on this thread, between decode
-    steps. Call it while no request is in flight. Returns how many lengths ran."""
+    writing zeros to the scratch page, the steps' token merge, and the decode step itself over
+    padding rows only (their KV goes to the scratch page), before the clock starts: otherwise
+    the first admission of a new length compiles on this thread, between decode steps, and a DE
+    that the warm-up pass left idle compiles its step in the timed part (the oracle of the CPU
+    smoke did, both DEs). Call it while no request is in flight. Returns how many lengths ran."""
     no_tokens = jax.device_put(np.zeros((len(self._slots),), np.int32),
                                self.engine.replicated_sharding)
     _merge_tokens(no_tokens, no_tokens)
+    _, block_tables, seq_lens = self.table.prepare_decode(
+        [None] * len(self._slots), batch_size=len(self._slots), max_pages=self.max_pages)
+    tables, lens = (jax.device_put(h, self.engine.replicated_sharding)
+                    for h in (block_tables, seq_lens))
+    _, _, self.pool = paged.greedy_decode_step_jit(self.model, self.pool, no_tokens, tables, lens)
     layout = self.cluster.layout
     for tokens in token_counts:
       kv = jax.device_put(np.zeros((layout.num_layers, tokens, *layout.token_kv_shape),

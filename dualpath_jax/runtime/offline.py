@@ -204,9 +204,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
           trajectories, first_turn=primed_turns, block_tokens=bt)})
       skipped = [(list(shape), error) for shard in cluster.prefill_shards
                  for shape, error in shard.precompile(shapes)]
-      if not runtime_config.skips_kv_io:
-        for worker in cluster.decode_workers:
-          worker.precompile(admits)
+      for worker in cluster.decode_workers:  # the oracle admits no KV, but decodes
+        worker.precompile([] if runtime_config.skips_kv_io else admits)
       precompiled = dict(shapes=[list(s) for s in shapes], admit_tokens=admits,
                          skipped=skipped, seconds=time.perf_counter() - t0)
       if progress is not None:

@@ -55,15 +55,16 @@ def _pad_to(x, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "batch_axis"))
-def _row_head(x, row, size: int, batch_axis: int):
-  """x[row, :size] along (batch_axis, batch_axis + 1). `row` is traced and `size` comes in few
-  values (admit_tokens), so that a handful of programs serve every request: a static row and
-  length compiled one program per request and part (157 traces in the CPU smoke run, 61 now;
-  what each compile cost inside the PE's 'send' on a GPU was not measured separately)."""
+@functools.partial(jax.jit, static_argnames=("batch_axis",))
+def _row(x, row, batch_axis: int):
+  """x[row] along batch_axis, as [L or 1, T, ...]. `row` is traced, so one program serves every
+  row of a batch shape (PrefillShard.precompile compiles it). The D2H then lands only the row's
+  head (its tokens) in the DE buffer. Up to 2026-11-28 the head was cut on the device with
+  sizes in admit_tokens buckets: up to 56 programs per batch shape, compiled inside the timed
+  runs (the PE's thread spent 21-32% of basic's samples and 9-11% of dualpath's compiling, 2x
+  H200, docs/perf/gpu_bench.md record 6)."""
   x = jax.lax.dynamic_index_in_dim(x, row, axis=batch_axis, keepdims=False)
-  x = jax.lax.slice_in_dim(x, 0, size, axis=batch_axis)
-  return x if batch_axis else x[None]  # [L or 1, size, ...]
+  return x if batch_axis else x[None]  # [L or 1, T, ...]
 
 
 LAYERS_IN_FLIGHT = RuntimeConfig.prefill_layers_in_flight
@@ -165,6 +166,55 @@ class PrefillShard:
       finally:
         if prefix is not None:
           prefix.delete()
+    if not self.cluster.runtime_config.skips_kv_io:
+      skipped += self._precompile_moves(shapes)
+    return skipped
+
+  def _precompile_moves(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
+    """Compiles the small programs around the forward for each batch shape: padding a row's
+    prefix to tp (_pad_to, for every one-sided read length up to tp) and stacking the rows,
+    the row cut for each send (_row), the joins of an H2D's pieces, and in whole-prefix prefill
+    the per-layer index and the stack of the new KV. Before they were, the PE thread spent
+    21-32% of basic's timed samples and 9-11% of dualpath's compiling (2x H200, record 6 of
+    docs/perf/gpu_bench.md). A prefix read on both sides, or a later chunk's prefix from the DE
+    buffer, keeps its exact length and still compiles its pad when it comes."""
+    layout = self.cluster.layout
+    kv_shape = layout.token_kv_shape
+    whole = not self.cluster.runtime_config.layerwise
+    lead = (layout.num_layers,) if whole else ()
+    axis = 1 if whole else 0
+    sharding = self.engine.replicated_sharding
+
+    def zeros(shape):
+      return jnp.zeros(shape, layout.np_dtype, device=sharding)
+
+    de_tms = ([self.cluster.traffic[e.name] for e in self.cluster.topology.decode_engines]
+              if self.cluster.runtime_config.dual_path else [])
+    skipped, moved = [], set()
+    for rows, tp, tn in shapes:
+      try:
+        # a prefix read on one side lands Cluster.read_rows long: an admit_tokens bucket
+        lengths = sorted({self.cluster.admit_tokens(n) for n in range(
+            layout.block_tokens, tp + 1, layout.block_tokens)})  # each <= tp, a power of 2
+        for length in lengths:
+          if length not in moved:  # one row's prefix to this PE: PE path, DE paths
+            moved.add(length)
+            host = np.zeros((*lead, length, *kv_shape), layout.np_dtype)
+            self.tm.h2d(host).delete()
+            for de_tm in de_tms:
+              de_tm.d2d(de_tm.h2d(host), self.engine).delete()
+          _pad_to(zeros((*lead, length, *kv_shape)), tp, axis).delete()
+        prefix = jnp.stack([self.cluster.zeros_on(self.engine, (*lead, tp, *kv_shape))] * rows,
+                           axis=axis)
+        new_kv = zeros((*lead, rows, tn, *kv_shape))
+        if whole:
+          layer_kv = [zeros((rows, tn, *kv_shape)) for _ in range(layout.num_layers)]
+          jax.block_until_ready((prefix[0], jnp.stack(layer_kv)))
+        jax.block_until_ready((_row(prefix, np.int32(0), axis), _row(new_kv, np.int32(0), axis)))
+        prefix.delete()
+        new_kv.delete()
+      except jax.errors.JaxRuntimeError as e:
+        skipped.append(((rows, tp, tn), "moves: " + str(e).splitlines()[0][:200]))
     return skipped
 
   # --- per request -------------------------------------------------------------------------------
@@ -257,11 +307,10 @@ class PrefillShard:
     """
     if isinstance(layers, int):  # one layer: [B, T, ...], its KV goes to [l:l+1]
       layers = slice(layers, layers + 1)
-    size = min(self.cluster.admit_tokens(count), x.shape[batch_axis + 1])
-    part = _row_head(x, np.int32(row), size, batch_axis)  # [L or 1, size, ...]
+    part = _row(x, np.int32(row), batch_axis)  # [L or 1, T, ...]
     out = request.prompt_kv[layers, dst_start:dst_start + count]
     self.tm.d2h(part, out=out, axis=1)  # the first `count` tokens land; the rest is padding
-    return part.nbytes  # what moved, padding included
+    return part.nbytes  # the device row's bytes, padding included (TrafficManager counts these)
 
   def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> list:
     """Each row's new KV; on a first chunk also the PE-read part of its hit (the DE-read part is

@@ -171,10 +171,10 @@ class TrafficManager:
     return self.config.max_kv_wait_s > 0
 
   def _chunked(self, shape, itemsize, issue, path: str, link: str, nbytes: int,
-               ends: tuple[str, str]):
+               ends: tuple[str, str], slices: list[slice] | None = None):
     t_start = time.perf_counter()
     pieces, previous = [], None
-    for rows in row_slices(shape, itemsize, self.config.chunk_bytes):
+    for rows in row_slices(shape, itemsize, self.config.chunk_bytes) if slices is None else slices:
       if previous is not None and self.gated:
         jax.block_until_ready(previous)  # at most one piece ahead of a model step
       self._wait_for_gap()
@@ -204,7 +204,10 @@ class TrafficManager:
     if axis == 0:
       raise ValueError("axis: the leading axis is the one moves are chunked along; use axis > 0")
     out = np.empty(x.shape, x.dtype) if out is None else out
-    slices = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
+    # 'cuda_memcpy' is one 2-D DMA straight into `out`: pieces would only add a program per
+    # piece length (_piece) and a copy each.
+    slices = ([slice(None)] if self.config.d2h_staging == "cuda_memcpy" else
+              row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes))
     started = {}
     if not self.gated and len(slices) > 1:
       # Gate off: every piece's copy starts now; each is read (and copied into `out`) in turn.
@@ -217,7 +220,7 @@ class TrafficManager:
                       else _piece(x, rows),
                       out[rows], staging=self.config.d2h_staging, axis=axis),
                   "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
-                  (self._name(x.sharding), "host"))
+                  (self._name(x.sharding), "host"), slices)
     return out
 
   def d2d(self, x: jax.Array, dst: device_move.Destination) -> jax.Array:
