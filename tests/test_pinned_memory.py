@@ -169,3 +169,22 @@ def test_cuda_memcpy_needs_a_gpu_and_a_fitting_out():
     pinned_memory.memcpy2d_geometry((2, 3), np.float32, np.empty((2, 6), np.float32)[:, ::2], 1)
   with pytest.raises(ValueError, match="C-contiguous"):  # shorter along axis 1, last axis strided
     pinned_memory.memcpy2d_geometry((2, 3), np.float32, np.empty((2, 4), np.float32)[:, :4:2], 1)
+
+
+def test_host_memory_bench_flags_wrong_bytes(monkeypatch):
+  """The host_memory section checks what landed: a copy that lands other bytes is reported."""
+  from dualpath_jax.bench import host_memory
+  real = host_memory._issue
+
+  def corrupting(sources, device, bound):
+    moved = real(sources, device, bound)
+    return [m + 1 if i == 0 else m for i, m in enumerate(moved)]  # layer 0 lands wrong
+
+  monkeypatch.setattr(host_memory, "_issue", corrupting)
+  result = host_memory.measure_host_memory(jax.devices()[0], layer_bytes=4096, num_layers=3,
+                                           bounds=(None, 1), sources=("numpy",), repeats=1,
+                                           warmup=0, log=lambda _: None)
+  assert [r["bytes_equal"] for r in result["h2d"]] == [False, False]
+  with pytest.raises(ValueError, match="host_memory.sources"):
+    host_memory.measure_host_memory(jax.devices()[0], layer_bytes=4096, num_layers=1,
+                                    sources=("hugepages",), repeats=1, warmup=0)

@@ -17,7 +17,7 @@ block would take the pool past the buffer's capacity plus that rounding.
 Pinned memory: pool blocks come from `allocate(nbytes)`, plain numpy by default. The cluster
 passes transfer.pinned_memory.allocate of the runtime's `host_memory` kind, so on GPUs the blocks
 can be page-locked and a device copy from them needs no staging copy. Page-locking is slow (a
-first run allocating pinned blocks per size class spent 20% of the PE's samples there, 4x H100),
+first run allocating pinned blocks per size class spent 22% of basic's PE samples there, 4x H100),
 so the buffer can be given its whole capacity once (`arena_memory`, which the cluster leases
 from transfer.pinned_memory and returns at close for the next cluster) and carve blocks out of
 it (first fit, freed blocks merge with free neighbours); a block that finds no room there
