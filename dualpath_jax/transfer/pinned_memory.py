@@ -15,7 +15,7 @@ pool blocks from one of these kinds:
   'cuda_registered'  np.empty, page-locked in place by cudaHostRegister (CUDA runtime via ctypes;
                      unregistered when the array is collected).
 
-From either page-locked kind one 64 MiB jax.device_put took 1.8-2.0 ms against 14.5 ms from
+From either page-locked kind one 64 MiB jax.device_put took 1.8-1.9 ms against 14.5 ms from
 numpy, and 3 in flight moved 41-46 GB/s against 11.8 (4x H100, the GPU bench's host_memory
 section, docs/perf/gpu_bench.md record 6). `cuda_copy_to_host` is the D2H counterpart: the CUDA
 runtime copies a device array straight into such memory.
