@@ -93,12 +93,15 @@ def main(argv):
   ceiling_gbps = {r["k"]: r["gbps"] for r in (ceiling_result or {}).get("ingest", [])}
 
   h = config.host_memory
-  layout = KVLayout.for_model(get_preset(h.preset, dtype=h.dtype))
-  section("host_memory", lambda update: host_memory.measure_host_memory(
-      devices[0], layer_bytes=layout.layer_block_bytes * layout.num_full_blocks(h.prefix_tokens),
-      num_layers=layout.num_layers, bounds=tuple(None if b == 0 else b for b in h.bounds),
-      sources=tuple(h.sources), repeats=h.repeats, warmup=h.warmup, seed=config.seed, log=log,
-      out_of_time=log.out_of_time))
+
+  def run_host_memory(update):
+    layout = KVLayout.for_model(get_preset(h.preset, dtype=h.dtype))
+    return host_memory.measure_host_memory(
+        devices[0], layer_bytes=layout.layer_block_bytes * layout.num_full_blocks(h.prefix_tokens),
+        num_layers=layout.num_layers, bounds=tuple(None if b == 0 else b for b in h.bounds),
+        sources=tuple(h.sources), repeats=h.repeats, warmup=h.warmup, seed=config.seed, log=log,
+        out_of_time=log.out_of_time)
+  section("host_memory", run_host_memory)
 
   d = config.data_plane
   section("data_plane", lambda update: data_plane.measure_data_plane(

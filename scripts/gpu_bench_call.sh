@@ -14,9 +14,9 @@
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
 # priority gate, runtime.kv_max_wait_s = s; the preset has it off; 'e2e:<topology>:<cap>:<s>:<kind>'
-# also sets runtime.host_memory = kind, e.g. 'e2e:2P2D:6.25e9::numpy' (record 5's pageable
-# buffers, with H2D staged through pinned memory); a sixth field sets runtime.d2h_staging, e.g.
-# 'e2e:1P1D:6.25e9::numpy:pinned'). Seconds per part:
+# also sets runtime.host_memory = kind, e.g. 'e2e:2P2D:6.25e9::numpy': pageable buffers with H2D
+# staged through pinned memory and D2H 'pinned', record 6's baseline; a sixth field sets
+# runtime.d2h_staging, e.g. 'e2e:1P1D:6.25e9::numpy:direct' for record 5's). Seconds per part:
 # PART_LIMIT_S (default 280; micro 200).
 # PREFILL_VARIANTS: micro's engine.prefill_variants (a flag given twice would append, not replace).
 # MICRO_FLAGS / E2E_FLAGS: further flags of the micro / end-to-end runs, e.g.
@@ -88,8 +88,11 @@ EOF
       if [ -n "${memory:-}" ]; then  # e2e:<topology>:<cap>:<s>:<kind>: the node buffers' memory
         name="${name}_${memory}"
         part_flags+=(--config.end_to_end.runtime.host_memory="$memory")
-        if [ "$memory" = numpy ]; then  # pageable: staged through pinned memory, as before
-          part_flags+=(--config.end_to_end.runtime.h2d_staging=auto)
+        if [ "$memory" = numpy ]; then  # pageable: staged through pinned memory, as before;
+          # D2H 'pinned' unless the sixth field says (cuda_memcpy into pageable memory is no
+          # baseline the records measured)
+          part_flags+=(--config.end_to_end.runtime.h2d_staging=auto
+                       --config.end_to_end.runtime.d2h_staging=pinned)
         fi
       fi
       if [ -n "${part_d2h:-}" ]; then  # ...:<kind>:<d2h staging>

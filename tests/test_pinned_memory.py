@@ -56,8 +56,12 @@ def test_page_locked_registry_covers_views_and_forgets_freed_memory():
   assert not pinned_memory.is_page_locked(np.empty(1 << 16, np.uint8))
   assert not pinned_memory.is_page_locked(pinned_memory.allocate(4096, "numpy"))
   start = a.ctypes.data
-  del a
+  view = a[4096:]
   import gc
+  del a
+  gc.collect()
+  assert pinned_memory.is_page_locked(view)  # a view keeps the memory, and its registration
+  del view
   gc.collect()
   assert start not in pinned_memory._locked
 

@@ -86,9 +86,9 @@ class RuntimeConfig:
   prefill_layers_in_flight: int = 3
   """Layerwise prefill: most layers of prefix KV on a PE's device at once (at least 2: the layer
   computing and the next loading). More keeps more H2D moves in flight, at the cost of a layer of
-  prefix KV per row each: one jax.device_put from host memory has milliseconds of latency, and
-  with 3 in flight a path moved ~13 GB/s against ~30 GB/s back to back (4x H100,
-  docs/perf/gpu_bench.md record 5)."""
+  prefix KV per row each. From pageable host memory one 64 MiB jax.device_put takes ~14 ms, so 3
+  in flight moved 11.8 GB/s; from page-locked memory (host_memory) 3 in flight moved 41-46 GB/s,
+  the link's rate (4x H100, docs/perf/gpu_bench.md record 6)."""
   kv_max_wait_s: float = 0.05
   """Longest a KV piece waits for the model steps running on its engine to end
   (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move

@@ -190,20 +190,25 @@ class PrefillShard:
 
     de_tms = ([self.cluster.traffic[e.name] for e in self.cluster.topology.decode_engines]
               if self.cluster.runtime_config.dual_path else [])
-    skipped, moved = [], set()
+    # One host buffer of the longest prefix, sliced per length as _prefix slices a landed read.
+    host = np.zeros((*lead, max((tp for _, tp, _ in shapes), default=0), *kv_shape),
+                    layout.np_dtype)
+    skipped, moved, padded = [], set(), set()
     for rows, tp, tn in shapes:
       try:
         # a prefix read on one side lands Cluster.read_rows long: an admit_tokens bucket
         lengths = sorted({self.cluster.admit_tokens(n) for n in range(
             layout.block_tokens, tp + 1, layout.block_tokens)})  # each <= tp, a power of 2
         for length in lengths:
+          part = host[:, :length] if whole else host[:length]
           if length not in moved:  # one row's prefix to this PE: PE path, DE paths
             moved.add(length)
-            host = np.zeros((*lead, length, *kv_shape), layout.np_dtype)
-            self.tm.h2d(host).delete()
+            self.tm.h2d(part).delete()
             for de_tm in de_tms:
-              de_tm.d2d(de_tm.h2d(host), self.engine).delete()
-          _pad_to(zeros((*lead, length, *kv_shape)), tp, axis).delete()
+              de_tm.d2d(de_tm.h2d(part), self.engine).delete()
+          if (length, tp) not in padded:
+            padded.add((length, tp))
+            _pad_to(zeros(part.shape), tp, axis).delete()
         prefix = jnp.stack([self.cluster.zeros_on(self.engine, (*lead, tp, *kv_shape))] * rows,
                            axis=axis)
         new_kv = zeros((*lead, rows, tn, *kv_shape))

@@ -15,11 +15,11 @@ them idle. On one host there are no virtual lanes to configure; what this class 
     asynchronous: without this every chunk would be enqueued ahead of the step). With the gate
     off (max_kv_wait_s = 0) pieces go back to back: one 64 MiB H2D piece at a time moved 4.4
     GB/s, back to back 32 GB/s (4x H200); 32 MiB pieces 5.7 against 33-35 GB/s (4x H100;
-    2026-11-28, docs/perf/gpu_bench.md record 5): a single jax.device_put from host memory is
-    slow, several in flight fill the link (the ceilings' 32 MiB chunks from numpy, issued the
-    same way but from separate arrays, reached 48.6-52.8 GB/s; the gap is not explained). D2H pieces then all start their copies
-    (copy_to_host_async) before the first is read. Pieces are joined on the destination with one
-    device-side concatenate.
+    2026-11-28, docs/perf/gpu_bench.md record 5): a single jax.device_put from pageable memory
+    is slow, several in flight fill the link (from page-locked node buffers, runtime.host_memory,
+    one at a time already moves 35-37 GB/s: record 6). D2H pieces then all start their copies
+    (transfer.start_device_to_host) before the first is read; a 'cuda_memcpy' D2H is one move.
+    Pieces are joined on the destination with one device-side concatenate.
   * counters: bytes per path (PATHS) and per link, and the seconds KV moves spent waiting.
   * move records: (t_start, t_end, path, source, destination) of every device-side move (H2D,
     D2H, D2D), from its first piece's issue to the return of the call (all pieces but the last

@@ -47,11 +47,13 @@ _locked: dict[int, int] = {}  # start address -> end address of live page-locked
 _locked_mutex = threading.Lock()
 
 
-def _register(array: np.ndarray) -> np.ndarray:
+def _register(array: np.ndarray, owner) -> np.ndarray:
+  """Records `array`'s bytes as page-locked for as long as `owner` (what keeps the memory alive,
+  and every numpy view of it) lives."""
   start = array.ctypes.data
   with _locked_mutex:
     _locked[start] = start + array.nbytes
-  weakref.finalize(array, _unregister, start)
+  weakref.finalize(owner, _unregister, start)
   return array
 
 
@@ -82,8 +84,10 @@ def allocate(nbytes: int, kind: str = "numpy", device: jax.Device | None = None)
   if kind == "numpy":
     return np.empty(nbytes, np.uint8)
   if kind == "jax_pinned":
-    return _register(_jax_pinned(nbytes, device or jax.devices()[0]))
-  return _register(_cuda_registered(nbytes))
+    array = _jax_pinned(nbytes, device or jax.devices()[0])
+    return _register(array, array.base.obj)  # views keep the ctypes array, not `array`, alive
+  array = _cuda_registered(nbytes)
+  return _register(array, array)  # owns its memory: every view keeps it alive
 
 
 def _jax_pinned(nbytes: int, device: jax.Device) -> np.ndarray:
