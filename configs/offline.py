@@ -92,10 +92,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       host_buffer_bytes=256 << 20, mover="device_put", decode_batch_size=8,
       max_context_tokens=2048, kv_chunk_bytes=4 << 20,
       # KV moves (dualpath_jax/runtime/config.py): the gate's longest wait for running model
-      # steps (0 = off), how H2D leaves and D2H reaches host memory ('auto' | 'pinned' | 'direct').
+      # steps (0 = off), how H2D leaves and D2H reaches host memory ('auto' | 'pinned' | 'direct';
+      # D2H also 'cuda_memcpy').
       kv_max_wait_s=0.05, h2d_staging="auto", d2h_staging="direct",
       # layerwise prefill: most layers of prefix KV on a PE at once (>= 2)
       prefill_layers_in_flight=3,
+      # the node buffers' host memory: 'numpy' (pageable) or, on CUDA GPUs, page-locked
+      # ('cuda_registered' | 'jax_pinned'; then d2h_staging='cuda_memcpy' copies straight in)
+      host_memory="numpy",
       # Technique switches: '' / None = the mode's own (see dualpath_jax/runtime/config.py).
       scheduler=scheduler, layerwise=ml_collections.FieldReference(None, field_type=bool),
       dual_path=ml_collections.FieldReference(None, field_type=bool), batching="",
