@@ -122,6 +122,30 @@ def test_read_queue_tokens_rise_and_drain():
     assert link.bytes_written == LAYOUT.full_block_bytes and ("ns", "w0") in store.blocks
 
 
+def test_a_read_lands_after_leaving_the_link_and_its_landing_error_reaches_the_caller():
+  """`then` runs once the link has counted the read (the link is free for the next), its result
+  is the future's, and an error it raises comes out of result() with the link's books closed."""
+  store = FakeStore()
+  hashes = store.fill(2)
+  seen = []
+
+  def land(blocks):
+    seen.append((link.read_queue_tokens, link.bytes_read))
+    return np.stack(blocks).sum()
+
+  with StorageLink(store, node_id=0) as link:
+    total = link.submit_read("ns", hashes, tokens=8, then=land).result()
+    assert total == np.stack([store.blocks[("ns", h)] for h in hashes]).sum()
+    assert seen == [(0, 2 * LAYOUT.full_block_bytes)]  # the link's part was over
+
+    def refuse(blocks):
+      raise RuntimeError("no room to land")
+
+    with pytest.raises(RuntimeError, match="no room to land"):
+      link.submit_read("ns", hashes, tokens=8, then=refuse).result()
+    assert link.read_queue_tokens == 0 and link.bytes_read == 4 * LAYOUT.full_block_bytes
+
+
 @pytest.mark.parametrize("rate", [0, -5.0])
 def test_bad_cap_names_field(rate):
   with pytest.raises(ValueError, match="link_bytes_per_s"):

@@ -539,27 +539,32 @@ def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(four_layers, monkeypatc
   assert calls and generated["cuda_memcpy"] == generated["direct"]
 
 
-@pytest.mark.parametrize("mode", ["basic", "dualpath"])
-def test_precompile_covers_the_pe_row_pads_and_cuts(four_layers, monkeypatch, mode):
-  """After PrefillShard.precompile, the timed turns compile no row pad (_pad_to) or row cut
-  (_row): up to record 6 they compiled inside the timed runs (21-32% of basic's PE samples on
-  2x H200)."""
-  from dualpath_jax.runtime import prefill_shard
+@pytest.mark.parametrize("mode,host_memory,gate_s", [
+    ("basic", "numpy", 0.05), ("dualpath", "numpy", 0.05), ("dualpath", "jax_pinned", 0.0)])
+def test_precompile_covers_the_pe_row_pads_cuts_and_joins(four_layers, monkeypatch, mode,
+                                                          host_memory, gate_s):
+  """After PrefillShard.precompile, the timed turns compile no row pad (_pad_to), row cut (_row)
+  or join of a move's pieces (gate on: H2D and D2D in pieces; gate off with page-locked buffers:
+  whole moves): up to record 6 they compiled inside the timed runs (21-32% of basic's PE samples
+  on 2x H200). Precompile compiles the joins on zeros, moving no bytes."""
+  from dualpath_jax.runtime import prefill_shard, traffic
   _, model4, layout4, store4, small = four_layers
   sizes = {}
-  real = prefill_shard.PrefillShard.precompile
 
-  def precompile(self, shapes):
-    out = real(self, shapes)
-    sizes["after_precompile"] = (prefill_shard._pad_to._cache_size(),
-                                 prefill_shard._row._cache_size())
-    return out
+  def cache_sizes():
+    return (prefill_shard._pad_to._cache_size(), prefill_shard._row._cache_size(),
+            traffic._concatenate._cache_size())
 
-  monkeypatch.setattr(prefill_shard.PrefillShard, "precompile", precompile)
-  rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512)
+  def progress(message):  # the compiles after this one are inside the timed turns
+    if "clock started" in message:
+      sizes["at_clock_start"] = cache_sizes()
+
+  rc = RuntimeConfig(mode=mode, topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
+                     host_memory=host_memory, kv_max_wait_s=gate_s, kv_chunk_bytes=16 << 10,
+                     h2d_staging="direct" if host_memory != "numpy" else "auto")
   run = run_offline(rc, model4, store4, layout4, small, cost_model=COST, primed_turns=1,
-                    precompile=True, namespace_prefix=f"precompile-{mode}-")
+                    precompile=True, namespace_prefix=f"precompile-{mode}-{host_memory}-",
+                    progress=progress)
   assert run.precompiled["shapes"] and not run.precompiled["skipped"]
   assert sum(r["hit_tokens"] > 0 for r in run.turns) == len(run.turns) > 0
-  assert (prefill_shard._pad_to._cache_size(), prefill_shard._row._cache_size()) == \
-      sizes["after_precompile"]
+  assert cache_sizes() == sizes["at_clock_start"]

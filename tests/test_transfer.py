@@ -125,8 +125,28 @@ def test_pieces_go_back_to_back_with_the_gate_off(topo, monkeypatch, max_kv_wait
   np.testing.assert_array_equal(bits(y), bits(host))
   assert tm.gated == (max_kv_wait_s > 0)
   assert len(waits) == (3 * 3 if tm.gated else 0)  # 3 moves of 4 pieces
-  if not tm.gated:  # D2H: every piece cut (and its copy started) once, before any is read
-    assert len(started) == 4 + 4  # the D2D's pieces, then the D2H's
+  if not tm.gated:  # D2H: every piece cut (and its copy started) once, before any is read;
+    assert len(started) == 4  # the D2D goes whole (pieces would only add cuts and a join)
+
+
+def test_gate_off_moves_a_page_locked_source_in_one_copy(topo, monkeypatch):
+  """Gate off: an H2D from page-locked memory is one copy (it fills the link alone, record 6),
+  from pageable memory it goes in pieces; both arrive whole."""
+  from dualpath_jax.runtime import traffic
+  from dualpath_jax.transfer import pinned_memory
+  pe = topo.prefill_engines[0]
+  host = random_layer_kv(num_blocks=4)  # 16 rows of 64 bytes
+  locked = pinned_memory.allocate(host.nbytes, "jax_pinned").view(host.dtype).reshape(host.shape)
+  locked[:] = host
+  copies = []
+  put = traffic.host_device.host_to_device
+  monkeypatch.setattr(traffic.host_device, "host_to_device",
+                      lambda a, *args, **kw: copies.append(a.shape[0]) or put(a, *args, **kw))
+  tm = TrafficManager(pe, config=TrafficConfig(chunk_bytes=256, max_kv_wait_s=0.0))
+  for source, pieces in ((locked, [16]), (host, [4, 4, 4, 4])):
+    copies.clear()
+    np.testing.assert_array_equal(bits(tm.h2d(source)), bits(host))
+    assert copies == pieces
 
 
 def test_kv_moves_wait_for_model_steps(topo):

@@ -16,8 +16,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dualpath_jax.engines.topology import build_topology
+from dualpath_jax.kvstore import host_copy
 from dualpath_jax.kvstore.block_store import KVBlockStore
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.model.prefill import pow2_at_least
@@ -157,6 +159,37 @@ class Cluster:
   def submit(self, request: TurnRequest) -> None:
     """Hands a turn to the global scheduler (placement, reads, then its PE group)."""
     self.scheduler.submit(request)
+
+  def prepare_prompt_kv(self, request: TurnRequest) -> None:
+    """The request's prompt-KV array in its DE node buffer ([L, admit_tokens, 2, H, D]): padded
+    to whole pages (admit_tokens) so that the DE moves it as it is; the tail is zeros, which
+    masked attention slots need (model/paged.py). Its reads and the PE's sends fill the rest."""
+    layout = self.layout
+    rows = self.admit_tokens(request.prompt_tokens)
+    request.prompt_kv = request.de_reservation.empty(
+        (layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype)
+    request.prompt_kv[:, request.prompt_tokens:] = 0
+
+  def land_read(self, request: TurnRequest, side: str, blocks) -> np.ndarray:
+    """Where one side's read blocks go once they have left the link (on the link's worker, so
+    that the PE's thread does not copy them; until 2026-11-28 `PrefillShard` did, at the start
+    of each forward: 'begin' took 1.3 s of a 7.5 s 1P1D dualpath job, 2x H200,
+    docs/perf/gpu_bench.md record 6). They land layer-major in the side's reservation, every
+    layer's prefix side by side and padded to read_rows, so that a layer goes H2D as it lies;
+    the DE-read part is also copied into the prompt KV (prepare_prompt_kv), which the DE admits.
+    Returns the landed [L, read_rows, 2, H, D]."""
+    if any(b is None for b in blocks):
+      raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
+                         "read back; the runtime does not yet re-plan a shrunken hit")
+    layout = self.layout
+    rows = self.read_rows(len(blocks), both_sides=len(request.read_reservations) > 1)
+    out = request.read_reservations[side].empty((rows * layout.kv_bytes_per_token,), np.uint8)
+    kv = layout.full_blocks_to_kv(blocks, out=out, tokens=rows)
+    if side == "de" and request.prompt_kv is not None:
+      start = request.read_split[0] * layout.block_tokens
+      host_copy.copy(request.prompt_kv[:, start:request.hit_tokens].view(np.uint8),
+                     kv[:, :request.hit_tokens - start].view(np.uint8))
+    return kv
 
   def read_done(self, request: TurnRequest) -> None:
     """A read of `request` completed (called on the link's thread)."""

@@ -129,8 +129,8 @@ class DecodeWorker(threading.Thread):
     self.pool = self.model = None
 
   def precompile(self, token_counts) -> int:
-    """Compiles the admission's page write for each prompt KV length (Cluster.admit_tokens) by
-    writing zeros to the scratch page, the steps' token merge, and the decode step itself over
+    """Compiles the admission's H2D join and page write for each prompt KV length
+    (Cluster.admit_tokens) by writing zeros to the scratch page, the steps' token merge, and the decode step itself over
     padding rows only (their KV goes to the scratch page), before the clock starts: otherwise
     the first admission of a new length compiles on this thread, between decode steps, and a DE
     that the warm-up pass left idle compiles its step in the timed part (the oracle of the CPU
@@ -144,9 +144,11 @@ class DecodeWorker(threading.Thread):
                     for h in (block_tables, seq_lens))
     _, _, self.pool = paged.greedy_decode_step_jit(self.model, self.pool, no_tokens, tables, lens)
     layout = self.cluster.layout
+    page_locked = self.cluster.runtime_config.host_memory != "numpy"
     for tokens in token_counts:
-      kv = jax.device_put(np.zeros((layout.num_layers, tokens, *layout.token_kv_shape),
-                                   layout.np_dtype), self.engine.replicated_sharding)
+      shape = (layout.num_layers, tokens, *layout.token_kv_shape)
+      self.tm.precompile_moves(shape, layout.np_dtype, page_locked=page_locked)  # the H2D's join
+      kv = jax.device_put(np.zeros(shape, layout.np_dtype), self.engine.replicated_sharding)
       page_ids = np.full((-(-tokens // self.block_tokens),), paged.SCRATCH_PAGE, np.int32)
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
     jax.block_until_ready(self.pool)

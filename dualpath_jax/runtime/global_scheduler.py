@@ -30,6 +30,7 @@ A placed turn waits (FIFO) until its host buffers have room; nothing here ever b
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -312,6 +313,7 @@ class GlobalScheduler:
     request.times["placed"] = time.perf_counter()
     request.de_reservation = reservations.pop("de_prompt")
     request.read_reservations = reservations
+    cluster.prepare_prompt_kv(request)
     start = 0
     for side, engine, count in (("pe", pe, pe_blocks), ("de", de, de_blocks)):
       if not count:
@@ -320,7 +322,7 @@ class GlobalScheduler:
       hashes = request.hashes[start:start + count]
       future = cluster.traffic[engine.name].read(
           cluster.links[engine.node_id], request.agent_id, hashes, count * request.block_tokens,
-          side=side)
+          side=side, then=functools.partial(cluster.land_read, request, side))
       request.read_futures[side] = future
       request.add_bytes(f"store_read_{side}_side", count * layout.full_block_bytes)
       start += count

@@ -185,6 +185,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     nonlocal start, marks
     if sampler is not None:
       sampler.start()
+    if progress is not None:
+      progress(f"[{name}] clock started: the timed turns")
     start = time.perf_counter()
     marks = dict(bytes=cluster.bytes_by_path(),
                  forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()},

@@ -19,9 +19,9 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
 A request's last chunk gives its first generated token (logits of its last prompt token).
 
 `stage_s` adds up this PE's wall time per stage of its forwards (the thread runs them one after
-another, so together they are the forwards' time): 'begin' (a first chunk's read blocks landed
-layer-major in their node buffers, its prompt-KV array in the DE buffer, the DE-read part merged
-in); loading the prefix KV, split three ways: 'h2d' (onto the PE over the PE path; each layer's
+another, so together they are the forwards' time): 'begin' (waiting for a first chunk's reads
+to land: Cluster.land_read puts them layer-major in their node buffers and the DE-read part into
+the prompt KV, on the links' workers); loading the prefix KV, split three ways: 'h2d' (onto the PE over the PE path; each layer's
 prefix is contiguous in the buffer, so nothing is gathered on the host since 2026-11-28), 'de_path'
 (H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the PE; the oracle's
 zeros); 'compute' (dispatching the layers), 'send' (each layer's KV to the DE buffer; layerwise, the
@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualpath_jax.kvstore import host_copy
 from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, pow2_at_least,
                                         prefill_layer_jit)
 from dualpath_jax.runtime.config import RuntimeConfig
@@ -173,7 +172,8 @@ class PrefillShard:
   def _precompile_moves(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
     """Compiles the small programs around the forward for each batch shape: padding a row's
     prefix to tp (_pad_to, for every one-sided read length up to tp) and stacking the rows,
-    the row cut for each send (_row), the joins of an H2D's pieces, and in whole-prefix prefill
+    the row cut for each send (_row), the cuts and joins of a move's pieces (on zeros, moving no
+    bytes: TrafficManager.precompile_moves), and in whole-prefix prefill
     the per-layer index and the stack of the new KV. Before they were, the PE thread spent
     21-32% of basic's timed samples and 9-11% of dualpath's compiling (2x H200, record 6 of
     docs/perf/gpu_bench.md). A prefix read on both sides, or a later chunk's prefix from the DE
@@ -190,9 +190,7 @@ class PrefillShard:
 
     de_tms = ([self.cluster.traffic[e.name] for e in self.cluster.topology.decode_engines]
               if self.cluster.runtime_config.dual_path else [])
-    # One host buffer of the longest prefix, sliced per length as _prefix slices a landed read.
-    host = np.zeros((*lead, max((tp for _, tp, _ in shapes), default=0), *kv_shape),
-                    layout.np_dtype)
+    page_locked = self.cluster.runtime_config.host_memory != "numpy"
     skipped, moved, padded = [], set(), set()
     for rows, tp, tn in shapes:
       try:
@@ -200,15 +198,16 @@ class PrefillShard:
         lengths = sorted({self.cluster.admit_tokens(n) for n in range(
             layout.block_tokens, tp + 1, layout.block_tokens)})  # each <= tp, a power of 2
         for length in lengths:
-          part = host[:, :length] if whole else host[:length]
+          shape = (*lead, length, *kv_shape)
           if length not in moved:  # one row's prefix to this PE: PE path, DE paths
             moved.add(length)
-            self.tm.h2d(part).delete()
+            self.tm.precompile_moves(shape, layout.np_dtype, page_locked=page_locked)
             for de_tm in de_tms:
-              de_tm.d2d(de_tm.h2d(part), self.engine).delete()
+              de_tm.precompile_moves(shape, layout.np_dtype, page_locked=page_locked,
+                                     d2d_to=self.engine)
           if (length, tp) not in padded:
             padded.add((length, tp))
-            _pad_to(zeros(part.shape), tp, axis).delete()
+            _pad_to(zeros(shape), tp, axis).delete()
         prefix = jnp.stack([self.cluster.zeros_on(self.engine, (*lead, tp, *kv_shape))] * rows,
                            axis=axis)
         new_kv = zeros((*lead, rows, tn, *kv_shape))
@@ -225,33 +224,10 @@ class PrefillShard:
   # --- per request -------------------------------------------------------------------------------
 
   def _begin(self, request: TurnRequest) -> None:
-    """First chunk: the read blocks land layer-major per side, the prompt KV array in the DE
-    node buffer."""
-    layout = self.cluster.layout
+    """First chunk: its reads have landed (Cluster.land_read, on the links' workers); waits for
+    any still landing and re-raises a read's error."""
     request.times["prefill_start"] = time.perf_counter()
-    request.read_kv = {}
-    for side, future in request.read_futures.items():
-      blocks = future.result()
-      if any(b is None for b in blocks):
-        raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
-                           "read back; the runtime does not yet re-plan a shrunken hit")
-      # One copy, as stacking them was: every layer's rows of the prefix side by side, padded
-      # to Cluster.read_rows, so that a layer goes H2D as it lies, with no gather per layer.
-      rows = self.cluster.read_rows(len(blocks), both_sides=len(request.read_futures) > 1)
-      out = request.read_reservations[side].empty((rows * layout.kv_bytes_per_token,), np.uint8)
-      request.read_kv[side] = layout.full_blocks_to_kv(blocks, out=out, tokens=rows)
-    if self.cluster.runtime_config.skips_kv_io:
-      return
-    # Padded to whole pages (Cluster.admit_tokens), so that the DE moves it as it is; the tail is
-    # zeros, which masked attention slots need (model/paged.py).
-    rows = self.cluster.admit_tokens(request.prompt_tokens)
-    request.prompt_kv = request.de_reservation.empty(
-        (layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype)
-    request.prompt_kv[:, request.prompt_tokens:] = 0
-    if "de" in request.read_kv:  # the DE-read hit KV is in the DE buffer already: merge it
-      start = request.read_split[0] * layout.block_tokens
-      host_copy.copy(request.prompt_kv[:, start:request.hit_tokens].view(np.uint8),
-                     request.read_kv["de"][:, :request.hit_tokens - start].view(np.uint8))
+    request.read_kv = {side: future.result() for side, future in request.read_futures.items()}
 
   def _de(self, request: TurnRequest):
     de_engine = self.cluster.topology.decode_engines[request.decode_engine]

@@ -146,11 +146,14 @@ class StorageLink:
   # --- I/O -------------------------------------------------------------------------------------
 
   def submit_read(self, namespace: str, hashes: Sequence[str], tokens: int, *,
-                  on_bytes: Callable[[int], None] | None = None) -> concurrent.futures.Future:
+                  on_bytes: Callable[[int], None] | None = None,
+                  then: Callable[[list], object] | None = None) -> concurrent.futures.Future:
     """Queues a read of Full Blocks; the future gives one array (or None if missing) a hash.
 
     `tokens` is what the read adds to read_queue_tokens until it completes. `on_bytes(nbytes)` is
     called on success before the future completes (a done-callback would race with result()).
+    `then(blocks)`, if given, runs on the link's worker after the read has left the link (its
+    time is not the link's) and its result is the future's: where the blocks land on the host.
     """
     if tokens < 0:
       raise ValueError(f"tokens must be >= 0, got {tokens!r}")
@@ -159,7 +162,8 @@ class StorageLink:
       self._read_queue_tokens += tokens
     try:
       return self._read_pool.submit(self._run, "read", tokens,
-                               lambda: self.store.read_blocks(namespace, hashes), on_bytes)
+                                    lambda: self.store.read_blocks(namespace, hashes), on_bytes,
+                                    then)
     except BaseException:
       with self._lock:
         self._read_queue_tokens -= tokens
@@ -173,7 +177,11 @@ class StorageLink:
                              lambda: (self.store.write_blocks(namespace, hashes, blocks), blocks),
                              on_bytes)
 
-  def _run(self, op: str, tokens: int, io, on_bytes):
+  def _run(self, op: str, tokens: int, io, on_bytes, then=None):
+    result = self._io(op, tokens, io, on_bytes)
+    return result if then is None else then(result)
+
+  def _io(self, op: str, tokens: int, io, on_bytes):
     t_start = self._start()
     nbytes = 0
     try:

@@ -9,7 +9,8 @@ them idle. On one host there are no virtual lanes to configure; what this class 
     meanwhile does not hold it again), at most `max_kv_wait_s` (the low lane's reserved share:
     KV is delayed, never starved). Moves issued from inside a step by the step's own thread go
     at once (layerwise prefill pulling its next layer; waiting would deadlock).
-  * chunking: H2D, D2H and D2D moves are split along axis 0 into pieces of at most `chunk_bytes`.
+  * chunking: H2D, D2H and D2D moves are split along axis 0 into pieces of at most `chunk_bytes`
+    (with the gate off, only H2D from pageable memory and D2H not by 'cuda_memcpy' are).
     With the gate on, each piece waits for the previous one to land before it is issued, so a
     model step queued on the device waits behind at most one chunk (JAX dispatch is
     asynchronous: without this every chunk would be enqueued ahead of the step). With the gate
@@ -54,7 +55,7 @@ import numpy as np
 
 from dualpath_jax.engines.topology import Engine
 from dualpath_jax.runtime.storage_link import StorageLink
-from dualpath_jax.transfer import device_move, host_device
+from dualpath_jax.transfer import device_move, host_device, pinned_memory
 
 PATHS = ("store_read_pe_side", "store_read_de_side", "store_write", "h2d", "d2h", "d2d")
 READ_SIDES = {"pe": "store_read_pe_side", "de": "store_read_de_side"}
@@ -190,11 +191,14 @@ class TrafficManager:
     until the result is ready (transfer.host_to_device)."""
     host_array = np.asarray(host_array)
     dst = self.engine if dst is None else dst
+    # Gate off, page-locked source: one copy already fills the link (record 6); pieces would
+    # only add a join on the device.
+    whole = not self.gated and pinned_memory.is_page_locked(host_array)
     pieces = self._chunked(host_array.shape, host_array.itemsize,
                            lambda rows: host_device.host_to_device(
                                host_array[rows], dst, staging=self.config.h2d_staging),
                            "h2d", f"host:{self._name(dst)}", host_array.nbytes,
-                           ("host", self._name(dst)))
+                           ("host", self._name(dst)), [slice(None)] if whole else None)
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
 
   def d2h(self, x: jax.Array, out: np.ndarray | None = None, axis: int | None = None
@@ -224,25 +228,53 @@ class TrafficManager:
     return out
 
   def d2d(self, x: jax.Array, dst: device_move.Destination) -> jax.Array:
-    """Device -> device onto another engine (or sharding), through the mover."""
-    slices = row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes)
+    """Device -> device onto another engine (or sharding), through the mover; in pieces only
+    with the gate on (off, pieces would only add a cut on the source and a join on the
+    destination per piece)."""
+    slices = (row_slices(x.shape, x.dtype.itemsize, self.config.chunk_bytes) if self.gated
+              else [slice(None)])
     src_name, dst_name = self._name(x.sharding), self._name(dst)
     link = f"d2d:{src_name}->{dst_name}"
     pieces = self._chunked(x.shape, x.dtype.itemsize,
                            lambda rows: self.mover.move(x if len(slices) == 1 else _piece(x, rows),
                                                         dst),
-                           "d2d", link, x.nbytes, (src_name, dst_name))
+                           "d2d", link, x.nbytes, (src_name, dst_name), slices)
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
+
+  def precompile_moves(self, shape, dtype, *, page_locked: bool,
+                       d2d_to: device_move.Destination | None = None) -> None:
+    """Compiles, on zeros and moving no bytes, the device programs that h2d of a host array of
+    `shape` (from page-locked memory or not) runs onto this engine, and with `d2d_to` those that
+    d2d of the result onto it runs: the cuts and the joins of their pieces. (Moving real bytes to
+    compile them cost start-up up to ~22 GB of H2D a PE for whole-prefix prefill.)"""
+    dtype = np.dtype(dtype)
+
+    def join(slices, sharding):
+      if len(slices) > 1:
+        jax.block_until_ready(_concatenate([
+            jnp.zeros((s.stop - s.start, *shape[1:]), dtype, device=sharding) for s in slices]))
+
+    here = self.engine.replicated_sharding
+    whole = not self.gated and page_locked
+    join([slice(None)] if whole else row_slices(shape, dtype.itemsize, self.config.chunk_bytes),
+         here)
+    if d2d_to is not None and self.gated:  # gate off, a D2D goes whole
+      slices = row_slices(shape, dtype.itemsize, self.config.chunk_bytes)
+      x = jnp.zeros(shape, dtype, device=here)
+      if len(slices) > 1:
+        jax.block_until_ready([_piece(x, rows) for rows in slices])
+      join(slices, device_move.destination_sharding(d2d_to))
 
   # --- store I/O -------------------------------------------------------------------------------
 
   def read(self, link: StorageLink, namespace: str, hashes: Sequence[str], tokens: int, *,
-           side: str) -> concurrent.futures.Future:
-    """Queues a Full-Block read on `link`; `side` is 'pe' or 'de' (which node's link reads)."""
+           side: str, then=None) -> concurrent.futures.Future:
+    """Queues a Full-Block read on `link`; `side` is 'pe' or 'de' (which node's link reads);
+    `then(blocks)` lands them (StorageLink.submit_read)."""
     if side not in READ_SIDES:
       raise ValueError(f"side: expected 'pe' or 'de', got {side!r}")
     return link.submit_read(namespace, hashes, tokens, on_bytes=lambda nbytes: self._count(
-        READ_SIDES[side], f"storage:node{link.node_id}", nbytes))
+        READ_SIDES[side], f"storage:node{link.node_id}", nbytes), then=then)
 
   def write(self, link: StorageLink, namespace: str, hashes: Sequence[str], blocks: np.ndarray
             ) -> concurrent.futures.Future:
