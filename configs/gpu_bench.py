@@ -142,6 +142,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # > 0: sample every thread's stack at this rate (Hz) over each timed run; the per-thread
       # top frames land in each job's summary.json (runtime/thread_samples.py)
       thread_sample_hz=0.0,
+      # a jax.profiler window of these modes' timed runs: device streams and host spans,
+      # summarized in each job's summary.json (configs/offline.py device_trace)
+      device_trace=ml_collections.ConfigDict(dict(modes=(), start_s=1.0, seconds=0.5)),
+      # Python's GIL switch interval over the jobs (0 = Python's own, 5 ms): how long a thread
+      # that wants the GIL waits for one that holds it (sys.setswitchinterval)
+      gil_switch_interval_s=0.0,
       target_speedup_over_bound=0.85,
       target_jct_over_oracle=1.15,  # dualpath JCT at most 1.15x oracle's
       target_decode_inflation=0.05,  # decode step time with KV traffic at most 5% above without

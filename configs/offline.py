@@ -69,6 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Sample every thread's stack this often (Hz) over each timed run, 0 = off: where the PE's
   # and DE's threads spend their time, in summary.json (runtime/thread_samples.py).
   c.thread_sample_hz = 0.0
+  # A window of these runs' timed part recorded by jax.profiler (device streams, XLA's host
+  # work and the runtime's spans), from start_s after the clock starts, for `seconds`: into
+  # WORKDIR/device_trace/<run>, summarized in summary.json (runtime/profile_window.py).
+  c.device_trace = ml_collections.ConfigDict(dict(modes=(), start_s=1.0, seconds=0.5))
   # XLA's float32 matmul precision for the whole process. 'highest' keeps float32 exact enough
   # for token equality with the reference on GPUs, whose default (TF32) is not.
   c.matmul_precision = "highest"

@@ -139,7 +139,7 @@ def main(argv):
         append_tokens=x.append_tokens, gen_tokens=x.gen_tokens, modes=tuple(x.modes),
         warmup=x.warmup, warmup_agents=x.warmup_agents, warmup_turns=x.warmup_turns,
         primed_turns=x.primed_turns, check_reference=x.check_reference,
-        thread_sample_hz=x.thread_sample_hz,
+        thread_sample_hz=x.thread_sample_hz, device_trace=x.device_trace.to_dict(),
         engines_per_node=x.engines_per_node, runtime=x.runtime.to_dict(),
         workload=x.workload.to_dict(), store=x.store.to_dict(), cost_model=x.cost_model,
         model=x.model.to_dict()))
@@ -149,12 +149,18 @@ def main(argv):
     saved = getattr(jax.config, "jax_default_matmul_precision", None)
     if precision:
       jax.config.update("jax_default_matmul_precision", precision)
+    interval = sys.getswitchinterval()
+    if x.gil_switch_interval_s:
+      sys.setswitchinterval(x.gil_switch_interval_s)
     try:
-      return end_to_end.run_end_to_end(
+      result = end_to_end.run_end_to_end(
           jobs, os.path.join(out_dir, "end_to_end"), target_efficiency=x.target_speedup_over_bound,
           target_oracle_ratio=x.target_jct_over_oracle, target_inflation=x.target_decode_inflation,
           num_devices=len(devices), log=log, out_of_time=log.out_of_time, on_update=update)
+      result["gil_switch_interval_s"] = sys.getswitchinterval()
+      return result
     finally:
+      sys.setswitchinterval(interval)
       if precision:
         jax.config.update("jax_default_matmul_precision", saved)
 

@@ -106,6 +106,8 @@ EOF
           --config.end_to_end.model.paged_attention="$paged" \
           ${E2E_FLAGS:-} --out="$RUN/$name" > "$RUN/$name.log" 2>&1
       echo "$name: exit $?"
+      # a device trace (end_to_end.device_trace) comes back as perfetto JSON only
+      find "$RUN/$name" \( -name '*.xplane.pb' -o -name '*.trace.json.gz' \) -delete 2>/dev/null
       grep -h "^end_to_end " "$RUN/$name/gpu_bench.md" 2>/dev/null | cut -c1-200
       ;;
     *)

@@ -148,3 +148,39 @@ def test_a_malformed_trace_line_is_reported_with_file_and_line(tmp_path):
   config.workload.path = str(trace)
   with pytest.raises(ValueError, match=rf"{trace}:1:"):
     OfflineJob.from_config(config, str(tmp_path / "out"))
+
+
+def test_a_device_trace_window_records_the_timed_run_and_names_its_streams(tmp_path):
+  """device_trace records a jax.profiler window of the named run: the trace file is written
+  under WORKDIR/device_trace/<run>, and summary.json summarizes it per process and thread, with
+  the runtime's own spans (the PE's stages) among the host events."""
+  config = small("smoke", modes=("basic", "dualpath"))
+  config.device_trace.modes = ("dualpath",)
+  config.device_trace.start_s = 0.0
+  config.device_trace.seconds = 30.0  # longer than the run: end() stops it
+  OfflineJob.from_config(config, str(tmp_path)).run()
+  with open(tmp_path / "summary.json") as f:
+    runs = {r["mode"]: r for r in json.load(f)["runs"]}
+  assert "device_trace" not in runs["basic"]
+  trace = runs["dualpath"]["device_trace"]
+  assert "error" not in trace, trace.get("error")
+  assert trace["path"].startswith(str(tmp_path / "device_trace" / "dualpath"))
+  assert os.path.exists(trace["path"])
+  summary = trace["summary"]
+  assert 0 < summary["window_s"] < 30
+  events = [name for p in summary["processes"] for t in p["threads"] for name, _, _ in t["top"]]
+  assert any(name.startswith("pe0 ") for name in events), events[:20]
+  assert all(0 <= t["busy_fraction"] <= 1 + 1e-9 for p in summary["processes"]
+             for t in p["threads"])
+
+
+@pytest.mark.parametrize("trace, message", [
+    (dict(modes=("oracle",)), "device_trace.modes"),
+    (dict(modes=("dualpath",), seconds=0.0), "device_trace.seconds"),
+    (dict(modes=("dualpath",), colour=1), "device_trace: unknown key"),
+])
+def test_a_bad_device_trace_window_is_named_before_any_run(tmp_path, trace, message):
+  config = small("smoke")
+  config.device_trace = trace
+  with pytest.raises(ValueError, match=message):
+    OfflineJob.from_config(config, str(tmp_path))

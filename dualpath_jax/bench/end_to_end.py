@@ -43,7 +43,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    engines_per_node: int = 0, runtime: Mapping | None = None,
                    workload: Mapping | None = None, store: Mapping | None = None,
                    cost_model: str = "", model: Mapping | None = None,
-                   thread_sample_hz: float = 0.0) -> dict:
+                   thread_sample_hz: float = 0.0, device_trace: Mapping | None = None) -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
@@ -51,6 +51,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   runtime / workload / store: further fields of those sections (e.g. compute_quota_s,
   length_jitter, driver). cost_model: the cost model's JSON ('' keeps the base's).
   thread_sample_hz: > 0 samples the threads' stacks over each timed run (summary.json).
+  device_trace: {modes, start_s, seconds}, a jax.profiler window of those runs (configs/offline.py).
   """
   p, d = parse_topology(topology)
   c = _to_dict(base)
@@ -78,6 +79,8 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   c.update(modes=tuple(modes), warmup=bool(warmup), warmup_agents=int(warmup_agents),
            warmup_turns=int(warmup_turns), primed_turns=int(primed_turns),
            check_reference=bool(check_reference), thread_sample_hz=float(thread_sample_hz))
+  if device_trace is not None:
+    c["device_trace"] = dict(device_trace)
   return c
 
 

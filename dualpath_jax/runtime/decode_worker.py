@@ -40,6 +40,7 @@ import numpy as np
 from dualpath_jax.kvstore.hashing import chain_block_hashes
 from dualpath_jax.model import paged
 from dualpath_jax.model.prefill import pow2_at_least
+from dualpath_jax.runtime import profile_window
 from dualpath_jax.runtime.request import TurnRequest
 
 
@@ -201,14 +202,17 @@ class DecodeWorker(threading.Thread):
           self._decoding.update(dict.fromkeys(admitted))
           for request in admitted:
             start = time.perf_counter()
-            self._admit(request)
+            with profile_window.span(f"{self.engine.name} admit"):
+              self._admit(request)
             self.stage_s["admit"] += time.perf_counter() - start
           # One step stays in flight while rows decode; with none left, the last one is read.
           dispatched = self._occupied()
           if dispatched:
-            self._dispatch()
+            with profile_window.span(f"{self.engine.name} dispatch step"):
+              self._dispatch()
           while len(self._in_flight) > dispatched:
-            self._collect()
+            with profile_window.span(f"{self.engine.name} collect step"):
+              self._collect()
         except BaseException as e:
           self._fail(e)
     finally:

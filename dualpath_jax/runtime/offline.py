@@ -30,6 +30,7 @@ from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.colocated import ColocatedEngine
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
+from dualpath_jax.runtime.profile_window import ProfileWindow
 from dualpath_jax.runtime.thread_samples import ThreadSampler
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.synthetic import AgentTrajectory
@@ -72,6 +73,8 @@ class OfflineRun:
   """The cluster as run (scheduler, alpha/beta, batching, links, mover)."""
   thread_samples: dict | None = None
   """Where the threads spent the timed part (runtime/thread_samples.py), if sampled."""
+  device_trace: dict | None = None
+  """The profiled window of the timed part, if one was asked for (ProfileWindow.end)."""
   decode_input_placements: dict[str, int] | None = None
   """Over the timed part, all DEs: decode inputs placed from the host ('tokens', ...) and
   reused on the device ('tokens_reused', ...) (DecodeWorker.input_placements)."""
@@ -150,14 +153,16 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                 trajectories: Sequence[AgentTrajectory], *, cost_model: CostModel,
                 namespace_prefix: str = "", label: str = "", primed_turns: int = 0,
                 progress: Callable[[str], None] | None = None, devices=None,
-                thread_sample_hz: float = 0.0, precompile: bool = False) -> OfflineRun:
+                thread_sample_hz: float = 0.0, precompile: bool = False,
+                device_trace: ProfileWindow | None = None) -> OfflineRun:
   """Runs every trajectory to its end on a fresh Cluster; returns the run's records.
 
   primed_turns: the first turns of every agent, run untimed before the clock starts (module
   docstring). thread_sample_hz > 0: every thread's stack is sampled at that rate over the timed
   part (runtime/thread_samples.py; OfflineRun.thread_samples). precompile: before any turn,
   every PE compiles its forward for the batch shapes the timed turns can produce
-  (prefill_shapes, PrefillShard.precompile), outside the clock.
+  (prefill_shapes, PrefillShard.precompile), outside the clock. device_trace: a window of the
+  timed part recorded by jax.profiler (runtime/profile_window.py; OfflineRun.device_trace).
   """
   if isinstance(primed_turns, bool) or not isinstance(primed_turns, int) or primed_turns < 0:
     raise ValueError(f"primed_turns must be a non-negative int, got {primed_turns!r}")
@@ -175,7 +180,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   start = time.perf_counter()
   marks = None  # counters when the clock starts (after the primed turns)
   sampler = ThreadSampler(thread_sample_hz) if thread_sample_hz else None
-  thread_samples = precompiled = None
+  thread_samples = precompiled = trace = None
 
   def submit(agent_id: str, turn: int) -> None:
     cluster.submit(turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
@@ -185,6 +190,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     nonlocal start, marks
     if sampler is not None:
       sampler.start()
+    if device_trace is not None:
+      device_trace.begin()
     if progress is not None:
       progress(f"[{name}] clock started: the timed turns")
     start = time.perf_counter()
@@ -250,9 +257,11 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   finally:
     if sampler is not None and marks is not None:
       thread_samples = sampler.stop()
+    if device_trace is not None and marks is not None:
+      trace = device_trace.end()
     cluster.close()
   if marks is None:  # no turn was timed (every turn primed)
-    sampler = None
+    sampler = device_trace = None
     start_clock()
   since = lambda records: [(r.t_start - start, r.t_end - start, r.nbytes)  # noqa: E731
                            for r in records if r.t_start >= start]
@@ -279,6 +288,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
       describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled,
+      device_trace=trace,
       decode_input_placements={k: v - marks["placements"].get(k, 0)
                                for k, v in _placements(cluster).items()},
       host_buffers=cluster.host_buffer_stats())

@@ -28,6 +28,7 @@ from dualpath_jax.runtime import cost_profile
 from dualpath_jax.runtime.config import MODES, RuntimeConfig
 from dualpath_jax.runtime.metrics import attn_balance, decode_inflation, snic_balance
 from dualpath_jax.runtime.offline import OfflineRun, run_offline, run_reference
+from dualpath_jax.runtime.profile_window import ProfileWindow
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.build import WorkloadReport, build_workload
 from dualpath_jax.workload.synthetic import AgentTrajectory
@@ -99,6 +100,10 @@ class OfflineJob:
   thread_sample_hz: float
   """Sample every thread's stack at this rate over each timed run (0 = off): summary.json's
   runs[i].thread_samples (runtime/thread_samples.py)."""
+  device_trace: dict
+  """{modes, start_s, seconds}: for each run named in modes, a window of its timed part recorded
+  by jax.profiler into WORKDIR/device_trace/<run>, summarized in summary.json's
+  runs[i].device_trace (runtime/profile_window.py); no modes = off."""
   primed_turns: int
   """Turns of every agent run untimed before the clock starts, into the timed run's own
   namespaces (runtime/offline.py): agents that resume with their early context stored."""
@@ -167,6 +172,17 @@ class OfflineJob:
     hz = c.get("thread_sample_hz", 0.0)
     if isinstance(hz, bool) or not isinstance(hz, (int, float)) or hz < 0:
       raise ValueError(f"thread_sample_hz must be a non-negative number, got {hz!r}")
+    trace = dict(c.get("device_trace") or {})
+    unknown = sorted(set(trace) - {"modes", "start_s", "seconds"})
+    if unknown:
+      raise ValueError(f"device_trace: unknown key(s) {unknown}; expected modes, start_s, seconds")
+    trace = dict(modes=tuple(trace.get("modes") or ()), start_s=trace.get("start_s", 1.0),
+                 seconds=trace.get("seconds", 0.5))
+    if set(trace["modes"]) - set(c["modes"]):
+      raise ValueError(f"device_trace.modes: {sorted(set(trace['modes']) - set(c['modes']))} "
+                       f"are not runs of this job {list(c['modes'])}")
+    if trace["modes"]:
+      ProfileWindow("", trace["start_s"], trace["seconds"])  # a bad window is reported now
     if runtimes[0].host_buffer_bytes < layout.full_block_bytes:
       raise ValueError(f"runtime.host_buffer_bytes: {runtimes[0].host_buffer_bytes} is smaller "
                        f"than one Full Block ({layout.full_block_bytes} bytes)")
@@ -175,8 +191,14 @@ class OfflineJob:
                snic_window_s=float(window), store_spec=StoreSpec.from_dict(store),
                trajectories=tuple(trajectories), workload_report=report, seed=seed,
                checkpoint=checkpoint, warmup=bool(c["warmup"]), **counts,
-               thread_sample_hz=float(hz),
+               thread_sample_hz=float(hz), device_trace=trace,
                check_reference=bool(c["check_reference"]))
+
+  def _profile_window(self, run_name: str) -> ProfileWindow | None:
+    if run_name not in self.device_trace["modes"]:
+      return None
+    return ProfileWindow(os.path.join(self.workdir, "device_trace", run_name),
+                         self.device_trace["start_s"], self.device_trace["seconds"])
 
   def warmup_trajectories(self) -> list[AgentTrajectory]:
     """The warm-up pass's trajectories: warmup_agents of them, warmup_turns turns each."""
@@ -217,13 +239,16 @@ class OfflineJob:
         run = run_offline(runtime, model, store, layout, trajectories, cost_model=cost_model,
                           namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name,
                           primed_turns=self.primed_turns,
-                          thread_sample_hz=self.thread_sample_hz, precompile=True)
+                          thread_sample_hz=self.thread_sample_hz, precompile=True,
+                          device_trace=self._profile_window(name))
         runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
                          mode=name, base_mode=runtime.mode, switches=runtime.switches()))
         if run.precompiled is not None:
           runs[-1]["precompiled"] = run.precompiled
         if run.thread_samples is not None:
           runs[-1]["thread_samples"] = run.thread_samples
+        if run.device_trace is not None:
+          runs[-1]["device_trace"] = run.device_trace
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
         link_runs.append(dict(mode=name, link_bytes_per_s=runtime.link_bytes_per_s, nodes={
             str(node): dict(role=self._node_role(runtime, node), reads=run.link_records[node],

@@ -43,6 +43,7 @@ import numpy as np
 
 from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, pow2_at_least,
                                         prefill_layer_jit)
+from dualpath_jax.runtime import profile_window
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
 
@@ -95,7 +96,8 @@ class PrefillShard:
   def _stage(self, name: str):
     start = time.perf_counter()
     try:
-      yield
+      with profile_window.span(f"{self.engine.name} {name}"):
+        yield
     finally:
       self.stage_s[name] += time.perf_counter() - start
 
@@ -308,7 +310,8 @@ class PrefillShard:
   def _send_layer(self, chunks, prefix, new_kv, layer: int) -> list:
     """On the sender thread: layer `layer`'s sends, then its prefix KV leaves the device."""
     try:
-      return self._send_rows(chunks, prefix, new_kv, 0, layer)
+      with profile_window.span(f"{self.engine.name} send layer {layer}"):
+        return self._send_rows(chunks, prefix, new_kv, 0, layer)
     finally:
       prefix.delete()
 
