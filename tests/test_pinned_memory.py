@@ -135,7 +135,8 @@ def test_lease_reuses_what_was_given_back():
   assert pinned_memory.lease(3 * 4096, "jax_pinned") is not a  # taken: a new one
 
 
-def _memcpy2d(src: np.ndarray, base: np.ndarray, out: np.ndarray, geometry) -> None:
+def _memcpy2d(src: np.ndarray, base: np.ndarray, out: np.ndarray, geometry,
+              src_offset: int = 0) -> None:
   """What cudaMemcpy2D does with `geometry`, on host bytes."""
   height, width, src_pitch, dst_pitch = geometry
   src_bytes = src.reshape(-1).view(np.uint8)
@@ -143,7 +144,25 @@ def _memcpy2d(src: np.ndarray, base: np.ndarray, out: np.ndarray, geometry) -> N
   offset = out.__array_interface__["data"][0] - base.__array_interface__["data"][0]
   for h in range(height):
     dst_bytes[offset + h * dst_pitch:offset + h * dst_pitch + width] = \
-        src_bytes[h * src_pitch:h * src_pitch + width]
+        src_bytes[src_offset + h * src_pitch:src_offset + h * src_pitch + width]
+
+
+@pytest.mark.parametrize("batch_axis,layers", [(0, slice(1, 2)), (1, slice(None))])
+def test_row_geometry_lands_one_batch_rows_head_like_numpy(batch_axis, layers):
+  """A row of a batch array ([B, T, ...] one layer, or [L, B, T, ...]) copied straight out of
+  it lands like numpy's x[row][:count] (the PE's handoff without a row cut on the device)."""
+  rng = np.random.default_rng(1)
+  base = rng.integers(0, 9, (3, 10, 2, 4), np.int16)  # a prompt's [L, T, 2, H] in a buffer
+  out = base[layers, 2:7]  # 5 tokens land at rows 2..6
+  shape = (4, 8, 2, 4) if batch_axis == 0 else (out.shape[0], 4, 8, 2, 4)  # batch of 4, T = 8
+  x = rng.integers(0, 9, shape, np.int16)
+  want = base.copy()
+  want[layers, 2:7] = (x[2][None] if batch_axis == 0 else x[:, 2])[:, :5]
+  offset, *geometry = pinned_memory.row_geometry(x.shape, x.dtype, 2, batch_axis, out)
+  _memcpy2d(x, base, out, geometry, offset)
+  np.testing.assert_array_equal(base, want)
+  with pytest.raises(ValueError, match="row: 4"):
+    pinned_memory.row_geometry(x.shape, x.dtype, 4, batch_axis, out)
 
 
 @pytest.mark.parametrize("layers,axis", [(slice(1, 2), 1), (slice(None), 1), (slice(0, 2), None)])

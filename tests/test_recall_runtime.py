@@ -6,7 +6,6 @@ The corruption happens where the bytes leave the storage link (TrafficManager.re
 it reaches the PE (layerwise loads) and the DE buffer exactly as a bad read would.
 """
 
-import concurrent.futures
 
 import numpy as np
 import pytest
@@ -63,10 +62,9 @@ def _run(model, trajs, *, side=None, layer=0, prompts=None, prefix="run-"):
   bt = layout.block_tokens
   original = TrafficManager.read
 
-  def read(self, link, namespace, hashes, tokens, *, side: str):
-    future = original(self, link, namespace, hashes, tokens, side=side)
+  def read(self, link, namespace, hashes, tokens, *, side: str, then=None):
     if side != target_side or corrupted:
-      return future
+      return original(self, link, namespace, hashes, tokens, side=side, then=then)
     agent = namespace[len(prefix):]
     turn, prompt = next((k, p) for (a, k), p in prompts.items()
                         if a == agent and k > 0 and _hit(prompts, a, k, bt) == len(hashes)
@@ -75,16 +73,14 @@ def _run(model, trajs, *, side=None, layer=0, prompts=None, prefix="run-"):
     block = answer_block(np.array(prompt, np.int32), layout.block_tokens)
     assert block < len(hashes)  # the answer lies in the hit part, read from the store
     corrupted.update(agent=agent, turn=turn, block=block)
-    out = concurrent.futures.Future()
 
-    def corrupt(done):
-      blocks = [np.array(b) for b in done.result()]
+    def corrupt(blocks):  # between the link and the landing
+      blocks = [np.array(b) for b in blocks]
       rng = np.random.default_rng(0)
       blocks[block][layer] = rng.integers(0, 256, blocks[block][layer].shape, dtype=np.uint8)
-      out.set_result(blocks)
+      return blocks if then is None else then(blocks)
 
-    future.add_done_callback(corrupt)
-    return out
+    return original(self, link, namespace, hashes, tokens, side=side, then=corrupt)
 
   target_side = side
   with pytest.MonkeyPatch.context() as mp:

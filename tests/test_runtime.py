@@ -317,15 +317,15 @@ def test_a_failed_layer_send_fails_its_turn_and_the_pe_keeps_serving(model, stor
   hashes = chain_block_hashes(prompt, bt)
   blocks = rng.integers(0, 256, (len(hashes), *layout.full_block_shape), dtype=np.uint8)
   store.write_blocks("send-fails", hashes, blocks)
-  real_send = prefill_shard.PrefillShard._send
+  real_send = prefill_shard.PrefillShard._send_rows
   failing = {"on": True}
 
-  def send(self, request, *args):
+  def send(self, *args):
     if failing["on"] and args[-1] == 1:  # layer 1's sends
       raise RuntimeError("injected send failure")
-    return real_send(self, request, *args)
+    return real_send(self, *args)
 
-  monkeypatch.setattr(prefill_shard.PrefillShard, "_send", send)
+  monkeypatch.setattr(prefill_shard.PrefillShard, "_send_rows", send)
   rc = RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], max_context_tokens=512)
   cluster = Cluster(rc, model, store, layout, cost_model=COST)
 
@@ -506,15 +506,13 @@ def test_de_side_read_that_cannot_fit_the_de_buffer_goes_to_the_pe_side(model, s
 @pytest.mark.parametrize("mode", ["basic", "dualpath"])
 def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(four_layers, monkeypatch, mode):
   """d2h_staging='cuda_memcpy' copies with cudaMemcpy2D (GPUs only). Here the copy is emulated on
-  the host from pinned_memory.memcpy2d_geometry, byte for byte as cudaMemcpy2D would do it: every
-  D2H the runtime makes (the PE's handoff, the DE's persists) must fit that geometry and give the
-  same tokens as 'direct'."""
+  the host from pinned_memory.memcpy2d_geometry and row_geometry (a batch row straight from the
+  batch array), byte for byte as cudaMemcpy2D would do it: every D2H the runtime makes (the PE's
+  handoff, the DE's persists) must fit that geometry and give the same tokens as 'direct'."""
   from dualpath_jax.transfer import pinned_memory
   calls = []
 
-  def emulated(x, out, axis=None):
-    height, width, src_pitch, dst_pitch = pinned_memory.memcpy2d_geometry(x.shape, x.dtype, out,
-                                                                          axis)
+  def copy2d(x, out, src_offset, height, width, src_pitch, dst_pitch):
     src = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
     start = out.__array_interface__["data"][0]
     base = out
@@ -524,11 +522,20 @@ def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(four_layers, monkeypatc
     offset = start - dst.__array_interface__["data"][0]
     for h in range(height):
       dst[offset + h * dst_pitch:offset + h * dst_pitch + width] = \
-          src[h * src_pitch:h * src_pitch + width]
+          src[src_offset + h * src_pitch:src_offset + h * src_pitch + width]
+
+  def emulated(x, out, axis=None):
+    copy2d(x, out, 0, *pinned_memory.memcpy2d_geometry(x.shape, x.dtype, out, axis))
     calls.append(x.shape)
     return out
 
+  def emulated_rows(x, copies, batch_axis):
+    for row, out in copies:
+      copy2d(x, out, *pinned_memory.row_geometry(x.shape, x.dtype, row, batch_axis, out))
+      calls.append(("rows", batch_axis))
+
   monkeypatch.setattr(pinned_memory, "cuda_copy_to_host", emulated)
+  monkeypatch.setattr(pinned_memory, "cuda_copy_rows_to_host", emulated_rows)
   _, model4, layout4, store4, small = four_layers
   generated = {}
   for staging in ("direct", "cuda_memcpy"):
@@ -536,23 +543,25 @@ def test_every_runtime_d2h_fits_the_cuda_memcpy_geometry(four_layers, monkeypatc
                        d2h_staging=staging, kv_chunk_bytes=64 << 10)
     generated[staging] = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
                                      namespace_prefix=f"memcpy-{mode}-{staging}-").generated
-  assert calls and generated["cuda_memcpy"] == generated["direct"]
+  assert generated["cuda_memcpy"] == generated["direct"]
+  # the PE's handoff went row by row out of its batch arrays (layerwise: one layer's, axis 0)
+  assert ("rows", 0 if mode == "dualpath" else 1) in calls and any(c[0] != "rows" for c in calls)
 
 
 @pytest.mark.parametrize("mode,host_memory,gate_s", [
     ("basic", "numpy", 0.05), ("dualpath", "numpy", 0.05), ("dualpath", "jax_pinned", 0.0)])
 def test_precompile_covers_the_pe_row_pads_cuts_and_joins(four_layers, monkeypatch, mode,
                                                           host_memory, gate_s):
-  """After PrefillShard.precompile, the timed turns compile no row pad (_pad_to), row cut (_row)
-  or join of a move's pieces (gate on: H2D and D2D in pieces; gate off with page-locked buffers:
-  whole moves): up to record 6 they compiled inside the timed runs (21-32% of basic's PE samples
+  """After PrefillShard.precompile, the timed turns compile no row pad (_pad_to), row cut
+  (traffic._row) or join of a move's pieces (gate on: H2D and D2D in pieces; gate off with
+  page-locked buffers: whole moves): up to record 6 they compiled inside the timed runs (21-32% of basic's PE samples
   on 2x H200). Precompile compiles the joins on zeros, moving no bytes."""
   from dualpath_jax.runtime import prefill_shard, traffic
   _, model4, layout4, store4, small = four_layers
   sizes = {}
 
   def cache_sizes():
-    return (prefill_shard._pad_to._cache_size(), prefill_shard._row._cache_size(),
+    return (prefill_shard._pad_to._cache_size(), traffic._row._cache_size(),
             traffic._concatenate._cache_size())
 
   def progress(message):  # the compiles after this one are inside the timed turns

@@ -55,18 +55,6 @@ def _pad_to(x, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_axis",))
-def _row(x, row, batch_axis: int):
-  """x[row] along batch_axis, as [L or 1, T, ...]. `row` is traced, so one program serves every
-  row of a batch shape (PrefillShard.precompile compiles it). The D2H then lands only the row's
-  head (its tokens) in the DE buffer. Up to 2026-11-28 the head was cut on the device with
-  sizes in admit_tokens buckets: up to 56 programs per batch shape, compiled inside the timed
-  runs (the PE's thread spent 21-32% of basic's samples and 9-11% of dualpath's compiling, 2x
-  H200, docs/perf/gpu_bench.md record 6)."""
-  x = jax.lax.dynamic_index_in_dim(x, row, axis=batch_axis, keepdims=False)
-  return x if batch_axis else x[None]  # [L or 1, T, ...]
-
-
 LAYERS_IN_FLIGHT = RuntimeConfig.prefill_layers_in_flight
 """Layerwise prefill's default bound (RuntimeConfig.prefill_layers_in_flight): layer l computes
 while layer l+1 loads and layer l-1's KV goes to the DE (on the shard's sender thread), so at
@@ -174,7 +162,7 @@ class PrefillShard:
   def _precompile_moves(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
     """Compiles the small programs around the forward for each batch shape: padding a row's
     prefix to tp (_pad_to, for every one-sided read length up to tp) and stacking the rows,
-    the row cut for each send (_row), the cuts and joins of a move's pieces (on zeros, moving no
+    the row cut for each send (TrafficManager.precompile_d2h_rows), the cuts and joins of a move's pieces (on zeros, moving no
     bytes: TrafficManager.precompile_moves), and in whole-prefix prefill
     the per-layer index and the stack of the new KV. Before they were, the PE thread spent
     21-32% of basic's timed samples and 9-11% of dualpath's compiling (2x H200, record 6 of
@@ -216,7 +204,8 @@ class PrefillShard:
         if whole:
           layer_kv = [zeros((rows, tn, *kv_shape)) for _ in range(layout.num_layers)]
           jax.block_until_ready((prefix[0], jnp.stack(layer_kv)))
-        jax.block_until_ready((_row(prefix, np.int32(0), axis), _row(new_kv, np.int32(0), axis)))
+        self.tm.precompile_d2h_rows(prefix, axis)
+        self.tm.precompile_d2h_rows(new_kv, axis)
         prefix.delete()
         new_kv.delete()
       except jax.errors.JaxRuntimeError as e:
@@ -277,34 +266,30 @@ class PrefillShard:
     with self._stage("stack"):
       return jnp.concatenate(parts, axis=0 if one else 1)
 
-  def _send(self, request: TurnRequest, x: jax.Array, row: int, count: int, dst_start: int,
-            batch_axis: int, layers) -> int:
-    """Tokens [0, count) of batch row `row` of x -> the request's prompt KV in the DE buffer at
-    [dst_start, dst_start + count) (x: [B, T, ...] for one layer, [L, B, T, ...]); returns the
-    bytes moved.
-
-    One D2H from this PE's device into the DE node's buffer: the paper's steps (5)-(7) (the PE's
-    CNIC reads HBM, the DE's CNIC writes DE DRAM) never touch the DE's GPU. Routing it through
-    the DE's device (D2D, then D2H there) queued it with the decode steps' own copies and made
-    them up to 2x slower (4x H200, docs/perf/gpu_bench.md).
-    """
-    if isinstance(layers, int):  # one layer: [B, T, ...], its KV goes to [l:l+1]
-      layers = slice(layers, layers + 1)
-    part = _row(x, np.int32(row), batch_axis)  # [L or 1, T, ...]
-    out = request.prompt_kv[layers, dst_start:dst_start + count]
-    self.tm.d2h(part, out=out, axis=1)  # the first `count` tokens land; the rest is padding
-    return part.nbytes  # the device row's bytes, padding included (TrafficManager counts these)
-
   def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> list:
-    """Each row's new KV; on a first chunk also the PE-read part of its hit (the DE-read part is
-    in the DE buffer already). Returns (request, bytes moved) pairs, for the caller's thread
-    to count (TurnRequest.add_bytes is not thread-safe)."""
-    moved = []
+    """Each row's new KV into its request's prompt KV in the DE node buffer; on a first chunk
+    also the PE-read part of its hit (the DE-read part is there already). x: [B, T, ...] for one
+    layer (`layers` an int), [L, B, T, ...] for all (slice(None)). Returns (request, bytes
+    moved) pairs, for the caller's thread to count (TurnRequest.add_bytes is not thread-safe).
+
+    D2Hs from this PE's device straight into the DE node's buffer: the paper's steps (5)-(7)
+    (the PE's CNIC reads HBM, the DE's CNIC writes DE DRAM) never touch the DE's GPU. Routing
+    them through the DE's device (D2D, then D2H there) queued them with the decode steps' own
+    copies and made them up to 2x slower (4x H200, docs/perf/gpu_bench.md).
+    """
+    if isinstance(layers, int):  # one layer: its KV goes to [l:l+1]
+      layers = slice(layers, layers + 1)
+    hits, news = [], []
     for i, (request, cached, new) in enumerate(chunks):
       pe_tokens = request.read_split[0] * request.block_tokens
       if cached == request.hit_tokens and pe_tokens:
-        moved.append((request, self._send(request, prefix, i, pe_tokens, 0, batch_axis, layers)))
-      moved.append((request, self._send(request, new_kv, i, new, cached, batch_axis, layers)))
+        hits.append((request, i, request.prompt_kv[layers, :pe_tokens]))
+      news.append((request, i, request.prompt_kv[layers, cached:cached + new]))
+    moved = []
+    for x, copies in ((prefix, hits), (new_kv, news)):
+      if copies:
+        nbytes = self.tm.d2h_rows(x, [(i, out) for _, i, out in copies], batch_axis)
+        moved += [(request, n) for (request, _, _), n in zip(copies, nbytes)]
     return moved
 
   def _send_layer(self, chunks, prefix, new_kv, layer: int) -> list:

@@ -106,6 +106,16 @@ def _piece(x: jax.Array, rows: slice) -> jax.Array:
   return _take_rows(x, np.int32(start), stop - start)
 
 
+@functools.partial(jax.jit, static_argnames=("batch_axis",))
+def _row(x, row, batch_axis: int):
+  """x[row] along batch_axis, as [L or 1, T, ...]. `row` is traced, so one program serves every
+  row of a batch shape (TrafficManager.precompile_d2h_rows compiles it). Up to 2026-11-28 the
+  head was cut on the device with sizes in admit_tokens buckets: up to 56 programs per batch
+  shape, compiled inside the timed runs (2x H200, docs/perf/gpu_bench.md record 6)."""
+  x = jax.lax.dynamic_index_in_dim(x, row, axis=batch_axis, keepdims=False)
+  return x if batch_axis else x[None]  # [L or 1, T, ...]
+
+
 def row_slices(shape: Sequence[int], itemsize: int, chunk_bytes: int) -> list[slice]:
   if not shape or shape[0] <= 1:
     return [slice(None)]
@@ -226,6 +236,36 @@ class TrafficManager:
                   "d2h", f"host:{self._name(x.sharding)}", x.nbytes,
                   (self._name(x.sharding), "host"), slices)
     return out
+
+  def d2h_rows(self, x: jax.Array, copies: Sequence[tuple[int, np.ndarray]], batch_axis: int
+               ) -> list[int]:
+    """Batch rows of x ([B, T, ...] for batch_axis 0, [L, B, T, ...] for 1) into host arrays:
+    copies is [(row, out)], out [1 or L, count, ...] with count <= T (the row's first `count`
+    tokens land). Returns the bytes each copy moved. 'cuda_memcpy': one wait for x and a 2-D
+    copy a row straight from its buffer (pinned_memory.cuda_copy_rows_to_host), the bytes that
+    land; otherwise each row is cut on the device (_row) and moves whole, padding included."""
+    if self.config.d2h_staging != "cuda_memcpy":
+      moved = []
+      for row, out in copies:
+        part = _row(x, np.int32(row), batch_axis)
+        self.d2h(part, out=out, axis=1)
+        moved.append(part.nbytes)
+      return moved
+    t_start = time.perf_counter()
+    self._wait_for_gap()
+    pinned_memory.cuda_copy_rows_to_host(x, copies, batch_axis)
+    moved = [out.nbytes for _, out in copies]
+    self._count("d2h", f"host:{self._name(x.sharding)}", sum(moved))
+    with self._cond:
+      self.move_records.append((t_start, time.perf_counter(), "d2h", self._name(x.sharding),
+                                "host"))
+    return moved
+
+  def precompile_d2h_rows(self, x: jax.Array, batch_axis: int) -> None:
+    """Compiles what d2h_rows runs on the device for a batch array of x's shape (the row cut,
+    unless the CUDA runtime copies the rows)."""
+    if self.config.d2h_staging != "cuda_memcpy":
+      jax.block_until_ready(_row(x, np.int32(0), batch_axis))
 
   def d2d(self, x: jax.Array, dst: device_move.Destination) -> jax.Array:
     """Device -> device onto another engine (or sharding), through the mover; in pieces only

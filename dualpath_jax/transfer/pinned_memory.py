@@ -244,6 +244,64 @@ def cuda_copy_to_host(x: jax.Array, out: np.ndarray, axis: int | None = None) ->
   return out
 
 
+def cuda_copy_rows_to_host(x: jax.Array, copies, batch_axis: int) -> None:
+  """Several batch rows of one GPU array into their own host arrays, by the CUDA runtime: x is
+  [B, T, ...] (batch_axis 0) or [L, B, T, ...] (batch_axis 1); copies is [(row, out), ...] with
+  out [1 or L, count, ...], count <= T (the row's first `count` entries land). One wait for x,
+  one 2-D copy a row straight from x's buffer (no device program cuts the row out), one stream
+  sync for all: a PE layer's sends were a jitted row cut and a copy a row, 1 ms of host time
+  each (2x H200, docs/perf/gpu_bench.md record 7)."""
+  devices = x.devices()
+  if len(devices) != 1 or next(iter(devices)).platform != "gpu":
+    raise ValueError(f"d2h_staging 'cuda_memcpy' needs an array on one CUDA GPU, got one on "
+                     f"{sorted(str(d) for d in devices)}")
+  (device,) = devices
+  plans = [(out, row_geometry(x.shape, x.dtype, row, batch_axis, out)) for row, out in copies]
+  plans = [(out, g) for out, g in plans if g[1] and g[2]]
+  if not plans:
+    return
+  lib = cuda_runtime()
+  x.block_until_ready()
+  ordinal = getattr(device, "local_hardware_id", None)
+  ordinal = device.id if ordinal is None else ordinal
+  status = lib.cudaSetDevice(ctypes.c_int(ordinal))
+  stream = ctypes.c_void_p()
+  if status == 0:
+    status = _copy_stream(lib, ordinal, stream)
+  base = x.unsafe_buffer_pointer()
+  for out, (offset, height, width, src_pitch, dst_pitch) in plans:
+    if status != 0:
+      break
+    status = lib.cudaMemcpy2DAsync(
+        ctypes.c_void_p(out.__array_interface__["data"][0]), ctypes.c_size_t(dst_pitch),
+        ctypes.c_void_p(base + offset), ctypes.c_size_t(src_pitch),
+        ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(_DEVICE_TO_HOST), stream)
+  if status == 0:
+    status = lib.cudaStreamSynchronize(stream)
+  if status != 0:
+    raise RuntimeError(f"d2h_staging 'cuda_memcpy': CUDA error {status} copying {len(plans)} "
+                       f"rows of {list(x.shape)} from {device}")
+
+
+def row_geometry(x_shape, dtype, row: int, batch_axis: int, out: np.ndarray
+                 ) -> tuple[int, int, int, int, int]:
+  """(source offset, height, width, source pitch, destination pitch) in bytes of the 2-D copy
+  that puts the head of batch row `row` of a C-contiguous array of `x_shape` ([B, T, ...] for
+  batch_axis 0, [L, B, T, ...] for 1) into `out` ([1 or L, count, ...])."""
+  x_shape = tuple(x_shape)
+  if batch_axis not in (0, 1) or len(x_shape) < batch_axis + 2:
+    raise ValueError(f"batch_axis: expected 0 or 1 of an array with a token axis after it, got "
+                     f"{batch_axis} for {list(x_shape)}")
+  if not 0 <= row < x_shape[batch_axis]:
+    raise ValueError(f"row: {row} is outside the batch of {x_shape[batch_axis]}")
+  row_shape = ((1, *x_shape[1:]) if batch_axis == 0 else (x_shape[0], *x_shape[2:]))
+  height, width, src_pitch, dst_pitch = memcpy2d_geometry(row_shape, dtype, out, 1)
+  row_bytes = int(np.prod(x_shape[batch_axis + 1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+  if batch_axis == 1:
+    src_pitch = x_shape[1] * row_bytes  # from one layer's row to the next layer's
+  return row * row_bytes, height, width, src_pitch, dst_pitch
+
+
 def memcpy2d_geometry(x_shape, dtype, out: np.ndarray, axis: int | None
                       ) -> tuple[int, int, int, int]:
   """(height, width, source pitch, destination pitch) in bytes of the 2-D copy that puts a
