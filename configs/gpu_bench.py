@@ -148,6 +148,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Python's GIL switch interval over the jobs (0 = Python's own, 5 ms): how long a thread
       # that wants the GIL waits for one that holds it (sys.setswitchinterval)
       gil_switch_interval_s=0.0,
+      # gc.freeze() when each timed run's clock starts (configs/offline.py gc_freeze)
+      gc_freeze=False,
       target_speedup_over_bound=0.85,
       target_jct_over_oracle=1.15,  # dualpath JCT at most 1.15x oracle's
       target_decode_inflation=0.05,  # decode step time with KV traffic at most 5% above without

@@ -73,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # work and the runtime's spans), from start_s after the clock starts, for `seconds`: into
   # WORKDIR/device_trace/<run>, summarized in summary.json (runtime/profile_window.py).
   c.device_trace = ml_collections.ConfigDict(dict(modes=(), start_s=1.0, seconds=0.5))
+  # gc.freeze() when each timed run's clock starts: the objects alive then (model, caches,
+  # workload) leave the collector's reach; collections over the timed part are in summary.json
+  # (runs[i].gc_pauses) either way (runtime/gc_pauses.py).
+  c.gc_freeze = False
   # XLA's float32 matmul precision for the whole process. 'highest' keeps float32 exact enough
   # for token equality with the reference on GPUs, whose default (TF32) is not.
   c.matmul_precision = "highest"

@@ -184,3 +184,18 @@ def test_a_bad_device_trace_window_is_named_before_any_run(tmp_path, trace, mess
   config.device_trace = trace
   with pytest.raises(ValueError, match=message):
     OfflineJob.from_config(config, str(tmp_path))
+
+
+def test_gc_freeze_reaches_the_runs_and_their_collections_are_reported(tmp_path):
+  config = small("smoke")
+  config.gc_freeze = True
+  job = OfflineJob.from_config(config, str(tmp_path))
+  assert job.gc_freeze
+  job.run()
+  with open(tmp_path / "summary.json") as f:
+    (run,) = json.load(f)["runs"]
+  assert run["gc_pauses"]["freeze"] and run["gc_pauses"]["frozen_objects"] > 0
+  assert run["gc_pauses"]["seconds"] >= 0
+  bad = dict(config.to_dict(), gc_freeze="yes")  # a ConfigDict would refuse the str itself
+  with pytest.raises(ValueError, match="gc_freeze: expected True or False"):
+    OfflineJob.from_config(bad, str(tmp_path))

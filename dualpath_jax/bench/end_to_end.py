@@ -43,7 +43,8 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    engines_per_node: int = 0, runtime: Mapping | None = None,
                    workload: Mapping | None = None, store: Mapping | None = None,
                    cost_model: str = "", model: Mapping | None = None,
-                   thread_sample_hz: float = 0.0, device_trace: Mapping | None = None) -> dict:
+                   thread_sample_hz: float = 0.0, device_trace: Mapping | None = None,
+                   gc_freeze: bool = False) -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
@@ -52,6 +53,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   length_jitter, driver). cost_model: the cost model's JSON ('' keeps the base's).
   thread_sample_hz: > 0 samples the threads' stacks over each timed run (summary.json).
   device_trace: {modes, start_s, seconds}, a jax.profiler window of those runs (configs/offline.py).
+  gc_freeze: gc.freeze() when each timed run's clock starts (configs/offline.py).
   """
   p, d = parse_topology(topology)
   c = _to_dict(base)
@@ -81,6 +83,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
            check_reference=bool(check_reference), thread_sample_hz=float(thread_sample_hz))
   if device_trace is not None:
     c["device_trace"] = dict(device_trace)
+  c["gc_freeze"] = bool(gc_freeze)
   return c
 
 
@@ -127,7 +130,9 @@ def _per_mode(summary: Mapping, job_dir: str) -> dict:
                             for r in summary["runs"]},
              bytes={r["mode"]: r.get("bytes") for r in summary["runs"]},
              snic_balance_mean={r["mode"]: (r.get("snic_balance") or {}).get("mean")
-                                for r in summary["runs"]})
+                                for r in summary["runs"]},
+             gc_pause_s={r["mode"]: (r.get("gc_pauses") or {}).get("seconds")
+                         for r in summary["runs"]})
   turns_path = os.path.join(job_dir, "turns.jsonl")
   if os.path.exists(turns_path):
     with open(turns_path) as f:

@@ -30,6 +30,7 @@ from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.colocated import ColocatedEngine
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
+from dualpath_jax.runtime.gc_pauses import GcPauses
 from dualpath_jax.runtime.profile_window import ProfileWindow
 from dualpath_jax.runtime.thread_samples import ThreadSampler
 from dualpath_jax.scheduler.quota import CostModel
@@ -75,6 +76,8 @@ class OfflineRun:
   """Where the threads spent the timed part (runtime/thread_samples.py), if sampled."""
   device_trace: dict | None = None
   """The profiled window of the timed part, if one was asked for (ProfileWindow.end)."""
+  gc_pauses: dict | None = None
+  """Python's garbage collections over the timed part (runtime/gc_pauses.py)."""
   decode_input_placements: dict[str, int] | None = None
   """Over the timed part, all DEs: decode inputs placed from the host ('tokens', ...) and
   reused on the device ('tokens_reused', ...) (DecodeWorker.input_placements)."""
@@ -154,7 +157,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                 namespace_prefix: str = "", label: str = "", primed_turns: int = 0,
                 progress: Callable[[str], None] | None = None, devices=None,
                 thread_sample_hz: float = 0.0, precompile: bool = False,
-                device_trace: ProfileWindow | None = None) -> OfflineRun:
+                device_trace: ProfileWindow | None = None, gc_freeze: bool = False
+                ) -> OfflineRun:
   """Runs every trajectory to its end on a fresh Cluster; returns the run's records.
 
   primed_turns: the first turns of every agent, run untimed before the clock starts (module
@@ -163,6 +167,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   every PE compiles its forward for the batch shapes the timed turns can produce
   (prefill_shapes, PrefillShard.precompile), outside the clock. device_trace: a window of the
   timed part recorded by jax.profiler (runtime/profile_window.py; OfflineRun.device_trace).
+  gc_freeze: move every object alive when the clock starts out of the collector's reach
+  (gc.freeze; runtime/gc_pauses.py); the timed part's collections are counted either way.
   """
   if isinstance(primed_turns, bool) or not isinstance(primed_turns, int) or primed_turns < 0:
     raise ValueError(f"primed_turns must be a non-negative int, got {primed_turns!r}")
@@ -180,7 +186,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   start = time.perf_counter()
   marks = None  # counters when the clock starts (after the primed turns)
   sampler = ThreadSampler(thread_sample_hz) if thread_sample_hz else None
-  thread_samples = precompiled = trace = None
+  thread_samples = precompiled = trace = gc_stats = None
+  pauses = GcPauses(freeze=gc_freeze)
 
   def submit(agent_id: str, turn: int) -> None:
     cluster.submit(turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
@@ -192,6 +199,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       sampler.start()
     if device_trace is not None:
       device_trace.begin()
+    pauses.start()
     if progress is not None:
       progress(f"[{name}] clock started: the timed turns")
     start = time.perf_counter()
@@ -259,10 +267,14 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       thread_samples = sampler.stop()
     if device_trace is not None and marks is not None:
       trace = device_trace.end()
+    if marks is not None:
+      gc_stats = pauses.stop()
     cluster.close()
   if marks is None:  # no turn was timed (every turn primed)
     sampler = device_trace = None
+    pauses = GcPauses()
     start_clock()
+    gc_stats = pauses.stop()
   since = lambda records: [(r.t_start - start, r.t_end - start, r.nbytes)  # noqa: E731
                            for r in records if r.t_start >= start]
   first = marks["forwards"]
@@ -288,7 +300,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
       describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled,
-      device_trace=trace,
+      device_trace=trace, gc_pauses=gc_stats,
       decode_input_placements={k: v - marks["placements"].get(k, 0)
                                for k, v in _placements(cluster).items()},
       host_buffers=cluster.host_buffer_stats())

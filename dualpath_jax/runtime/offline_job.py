@@ -62,6 +62,12 @@ def _typed(cls, section: str, values: Mapping):
   return cls(**values)
 
 
+def _flag(value, field: str) -> bool:
+  if not isinstance(value, bool):
+    raise ValueError(f"{field}: expected True or False, got {value!r}")
+  return value
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OfflineJob:
   """Everything one offline experiment needs, validated."""
@@ -100,6 +106,9 @@ class OfflineJob:
   thread_sample_hz: float
   """Sample every thread's stack at this rate over each timed run (0 = off): summary.json's
   runs[i].thread_samples (runtime/thread_samples.py)."""
+  gc_freeze: bool
+  """gc.freeze() when each timed run's clock starts (runtime/gc_pauses.py); its collections are
+  in summary.json's runs[i].gc_pauses either way."""
   device_trace: dict
   """{modes, start_s, seconds}: for each run named in modes, a window of its timed part recorded
   by jax.profiler into WORKDIR/device_trace/<run>, summarized in summary.json's
@@ -192,6 +201,7 @@ class OfflineJob:
                trajectories=tuple(trajectories), workload_report=report, seed=seed,
                checkpoint=checkpoint, warmup=bool(c["warmup"]), **counts,
                thread_sample_hz=float(hz), device_trace=trace,
+               gc_freeze=_flag(c.get("gc_freeze", False), "gc_freeze"),
                check_reference=bool(c["check_reference"]))
 
   def _profile_window(self, run_name: str) -> ProfileWindow | None:
@@ -240,7 +250,7 @@ class OfflineJob:
                           namespace_prefix=f"{run_id}-{name}-", progress=progress, label=name,
                           primed_turns=self.primed_turns,
                           thread_sample_hz=self.thread_sample_hz, precompile=True,
-                          device_trace=self._profile_window(name))
+                          device_trace=self._profile_window(name), gc_freeze=self.gc_freeze)
         runs.append(dict(summarize(run, reference, snic_window_s=self.snic_window_s),
                          mode=name, base_mode=runtime.mode, switches=runtime.switches()))
         if run.precompiled is not None:
@@ -249,6 +259,8 @@ class OfflineJob:
           runs[-1]["thread_samples"] = run.thread_samples
         if run.device_trace is not None:
           runs[-1]["device_trace"] = run.device_trace
+        if run.gc_pauses is not None:
+          runs[-1]["gc_pauses"] = run.gc_pauses
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
         link_runs.append(dict(mode=name, link_bytes_per_s=runtime.link_bytes_per_s, nodes={
             str(node): dict(role=self._node_role(runtime, node), reads=run.link_records[node],
