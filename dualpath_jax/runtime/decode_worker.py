@@ -28,6 +28,7 @@ slot are held at once for a step; the global scheduler's memory rule keeps them 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import threading
@@ -93,6 +94,10 @@ class DecodeWorker(threading.Thread):
     self._page_reads: dict[TurnRequest, jax.Array] = {}
     """A finishing turn's new blocks read from the pool behind its last step
     (`_read_persisted_pages`), until `_persist` moves them to the host."""
+    self._persister = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix=f"{engine.name}-persist")
+    """Moves finished turns' new blocks to the host and hands them to the link (_write_back), so
+    that this thread's steps do not wait for the copies."""
     self._landing: list[tuple[jax.Array, object]] = []
     """(prompt KV on the device, its DE-buffer reservation) of admissions whose H2D may still be
     reading the buffer (`_release_landed`)."""
@@ -126,7 +131,9 @@ class DecodeWorker(threading.Thread):
     with a row admitted since the last one (the host's first tokens, merged on the device)."""
 
   def release_device_memory(self) -> None:
-    """Drops this DE's page pool and model copy (after the thread has stopped)."""
+    """Drops this DE's page pool and model copy, stops its persister (after the thread has
+    stopped)."""
+    self._persister.shutdown(wait=True)
     self.pool = self.model = None
 
   def precompile(self, token_counts) -> int:
@@ -401,7 +408,6 @@ class DecodeWorker(threading.Thread):
       self.table = self.table.free(request)
       self._end(request)
       return
-    layout = self.cluster.layout
     with_kv = np.concatenate([request.prompt, np.array(request.generated[:-1], np.int32)])
     hashes = chain_block_hashes(with_kv, self.block_tokens)
     todo = hashes[request.hit_blocks:]
@@ -412,13 +418,25 @@ class DecodeWorker(threading.Thread):
       self.table = self.table.free(request)
       self._end(request)
       return
-    host = self.tm.d2h(kv)[:, :len(todo) * self.block_tokens]
-    request.add_bytes("d2h", kv.nbytes)  # what moved: padded to a power-of-two page count
-    blocks = layout.kv_to_full_blocks(host)
+    # kv is its own array, read from the pages before any later step was queued: they can go.
     self.table = self.table.free(request)
-    link = self.cluster.links[self.engine.node_id]
-    future = self.tm.write(link, request.agent_id, todo, blocks)
-    request.add_bytes("store_write", blocks.nbytes)
+    self._persister.submit(self._write_back, request, kv, todo)
+
+  def _write_back(self, request: TurnRequest, kv: jax.Array, todo: list[str]) -> None:
+    """On the persister thread: the turn's new blocks D2H, into Full Blocks, to the link. Up to
+    2026-11-28 this ran on the DE's own thread: with D2H 'cuda_memcpy' (a synchronous copy) the
+    steps that overlapped it took 8.5-10x the median (2P2D, 4x H200, docs/perf/gpu_bench.md
+    record 7)."""
+    try:
+      host = self.tm.d2h(kv)[:, :len(todo) * self.block_tokens]
+      request.add_bytes("d2h", kv.nbytes)  # what moved: padded to a power-of-two page count
+      blocks = self.cluster.layout.kv_to_full_blocks(host)
+      link = self.cluster.links[self.engine.node_id]
+      future = self.tm.write(link, request.agent_id, todo, blocks)
+      request.add_bytes("store_write", blocks.nbytes)
+    except BaseException as e:  # noqa: BLE001  (the turn fails, the DE goes on)
+      self._end(request, e)
+      return
     future.add_done_callback(lambda f: self._end(request, f.exception()))
 
   def _end(self, request: TurnRequest, error: BaseException | None = None) -> None:
