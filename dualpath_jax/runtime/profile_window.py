@@ -6,7 +6,13 @@ the GPUs' kernels and copies per stream (CUPTI), XLA's host-side work, and the r
 spans (PrefillShard stages and sends, DecodeWorker steps: `span` below). The Python tracer is off:
 it records every Python call and would slow the run it measures. The trace lands as
 LOG_DIR/plugins/profile/<time>/perfetto_trace.json.gz (open it in ui.perfetto.dev, or summarize it
-with analysis/device_trace.py); `stop()` returns its summary.
+with analysis/device_trace.py); `end()` returns its summary.
+
+Known hazard on GPUs: after stop_trace, CUPTI's teardown can leave the CUDA context broken (jax
+issue 40260: CUDA_ERROR_LAUNCH_FAILED at the next synchronisation). On 2x H200 (record 7 of
+docs/perf/gpu_bench.md) one of two traced runs failed that way 3 s after its window, the trace
+already written; the other completed. Trace one mode in a process of its own
+(--config.end_to_end.modes="('dualpath',)"), as the bench calls there did.
 """
 
 from __future__ import annotations

@@ -215,32 +215,8 @@ def cuda_copy_to_host(x: jax.Array, out: np.ndarray, axis: int | None = None) ->
   axes from `axis` on must be C-contiguous and the axes before it collapse to one stride.
   Blocks until x is ready and the copy is done (the GIL is released during the copy), which runs
   on a non-blocking stream of this thread's own."""
-  devices = x.devices()
-  if len(devices) != 1 or next(iter(devices)).platform != "gpu":
-    raise ValueError(f"d2h_staging 'cuda_memcpy' needs an array on one CUDA GPU, got one on "
-                     f"{sorted(str(d) for d in devices)}")
-  (device,) = devices
-  height, width, src_pitch, dst_pitch = memcpy2d_geometry(x.shape, x.dtype, out, axis)
-  if width == 0 or height == 0:
-    return out
-  lib = cuda_runtime()
-  x.block_until_ready()
-  ordinal = getattr(device, "local_hardware_id", None)
-  ordinal = device.id if ordinal is None else ordinal
-  status = lib.cudaSetDevice(ctypes.c_int(ordinal))
-  stream = ctypes.c_void_p()
-  if status == 0:
-    status = _copy_stream(lib, ordinal, stream)
-  if status == 0:
-    status = lib.cudaMemcpy2DAsync(
-        ctypes.c_void_p(out.__array_interface__["data"][0]), ctypes.c_size_t(dst_pitch),
-        ctypes.c_void_p(x.unsafe_buffer_pointer()), ctypes.c_size_t(src_pitch),
-        ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(_DEVICE_TO_HOST), stream)
-  if status == 0:
-    status = lib.cudaStreamSynchronize(stream)
-  if status != 0:
-    raise RuntimeError(f"d2h_staging 'cuda_memcpy': CUDA error {status} copying "
-                       f"{height} x {width} bytes from {device}")
+  device = _one_gpu(x)
+  _copy_to_host(x, device, [(out, (0, *memcpy2d_geometry(x.shape, x.dtype, out, axis)))])
   return out
 
 
@@ -249,14 +225,24 @@ def cuda_copy_rows_to_host(x: jax.Array, copies, batch_axis: int) -> None:
   [B, T, ...] (batch_axis 0) or [L, B, T, ...] (batch_axis 1); copies is [(row, out), ...] with
   out [1 or L, count, ...], count <= T (the row's first `count` entries land). One wait for x,
   one 2-D copy a row straight from x's buffer (no device program cuts the row out), one stream
-  sync for all: a PE layer's sends were a jitted row cut and a copy a row, 1 ms of host time
+  sync for all: a PE layer's sends were a jitted row cut and a copy a row, ~0.9 ms of host time
   each (2x H200, docs/perf/gpu_bench.md record 7)."""
+  device = _one_gpu(x)
+  _copy_to_host(x, device, [(out, row_geometry(x.shape, x.dtype, row, batch_axis, out))
+                            for row, out in copies])
+
+
+def _one_gpu(x: jax.Array):
   devices = x.devices()
   if len(devices) != 1 or next(iter(devices)).platform != "gpu":
     raise ValueError(f"d2h_staging 'cuda_memcpy' needs an array on one CUDA GPU, got one on "
                      f"{sorted(str(d) for d in devices)}")
-  (device,) = devices
-  plans = [(out, row_geometry(x.shape, x.dtype, row, batch_axis, out)) for row, out in copies]
+  return next(iter(devices))
+
+
+def _copy_to_host(x: jax.Array, device, plans) -> None:
+  """Waits for x, then one cudaMemcpy2DAsync per (out, (source offset, height, width, source
+  pitch, destination pitch)) on this thread's stream for x's GPU, then one sync."""
   plans = [(out, g) for out, g in plans if g[1] and g[2]]
   if not plans:
     return
@@ -280,7 +266,7 @@ def cuda_copy_rows_to_host(x: jax.Array, copies, batch_axis: int) -> None:
     status = lib.cudaStreamSynchronize(stream)
   if status != 0:
     raise RuntimeError(f"d2h_staging 'cuda_memcpy': CUDA error {status} copying {len(plans)} "
-                       f"rows of {list(x.shape)} from {device}")
+                       f"part(s) of {list(x.shape)} from {device}")
 
 
 def row_geometry(x_shape, dtype, row: int, batch_axis: int, out: np.ndarray
