@@ -41,6 +41,9 @@ def parse_args() -> argparse.Namespace:
                       help="cold and warm passes per path; the median is reported")
   parser.add_argument("--path", default="", help="store folder (default: a fresh temp folder)")
   parser.add_argument("--keep", action="store_true", help="keep the store folder afterwards")
+  parser.add_argument("--landing", action="store_true",
+                      help="only compare landing reads layer-major (warm): read_blocks + a copy a "
+                           "block (full_blocks_to_kv) against read_blocks_into the buffer")
   parser.add_argument("--out", default="docs/perf/kvstore_bench.json", help="JSON result file")
   return parser.parse_args()
 
@@ -102,6 +105,13 @@ def main() -> None:
     return [read.result() for read in reads]
 
   pool = concurrent.futures.ThreadPoolExecutor(args.inflight)
+  if args.landing:
+    landing(args, store, namespace, batches, layout, pool, total_bytes, load_before)
+    pool.shutdown()
+    store.close()
+    if not args.path and not args.keep:
+      shutil.rmtree(folder)
+    return
 
   def store_pass():
     # Keeps `inflight` calls in flight, like storage links issuing reads for queued requests.
@@ -156,6 +166,44 @@ def main() -> None:
   store.close()
   if not args.path and not args.keep:
     shutil.rmtree(folder)
+
+
+def landing(args, store, namespace, batches, layout, pool, total_bytes, load_before) -> None:
+  """Reads landing layer-major in one buffer per batch (the runtime's node-buffer layout): the
+  store's arrays then a copy a block, against the store writing into the buffer's views."""
+  bt = layout.block_tokens
+  buffers = [np.zeros((layout.num_layers, len(b) * bt, layout.token_layer_bytes), np.uint8)
+             for b in batches]
+
+  def then_copy(i):
+    layout.full_blocks_to_kv(store.read_blocks(namespace, batches[i]), out=buffers[i].reshape(-1))
+
+  def into(i):
+    views = [buffers[i][:, k * bt:(k + 1) * bt] for k in range(len(batches[i]))]
+    assert all(store.read_blocks_into(namespace, batches[i], views))
+
+  runs = {"read_then_copy": then_copy, "read_into": into}
+  for fn in runs.values():  # warm the page cache (and check)
+    for f in [pool.submit(fn, i) for i in range(len(batches))]:
+      f.result()
+  rates = {name: [] for name in runs}
+  for p in range(args.passes):
+    for name in (("read_then_copy", "read_into") if p % 2 == 0 else ("read_into", "read_then_copy")):
+      seconds = timed(lambda: [f.result() for f in [pool.submit(runs[name], i)
+                                                    for i in range(len(batches))]])
+      rates[name].append(total_bytes / seconds / 1e9)
+  report = {"model": args.model, "blocks": sum(len(b) for b in batches),
+            "total_bytes": total_bytes, "batch_blocks": args.batch_blocks,
+            "inflight": args.inflight, "passes": args.passes, "cpu_count": os.cpu_count(),
+            "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},
+            "landing_warm_gb_per_s": {k: float(np.median(v)) for k, v in rates.items()},
+            "landing_warm_passes_gb_per_s": rates}
+  for name, values in rates.items():
+    print(f"landing {name:<16} median {np.median(values):.3f} GB/s, best {max(values):.3f}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

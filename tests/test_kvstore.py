@@ -231,6 +231,40 @@ def test_damaged_block_is_a_corrupt_miss_and_is_rewritten(tmp_path, damage):
     np.testing.assert_array_equal(store.read_blocks(NS, hashes[1:2])[0], blocks[1])
 
 
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_read_into_lands_each_block_in_a_strided_view_and_reports_a_damaged_one(tmp_path, damage):
+  """read_blocks_into writes every block straight into its view of a layer-major buffer (block
+  i at rows [i*B, (i+1)*B) of every layer), as read_blocks + a copy would; a damaged block is
+  False and counted corrupt, like read_blocks' None."""
+  hashes, blocks = make_hashes(3), make_blocks(3)
+  with KVBlockStore.open(StoreSpec(path=str(tmp_path)), LAYOUT) as store:
+    store.write_blocks(NS, hashes, blocks)
+    path = chunk_file(tmp_path, store, NS, hashes[1])
+  bt = LAYOUT.block_tokens
+  with KVBlockStore.open(StoreSpec(path=str(tmp_path)), LAYOUT) as store:
+    raw = np.zeros((LAYOUT.num_layers, 4 * bt, LAYOUT.token_layer_bytes), np.uint8)  # 1 spare
+    views = [raw[:, i * bt:(i + 1) * bt] for i in range(3)]
+    assert store.read_blocks_into(NS, hashes, views) == [True, True, True]
+    for i in range(3):
+      np.testing.assert_array_equal(views[i], blocks[i])
+    assert not raw[:, 3 * bt:].any()  # nothing written past the blocks
+    data = bytearray(open(path, "rb").read())
+    if damage == "flip":
+      data[len(data) // 2] ^= 0xFF
+      open(path, "wb").write(data)
+    else:
+      os.remove(path)
+  with KVBlockStore.open(StoreSpec(path=str(tmp_path)), LAYOUT) as store:
+    raw[:] = 0
+    assert store.read_blocks_into(NS, hashes, views) == [True, False, True]
+    np.testing.assert_array_equal(views[2], blocks[2])
+    assert (store.stats.blocks_read, store.stats.misses, store.stats.corrupt) == (2, 1, 1)
+    with pytest.raises(ValueError, match=r"outs\[0\]: expected uint8"):
+      store.read_blocks_into(NS, hashes[:1], [raw[:, :bt - 1]])
+    with pytest.raises(ValueError, match="outs: 1 destinations for 2 hashes"):
+      store.read_blocks_into(NS, hashes[:2], views[:1])
+
+
 def test_index_pointing_to_nothing_is_a_corrupt_miss(store):
   hashes = make_hashes(2)
   store.write_blocks(NS, hashes[:1], make_blocks(1))

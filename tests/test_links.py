@@ -28,6 +28,14 @@ class FakeStore:
     time.sleep(self.read_delay_s)
     return [self.blocks.get((namespace, h)) for h in hashes]
 
+  def read_blocks_into(self, namespace, hashes, outs):
+    landed = []
+    for block, out in zip(self.read_blocks(namespace, hashes), outs):
+      if block is not None:
+        out[...] = block.reshape(out.shape)
+      landed.append(block is not None)
+    return landed
+
   def write_blocks(self, namespace, hashes, blocks):
     for h, b in zip(hashes, blocks):
       self.blocks[(namespace, h)] = np.array(b)
@@ -144,6 +152,17 @@ def test_a_read_lands_after_leaving_the_link_and_its_landing_error_reaches_the_c
     with pytest.raises(RuntimeError, match="no room to land"):
       link.submit_read("ns", hashes, tokens=8, then=refuse).result()
     assert link.read_queue_tokens == 0 and link.bytes_read == 4 * LAYOUT.full_block_bytes
+
+
+def test_a_read_into_destinations_gives_them_back_and_counts_only_what_landed():
+  store = FakeStore()
+  hashes = store.fill(2)
+  outs = [np.zeros(LAYOUT.full_block_bytes, np.uint8) for _ in range(3)]
+  with StorageLink(store, node_id=0) as link:
+    got = link.submit_read("ns", hashes + ["missing"], tokens=12, into=outs).result()
+  assert got[0] is outs[0] and got[1] is outs[1] and got[2] is None
+  assert int(outs[1][0]) == 1 and not outs[2].any()
+  assert link.bytes_read == 2 * LAYOUT.full_block_bytes and link.read_queue_tokens == 0
 
 
 @pytest.mark.parametrize("rate", [0, -5.0])

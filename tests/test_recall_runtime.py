@@ -62,9 +62,9 @@ def _run(model, trajs, *, side=None, layer=0, prompts=None, prefix="run-"):
   bt = layout.block_tokens
   original = TrafficManager.read
 
-  def read(self, link, namespace, hashes, tokens, *, side: str, then=None):
+  def read(self, link, namespace, hashes, tokens, *, side: str, into=None, then=None):
     if side != target_side or corrupted:
-      return original(self, link, namespace, hashes, tokens, side=side, then=then)
+      return original(self, link, namespace, hashes, tokens, side=side, into=into, then=then)
     agent = namespace[len(prefix):]
     turn, prompt = next((k, p) for (a, k), p in prompts.items()
                         if a == agent and k > 0 and _hit(prompts, a, k, bt) == len(hashes)
@@ -74,13 +74,13 @@ def _run(model, trajs, *, side=None, layer=0, prompts=None, prefix="run-"):
     assert block < len(hashes)  # the answer lies in the hit part, read from the store
     corrupted.update(agent=agent, turn=turn, block=block)
 
-    def corrupt(blocks):  # between the link and the landing
-      blocks = [np.array(b) for b in blocks]
+    def corrupt(blocks):  # where the link delivered them (in place: the landing buffer's views)
+      blocks = list(blocks) if into is not None else [np.array(b) for b in blocks]
       rng = np.random.default_rng(0)
       blocks[block][layer] = rng.integers(0, 256, blocks[block][layer].shape, dtype=np.uint8)
       return blocks if then is None else then(blocks)
 
-    return original(self, link, namespace, hashes, tokens, side=side, then=corrupt)
+    return original(self, link, namespace, hashes, tokens, side=side, into=into, then=corrupt)
 
   target_side = side
   with pytest.MonkeyPatch.context() as mp:

@@ -128,19 +128,49 @@ class KVBlockStore:
 
   def read_blocks(self, namespace: str, hashes: Sequence[str]) -> list[np.ndarray | None]:
     """The Full Blocks [L, B, W] uint8 of `hashes`, each verified, or None where unavailable."""
+    return self._read(namespace, hashes, None)
+
+  def read_blocks_into(self, namespace: str, hashes: Sequence[str],
+                       outs: Sequence[np.ndarray]) -> list[bool]:
+    """Each Full Block of `hashes` written straight into its out ([L, B, W] uint8, writable, any
+    strides: e.g. block i's rows of every layer in a layer-major landing buffer); per block,
+    True if it landed verified, False where unavailable (that out is then undefined).
+
+    tensorstore copies each chunk into the caller's memory: no array a block and no second copy
+    to land it. Landing 0.5 GB layer-major on the 2-core sandbox (file driver, page cache warm):
+    1.51 GB/s against 1.09 GB/s for read_blocks and a copy a block (2026-11-28,
+    docs/perf/kvstore.md)."""
+    if len(outs) != len(hashes):
+      raise ValueError(f"outs: {len(outs)} destinations for {len(hashes)} hashes")
+    for i, out in enumerate(outs):
+      if out.shape != self.layout.full_block_shape or out.dtype != np.uint8:
+        raise ValueError(f"outs[{i}]: expected uint8 {list(self.layout.full_block_shape)}, got "
+                         f"{out.dtype} {list(out.shape)}")
+    return [block is not None for block in self._read(namespace, hashes, outs)]
+
+  def _read(self, namespace: str, hashes: Sequence[str], outs) -> list:
+    """read_blocks (outs None: new arrays) or read_blocks_into (outs: the blocks' memory)."""
     entries = self._read_index(namespace, hashes)
     segments = self._open_segments(namespace, {e["segment"] for e in entries if e is not None})
     # Issue every chunk read first, then wait, so that reads overlap on all I/O threads.
     reads = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
       segment = None if entry is None else segments.get(entry["segment"])
-      reads.append(None if segment is None else segment[entry["slot"]].read())
+      if segment is None:
+        reads.append(None)
+      elif outs is None:
+        reads.append(segment[entry["slot"]].read())
+      else:
+        target = ts.array(outs[i], copy=False, write=True)
+        reads.append(target.write(segment[entry["slot"]]))
     blocks, missing, corrupt = [], 0, []
-    for digest, entry, read in zip(hashes, entries, reads):
+    for i, (digest, entry, read) in enumerate(zip(hashes, entries, reads)):
       block = None
       if read is not None:
         try:
           block = read.result()
+          if outs is not None:
+            block = outs[i]
         except ValueError:  # tensorstore: digest mismatch, truncated or missing chunk
           block = None
       if block is None:

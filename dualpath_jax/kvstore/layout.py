@@ -164,6 +164,12 @@ class KVLayout:
       host_copy.for_ranges(n, n * self.full_block_bytes, land)
     return raw.view(self.np_dtype).reshape(self.num_layers, -1, *self.token_kv_shape)
 
+  def landing_rows(self, num_blocks: int, out: np.ndarray, tokens: int) -> np.ndarray:
+    """A uint8 [L, tokens, token_layer_bytes] array in `out` whose rows past num_blocks' tokens
+    are zeroed: where a read of num_blocks Full Blocks lands layer-major (block i at rows
+    [i*B, (i+1)*B) of every layer; full_blocks_to_kv's layout)."""
+    return self._kv_rows(num_blocks, out, tokens, self.num_layers)
+
   def _kv_rows(self, num_blocks: int, out, tokens, layers: int) -> np.ndarray:
     """A uint8 [layers, tokens, token_layer_bytes] array (in `out` when given) whose rows past
     the blocks' tokens are zeroed."""

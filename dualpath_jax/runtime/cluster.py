@@ -170,21 +170,30 @@ class Cluster:
         (layout.num_layers, rows, *layout.token_kv_shape), layout.np_dtype)
     request.prompt_kv[:, request.prompt_tokens:] = 0
 
-  def land_read(self, request: TurnRequest, side: str, blocks) -> np.ndarray:
-    """Where one side's read blocks go once they have left the link (on the link's worker, so
-    that the PE's thread does not copy them; until 2026-11-28 `PrefillShard` did, at the start
-    of each forward: 'begin' took 1.3 s of a 7.5 s 1P1D dualpath job, 2x H200,
-    docs/perf/gpu_bench.md record 6). They land layer-major in the side's reservation, every
-    layer's prefix side by side and padded to read_rows, so that a layer goes H2D as it lies;
-    the DE-read part is also copied into the prompt KV (prepare_prompt_kv), which the DE admits.
-    Returns the landed [L, read_rows, 2, H, D]."""
+  def read_destination(self, request: TurnRequest, side: str, num_blocks: int
+                       ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Where one side's read lands: a uint8 [L, read_rows, W] array in the side's reservation,
+    layer-major (every layer's prefix side by side, padded to read_rows with zeros, so that a
+    layer goes H2D as it lies), and each block's [L, B, W] view of it, which the store writes
+    into (KVBlockStore.read_blocks_into: no array a block, no copy to land it)."""
+    layout = self.layout
+    rows = self.read_rows(num_blocks, both_sides=len(request.read_reservations) > 1)
+    out = request.read_reservations[side].empty((rows * layout.kv_bytes_per_token,), np.uint8)
+    raw = layout.landing_rows(num_blocks, out, rows)
+    bt = layout.block_tokens
+    return raw, [raw[:, i * bt:(i + 1) * bt] for i in range(num_blocks)]
+
+  def land_read(self, request: TurnRequest, side: str, raw: np.ndarray, blocks) -> np.ndarray:
+    """One side's read once it has left the link (on the link's worker, not the PE's thread:
+    until 2026-11-28 `PrefillShard` landed reads at the start of each forward, 'begin' 1.3 s of a
+    7.5 s 1P1D dualpath job, 2x H200, docs/perf/gpu_bench.md record 6): checks that every block
+    arrived in `raw` (read_destination) and copies the DE-read part into the prompt KV
+    (prepare_prompt_kv), which the DE admits. Returns the landed [L, read_rows, 2, H, D]."""
     if any(b is None for b in blocks):
       raise RuntimeError(f"{request.agent_id} turn {request.turn}: a hit block could not be "
                          "read back; the runtime does not yet re-plan a shrunken hit")
     layout = self.layout
-    rows = self.read_rows(len(blocks), both_sides=len(request.read_reservations) > 1)
-    out = request.read_reservations[side].empty((rows * layout.kv_bytes_per_token,), np.uint8)
-    kv = layout.full_blocks_to_kv(blocks, out=out, tokens=rows)
+    kv = raw.view(layout.np_dtype).reshape(layout.num_layers, -1, *layout.token_kv_shape)
     if side == "de" and request.prompt_kv is not None:
       start = request.read_split[0] * layout.block_tokens
       host_copy.copy(request.prompt_kv[:, start:request.hit_tokens].view(np.uint8),

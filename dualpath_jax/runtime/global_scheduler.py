@@ -320,9 +320,10 @@ class GlobalScheduler:
         continue
       request.times.setdefault("read_start", time.perf_counter())
       hashes = request.hashes[start:start + count]
+      raw, into = cluster.read_destination(request, side, count)
       future = cluster.traffic[engine.name].read(
           cluster.links[engine.node_id], request.agent_id, hashes, count * request.block_tokens,
-          side=side, then=functools.partial(cluster.land_read, request, side))
+          side=side, into=into, then=functools.partial(cluster.land_read, request, side, raw))
       request.read_futures[side] = future
       request.add_bytes(f"store_read_{side}_side", count * layout.full_block_bytes)
       start += count

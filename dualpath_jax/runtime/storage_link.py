@@ -31,6 +31,9 @@ class BlockIO(Protocol):
 
   def read_blocks(self, namespace: str, hashes: Sequence[str]) -> list[np.ndarray | None]: ...
 
+  def read_blocks_into(self, namespace: str, hashes: Sequence[str],
+                       outs: Sequence[np.ndarray]) -> list[bool]: ...
+
   def write_blocks(self, namespace: str, hashes: Sequence[str], blocks: np.ndarray) -> object: ...
 
 
@@ -147,8 +150,11 @@ class StorageLink:
 
   def submit_read(self, namespace: str, hashes: Sequence[str], tokens: int, *,
                   on_bytes: Callable[[int], None] | None = None,
-                  then: Callable[[list], object] | None = None) -> concurrent.futures.Future:
+                  then: Callable[[list], object] | None = None,
+                  into: Sequence[np.ndarray] | None = None) -> concurrent.futures.Future:
     """Queues a read of Full Blocks; the future gives one array (or None if missing) a hash.
+    With `into` (one destination [L, B, W] a hash) the store writes each block straight into its
+    destination (read_blocks_into) and the arrays given are those destinations.
 
     `tokens` is what the read adds to read_queue_tokens until it completes. `on_bytes(nbytes)` is
     called on success before the future completes (a done-callback would race with result()).
@@ -161,9 +167,13 @@ class StorageLink:
     with self._lock:
       self._read_queue_tokens += tokens
     try:
-      return self._read_pool.submit(self._run, "read", tokens,
-                                    lambda: self.store.read_blocks(namespace, hashes), on_bytes,
-                                    then)
+      if into is None:
+        io = lambda: self.store.read_blocks(namespace, hashes)  # noqa: E731
+      else:
+        into = list(into)
+        io = lambda: self._landed(self.store.read_blocks_into(namespace, hashes, into),  # noqa: E731
+                                  into)
+      return self._read_pool.submit(self._run, "read", tokens, io, on_bytes, then)
     except BaseException:
       with self._lock:
         self._read_queue_tokens -= tokens
@@ -176,6 +186,12 @@ class StorageLink:
     return self._write_pool.submit(self._run, "write", 0,
                              lambda: (self.store.write_blocks(namespace, hashes, blocks), blocks),
                              on_bytes)
+
+  @staticmethod
+  def _landed(flags: list[bool], into: list[np.ndarray]) -> list:
+    """read_blocks_into's result in read_blocks' form: the landed destinations, None where a
+    block did not land."""
+    return [out if ok else None for ok, out in zip(flags, into)]
 
   def _run(self, op: str, tokens: int, io, on_bytes, then=None):
     result = self._io(op, tokens, io, on_bytes)

@@ -308,13 +308,13 @@ class TrafficManager:
   # --- store I/O -------------------------------------------------------------------------------
 
   def read(self, link: StorageLink, namespace: str, hashes: Sequence[str], tokens: int, *,
-           side: str, then=None) -> concurrent.futures.Future:
+           side: str, into=None, then=None) -> concurrent.futures.Future:
     """Queues a Full-Block read on `link`; `side` is 'pe' or 'de' (which node's link reads);
-    `then(blocks)` lands them (StorageLink.submit_read)."""
+    `into`: the blocks' destinations, `then(blocks)` after they arrived (StorageLink.submit_read)."""
     if side not in READ_SIDES:
       raise ValueError(f"side: expected 'pe' or 'de', got {side!r}")
     return link.submit_read(namespace, hashes, tokens, on_bytes=lambda nbytes: self._count(
-        READ_SIDES[side], f"storage:node{link.node_id}", nbytes), then=then)
+        READ_SIDES[side], f"storage:node{link.node_id}", nbytes), then=then, into=into)
 
   def write(self, link: StorageLink, namespace: str, hashes: Sequence[str], blocks: np.ndarray
             ) -> concurrent.futures.Future:
