@@ -188,7 +188,8 @@ def landing(args, store, namespace, batches, layout, pool, total_bytes, load_bef
       f.result()
   rates = {name: [] for name in runs}
   for p in range(args.passes):
-    for name in (("read_then_copy", "read_into") if p % 2 == 0 else ("read_into", "read_then_copy")):
+    order = ("read_then_copy", "read_into")
+    for name in (order if p % 2 == 0 else order[::-1]):
       seconds = timed(lambda: [f.result() for f in [pool.submit(runs[name], i)
                                                     for i in range(len(batches))]])
       rates[name].append(total_bytes / seconds / 1e9)

@@ -178,6 +178,7 @@ def test_a_device_trace_window_records_the_timed_run_and_names_its_streams(tmp_p
     (dict(modes=("oracle",)), "device_trace.modes"),
     (dict(modes=("dualpath",), seconds=0.0), "device_trace.seconds"),
     (dict(modes=("dualpath",), colour=1), "device_trace: unknown key"),
+    (dict(modes=("dualpath",), start_s="soon"), "device_trace.start_s: expected a number"),
 ])
 def test_a_bad_device_trace_window_is_named_before_any_run(tmp_path, trace, message):
   config = small("smoke")

@@ -18,11 +18,12 @@ shard's lifetime), so the measurement carries no first-touch page faults.
 
 Variants (each row's 'note' says the same):
   'layer_major'      the runtime since 2026-11-28: a read lands layer-major in its node buffer
-                     (KVLayout.full_blocks_to_kv, in PrefillShard._begin, the one copy that used
-                     to stack the read blocks; outside the clock here, as the older variants'
-                     stacking was), so each layer's part is one contiguous array that moves as it
-                     lies: TrafficManager.h2d (+ d2d) as 'traffic', no gather, and layer l waits
-                     for layer l - 3 to land (the runtime's LAYERS_IN_FLIGHT bound).
+                     (here KVLayout.full_blocks_to_kv, the one copy that used to stack the read
+                     blocks; the runtime since has the store write into the buffer,
+                     KVBlockStore.read_blocks_into; outside the clock here either way), so each
+                     layer's part is one contiguous array that moves as it lies:
+                     TrafficManager.h2d (+ d2d) as 'traffic', no gather, and layer l waits for
+                     layer l - 3 to land (the runtime's LAYERS_IN_FLIGHT bound).
   'layer_major_direct'  the same landed layers, each moved whole by transfer.host_to_device
                      (staging='direct') + DevicePutMover, without a TrafficManager: what its
                      pieces, joins and records cost.

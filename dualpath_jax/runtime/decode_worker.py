@@ -138,7 +138,8 @@ class DecodeWorker(threading.Thread):
 
   def precompile(self, token_counts) -> int:
     """Compiles the admission's H2D join and page write for each prompt KV length
-    (Cluster.admit_tokens) by writing zeros to the scratch page, the steps' token merge, and the decode step itself over
+    (Cluster.admit_tokens) by writing zeros to the scratch page, the steps' token merge, and the
+    decode step itself over
     padding rows only (their KV goes to the scratch page), before the clock starts: otherwise
     the first admission of a new length compiles on this thread, between decode steps, and a DE
     that the warm-up pass left idle compiles its step in the timed part (the oracle of the CPU

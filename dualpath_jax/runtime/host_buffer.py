@@ -22,8 +22,8 @@ so the buffer can be given its whole capacity once (`arena_memory`, which the cl
 from transfer.pinned_memory and returns at close for the next cluster) and carve blocks out of
 it (first fit, freed blocks merge with free neighbours); a block that finds no room there
 (fragmentation) comes from `allocate` as before and is counted in `arena_misses`. The store's
-own read arrays stay numpy; the read's landing copy (KVLayout.full_blocks_to_kv) writes into a
-pool block.
+reads land in a pool block: the store writes each read block straight into its view of it
+(Cluster.read_destination, KVBlockStore.read_blocks_into).
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ A request's last chunk gives its first generated token (logits of its last promp
 
 `stage_s` adds up this PE's wall time per stage of its forwards (the thread runs them one after
 another, so together they are the forwards' time): 'begin' (waiting for a first chunk's reads
-to land: Cluster.land_read puts them layer-major in their node buffers and the DE-read part into
-the prompt KV, on the links' workers); loading the prefix KV, split three ways: 'h2d' (onto the PE over the PE path; each layer's
+to land: the store writes them layer-major into their node buffers, and the links' workers copy
+the DE-read part into the prompt KV, Cluster.land_read); loading the prefix KV, split three
+ways: 'h2d' (onto the PE over the PE path; each layer's
 prefix is contiguous in the buffer, so nothing is gathered on the host since 2026-11-28), 'de_path'
 (H2D onto the DE, then D2D to the PE), 'stack' (rows padded and stacked on the PE; the oracle's
 zeros); 'compute' (dispatching the layers), 'send' (each layer's KV to the DE buffer; layerwise, the
@@ -162,8 +163,9 @@ class PrefillShard:
   def _precompile_moves(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
     """Compiles the small programs around the forward for each batch shape: padding a row's
     prefix to tp (_pad_to, for every one-sided read length up to tp) and stacking the rows,
-    the row cut for each send (TrafficManager.precompile_d2h_rows), the cuts and joins of a move's pieces (on zeros, moving no
-    bytes: TrafficManager.precompile_moves), and in whole-prefix prefill
+    the row cut for each send (TrafficManager.precompile_d2h_rows), the cuts and joins of a
+    move's pieces (on zeros, moving no bytes: TrafficManager.precompile_moves), and in
+    whole-prefix prefill
     the per-layer index and the stack of the new KV. Before they were, the PE thread spent
     21-32% of basic's timed samples and 9-11% of dualpath's compiling (2x H200, record 6 of
     docs/perf/gpu_bench.md). A prefix read on both sides, or a later chunk's prefix from the DE

@@ -49,10 +49,11 @@ class ProfileWindow:
   """Records jax.profiler's trace from start_s to start_s + seconds after begin()."""
 
   def __init__(self, log_dir: str, start_s: float, seconds: float):
-    if not start_s >= 0:
-      raise ValueError(f"device_trace.start_s must be >= 0, got {start_s!r}")
-    if not seconds > 0:
-      raise ValueError(f"device_trace.seconds must be positive, got {seconds!r}")
+    for field, value, low in (("start_s", start_s, "a number >= 0"), ("seconds", seconds,
+                                                                       "a positive number")):
+      number = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if not number or not (value >= 0 if field == "start_s" else value > 0):
+        raise ValueError(f"device_trace.{field}: expected {low}, got {value!r}")
     self.log_dir, self.start_s, self.seconds = log_dir, float(start_s), float(seconds)
     self._lock = threading.Lock()
     self._state = "idle"  # idle -> waiting -> recording -> done

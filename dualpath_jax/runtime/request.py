@@ -40,7 +40,8 @@ class TurnRequest:
   """'pe'/'de' -> host-buffer reservation on that side's node for the blocks it reads."""
   read_kv: dict = dataclasses.field(default_factory=dict)
   """'pe'/'de' -> the KV that side read, layer-major [L, Cluster.read_rows, 2, H, D] in the
-  side's reservation (PrefillShard._begin; until the first chunk ran)."""
+  side's reservation (Cluster.read_destination / land_read; set by PrefillShard._begin, kept
+  until the first chunk ran)."""
   prefilled_tokens: int = 0
   """New tokens computed so far (chunked prefill: the cached length is hit + this)."""
   chunks: int = 0

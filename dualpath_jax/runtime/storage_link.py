@@ -171,8 +171,8 @@ class StorageLink:
         io = lambda: self.store.read_blocks(namespace, hashes)  # noqa: E731
       else:
         into = list(into)
-        io = lambda: self._landed(self.store.read_blocks_into(namespace, hashes, into),  # noqa: E731
-                                  into)
+        def io():
+          return self._landed(self.store.read_blocks_into(namespace, hashes, into), into)
       return self._read_pool.submit(self._run, "read", tokens, io, on_bytes, then)
     except BaseException:
       with self._lock:

@@ -310,7 +310,8 @@ class TrafficManager:
   def read(self, link: StorageLink, namespace: str, hashes: Sequence[str], tokens: int, *,
            side: str, into=None, then=None) -> concurrent.futures.Future:
     """Queues a Full-Block read on `link`; `side` is 'pe' or 'de' (which node's link reads);
-    `into`: the blocks' destinations, `then(blocks)` after they arrived (StorageLink.submit_read)."""
+    `into`: the blocks' destinations, `then(blocks)` after they arrived
+    (StorageLink.submit_read)."""
     if side not in READ_SIDES:
       raise ValueError(f"side: expected 'pe' or 'de', got {side!r}")
     return link.submit_read(namespace, hashes, tokens, on_bytes=lambda nbytes: self._count(
