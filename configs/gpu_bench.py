@@ -135,6 +135,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       link_caps=(0.0, 4e6),  # bytes/s per node; 0 = uncapped
       agents=4, turns=4, first_append_tokens=1000, append_tokens=128, gen_tokens=16,
       modes=("basic", "dualpath", "oracle"),
+      # timed runs of each mode, interleaved (basic, dualpath, oracle, basic_r2, ...); speedups
+      # and bounds then come from each mode's median JCT (bench/end_to_end.py repeat_runs)
+      repeats=1,
       # warm-up pass: its agents and turns (0 = all); primed_turns: turns of every agent run
       # untimed before the clock starts (configs/offline.py)
       warmup=True, warmup_agents=0, warmup_turns=0, primed_turns=0, check_reference=False,

@@ -39,13 +39,19 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--inflight", type=int, default=2, help="read calls in flight at once")
   parser.add_argument("--passes", type=int, default=6,
                       help="cold and warm passes per path; the median is reported")
+  parser.add_argument("--driver", default="file", choices=("file", "memory"),
+                      help="store driver: 'file' (a folder) or 'memory' (tensorstore's in-memory "
+                           "kvstore, as the GPU benchmark's end-to-end jobs use; --landing only)")
   parser.add_argument("--path", default="", help="store folder (default: a fresh temp folder)")
   parser.add_argument("--keep", action="store_true", help="keep the store folder afterwards")
   parser.add_argument("--landing", action="store_true",
                       help="only compare landing reads layer-major (warm): read_blocks + a copy a "
                            "block (full_blocks_to_kv) against read_blocks_into the buffer")
   parser.add_argument("--out", default="docs/perf/kvstore_bench.json", help="JSON result file")
-  return parser.parse_args()
+  args = parser.parse_args()
+  if args.driver == "memory" and not args.landing:
+    parser.error("--driver=memory: only with --landing (cold reads and the raw path need files)")
+  return args
 
 
 def evict_page_cache(folder: str) -> None:
@@ -70,8 +76,9 @@ def main() -> None:
   layout = KVLayout.for_model(get_preset(args.model))
   block_bytes = layout.full_block_bytes
   num_blocks = args.blocks or max(1, round(args.total_gb * 1e9 / block_bytes))
-  folder = args.path or tempfile.mkdtemp(prefix="kvstore_bench_")
-  spec = StoreSpec(driver="file", path=folder)
+  folder = args.path or (tempfile.mkdtemp(prefix="kvstore_bench_") if args.driver == "file"
+                         else "kvstore_bench")
+  spec = StoreSpec(driver=args.driver, path=folder)
   store = KVBlockStore.open(spec, layout)
   namespace = "bench"
   tokens = np.random.default_rng(0).integers(0, 150_000, num_blocks * layout.block_tokens)
@@ -90,6 +97,15 @@ def main() -> None:
     write_s += timed(lambda: store.write_blocks(namespace, batch, blocks))
   assert store.stats.blocks_written == num_blocks
 
+  pool = concurrent.futures.ThreadPoolExecutor(args.inflight)
+  if args.landing:
+    landing(args, store, namespace, batches, layout, pool, total_bytes, load_before)
+    pool.shutdown()
+    store.close()
+    if args.driver == "file" and not args.path and not args.keep:
+      shutil.rmtree(folder)
+    return
+
   # The raw path reads the same slots of the same segment arrays, located once, untimed.
   index = ts.KvStore.open(spec.kvstore_spec()).result()
   records = [json.loads(index.read(f"ns/{namespace}/index/{h}").result().value) for h in hashes]
@@ -103,15 +119,6 @@ def main() -> None:
   def raw_read_batch(batch):
     reads = [segments[slot_of[h][0]][slot_of[h][1]].read() for h in batch]
     return [read.result() for read in reads]
-
-  pool = concurrent.futures.ThreadPoolExecutor(args.inflight)
-  if args.landing:
-    landing(args, store, namespace, batches, layout, pool, total_bytes, load_before)
-    pool.shutdown()
-    store.close()
-    if not args.path and not args.keep:
-      shutil.rmtree(folder)
-    return
 
   def store_pass():
     # Keeps `inflight` calls in flight, like storage links issuing reads for queued requests.
@@ -193,7 +200,7 @@ def landing(args, store, namespace, batches, layout, pool, total_bytes, load_bef
       seconds = timed(lambda: [f.result() for f in [pool.submit(runs[name], i)
                                                     for i in range(len(batches))]])
       rates[name].append(total_bytes / seconds / 1e9)
-  report = {"model": args.model, "blocks": sum(len(b) for b in batches),
+  report = {"model": args.model, "driver": args.driver, "blocks": sum(len(b) for b in batches),
             "total_bytes": total_bytes, "batch_blocks": args.batch_blocks,
             "inflight": args.inflight, "passes": args.passes, "cpu_count": os.cpu_count(),
             "load_avg_1min": {"before": load_before, "after": os.getloadavg()[0]},

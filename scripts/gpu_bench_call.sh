@@ -10,6 +10,8 @@
 #
 # Parts: 'micro' = ceilings, data plane and engine (configs/gpu_bench.py:h100x4, ~2-3 min);
 # 'hostcopy' = scripts/bench_host_copy.py at 1-16 copy threads (< 1 min);
+# 'store' = the KV store's landing read rate, memory driver, 1-8 reads in flight
+# (scripts/bench_store.py --landing; STORE_INFLIGHT, default '1 2 4 8'; ~1-2 min);
 # 'decode_cmdbuf' = decode at batch 32 under XLA command buffers over custom calls (~1 min);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
@@ -71,6 +73,17 @@ EOF
           --config.engine.pallas_blockings="()" \
           --out="$RUN/decode_cmdbuf" > "$RUN/decode_cmdbuf.log" 2>&1
       echo "decode_cmdbuf: exit $?"
+      ;;
+    store)
+      # The KV store's read rate on this host: scripts/bench_store.py --landing, memory driver
+      # (as the end-to-end jobs use), 0.5 GB reads (136 Full Blocks) with 1-8 reads in flight
+      for n in ${STORE_INFLIGHT:-1 2 4 8}; do
+        timeout 100 python3 scripts/bench_store.py --landing --driver=memory --total_gb=4 \
+            --batch_blocks=136 --inflight="$n" --passes=3 \
+            --out="$RUN/store_landing_memory_inflight$n.json" >> "$RUN/store.log" 2>&1
+        echo "store inflight $n: exit $?"
+      done
+      grep -h "landing" "$RUN/store.log"
       ;;
     hostcopy)
       timeout 120 python3 scripts/bench_host_copy.py --threads=1,2,4,8,16 \

@@ -270,6 +270,26 @@ def test_offline_config_replaces_only_the_given_fields():
                               append_tokens=1, gen_tokens=1)
 
 
+def test_repeats_interleave_runs_of_each_mode_and_speedups_use_medians():
+  names, variants = end_to_end.repeat_runs(("basic", "split"), 3,
+                                           {"split": {"mode": "dualpath", "split_reads": True}})
+  assert names == ("basic", "split", "basic_r2", "split_r2", "basic_r3", "split_r3")
+  assert variants["basic_r3"] == {"mode": "basic"}
+  assert variants["split_r2"] == {"mode": "dualpath", "split_reads": True}
+  assert end_to_end.repeat_runs(("basic",), 1, {}) == (("basic",), {})
+  for bad in (0, 1.5, True):
+    with pytest.raises(ValueError, match="end_to_end.repeats"):
+      end_to_end.repeat_runs(("basic",), bad, {})
+  with pytest.raises(ValueError, match="basic_r2"):
+    end_to_end.repeat_runs(("basic",), 2, {"basic_r2": {"mode": "oracle"}})
+  runs, medians = end_to_end.medians_by_mode(
+      dict(basic=6.0, dualpath=5.0, basic_r2=4.0, dualpath_r2=9.0, basic_r3=5.0),
+      dict(basic="basic", basic_r2="basic", basic_r3="basic", dualpath="dualpath",
+           dualpath_r2="dualpath"))
+  assert runs == dict(basic=[6.0, 4.0, 5.0], dualpath=[5.0, 9.0])
+  assert medians == dict(basic=5.0, dualpath=7.0)
+
+
 def test_speedups_and_bound():
   s = end_to_end.speedups(dict(basic=10.0, dualpath=6.0, oracle=2.0), 1, 3, 0.8)
   assert s["bound"] == 4.0 and s["dualpath_speedup"] == pytest.approx(10 / 6)
@@ -420,3 +440,10 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
   assert {rc.prefill_layers_in_flight for rc in job.runtimes} == {6}
   assert {rc.host_memory for rc in job.runtimes} == {"jax_pinned"}
   assert {rc.d2h_staging for rc in job.runtimes} == {"cuda_memcpy"}  # the preset's, since record 6
+  # repeated runs are variants of the job: every run of a mode has that mode's runtime
+  job_config = end_to_end.offline_config(
+      base, preset="tiny", dtype="float32", topology="1P3D", link_bytes_per_s=0, agents=1,
+      turns=1, first_append_tokens=16, append_tokens=8, gen_tokens=2, repeats=2)
+  job = OfflineJob.from_config(job_config, str(tmp_path))
+  assert job.run_names == ("basic", "dualpath", "oracle", "basic_r2", "dualpath_r2", "oracle_r2")
+  assert [rc.mode for rc in job.runtimes] == ["basic", "dualpath", "oracle"] * 2

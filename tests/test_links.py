@@ -8,7 +8,7 @@ import pytest
 
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.host_buffer import HostBuffer
-from dualpath_jax.runtime.storage_link import StorageLink, StorageLinkConfig, TokenBucket
+from dualpath_jax.runtime.storage_link import LinkPacer, StorageLink, StorageLinkConfig
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="bfloat16", block_tokens=4)
 
@@ -83,21 +83,62 @@ class VirtualClock:
     self.now += seconds
 
 
-def test_token_bucket_paces_bytes_to_its_rate_on_a_virtual_clock():
+def test_link_pacer_paces_bytes_to_its_rate_on_a_virtual_clock():
   clock = VirtualClock()
   rate, burst = 1e6, 5e3
-  bucket = TokenBucket(rate, burst, clock=clock, sleep=clock.sleep)
+  wire = LinkPacer(rate, burst, clock=clock, sleep=clock.sleep)
   for _ in range(100):
-    bucket.pay(10_000)  # 1 MB in all
-  # Back to back, every byte waits its turn: 1 MB at 1 MB/s is 1 s (the bucket starts empty).
+    wire.pay(10_000)  # 1 MB in all
+  # Back to back, every byte waits its turn: 1 MB at 1 MB/s is 1 s (the wire starts with no credit).
   assert clock.slept_s == pytest.approx(1.0, rel=1e-9)
   # After idling, at most `burst` bytes go through without waiting.
   clock.now += 10.0
   before = clock.slept_s
-  bucket.pay(int(burst))
+  wire.pay(int(burst))
   assert clock.slept_s == before
-  bucket.pay(10_000)
+  wire.pay(10_000)
   assert clock.slept_s - before == pytest.approx(10_000 / rate, rel=1e-9)
+
+
+def test_link_pacer_overlaps_a_transfers_store_io_with_its_wire_time():
+  """A lone transfer takes max(store time, bytes / rate), as a NIC streaming while the storage
+  serves; a transfer that began while the wire was busy queues behind it."""
+  clock = VirtualClock()
+  rate = 1e6
+  wire = LinkPacer(rate, 0.0, clock=clock, sleep=clock.sleep)
+  clock.now = 5.0
+  began = clock.now
+  clock.now += 0.3  # the store took 0.3 s for a transfer whose wire time is 1 s
+  wire.pay(1_000_000, since=began)
+  assert clock.now == pytest.approx(began + 1.0, rel=1e-9)  # not 1.3 s
+  began = clock.now
+  clock.now += 2.0  # the store took longer than the wire needs: no wait at all
+  before = clock.slept_s
+  wire.pay(1_000_000, since=began)
+  assert clock.slept_s == before
+  # Two transfers that began together: the second's wire time starts where the first's ends.
+  began = clock.now
+  clock.now += 0.1
+  wire.pay(500_000, since=began)
+  wire.pay(500_000, since=began)
+  assert clock.now == pytest.approx(began + 1.0, rel=1e-9)
+  # A `since` in the future (clock skew) counts as now: never credit before the transfer began.
+  began = clock.now
+  wire.pay(1_000_000, since=began + 10.0)
+  assert clock.now == pytest.approx(began + 1.0, rel=1e-9)
+
+
+def test_a_capped_link_starts_the_wire_when_its_store_io_starts():
+  """The link pays its wire with the transfer's own start, so store time and wire time overlap
+  (the pacing itself is checked on the virtual clock above)."""
+  store = FakeStore(read_delay_s=0.05)
+  hashes = store.fill(2)
+  paid = []
+  with StorageLink(store, node_id=0, config=StorageLinkConfig(link_bytes_per_s=1e9)) as link:
+    link._read_wire.pay = lambda nbytes, since=None: paid.append((nbytes, since))
+    link.submit_read("ns", hashes, tokens=8).result()
+  (record,) = link.read_records
+  assert paid == [(record.nbytes, record.t_start)]
 
 
 def test_links_of_two_nodes_overlap():

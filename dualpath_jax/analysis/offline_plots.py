@@ -124,9 +124,9 @@ def ttft_breakdown(turns: Sequence[Mapping]) -> dict[str, dict[str, float]]:
 def _rates(records: Sequence[Sequence[float]], edges: np.ndarray, *,
            serial: bool) -> np.ndarray:
   """Bytes/s per bin: each transfer's bytes spread evenly over its [t0, t1]; with `serial`, over
-  [max(t0, the previous transfer's t1), t1] (a capped link's token bucket delivers one transfer's
-  bytes after another's, so the span of a transfer that started while another was paying for
-  its bytes includes that wait)."""
+  [max(t0, the previous transfer's t1), t1] (a capped link's wire, LinkPacer, carries one
+  transfer's bytes after another's, so the span of a transfer that started while another was
+  on the wire includes that wait)."""
   out = np.zeros(len(edges) - 1)
   width = np.diff(edges)
   previous_end = -np.inf

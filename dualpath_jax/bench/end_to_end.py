@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import re
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 TOPOLOGY_PATTERN = re.compile(r"^(\d+)P(\d+)D$")
@@ -44,7 +45,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    workload: Mapping | None = None, store: Mapping | None = None,
                    cost_model: str = "", model: Mapping | None = None,
                    thread_sample_hz: float = 0.0, device_trace: Mapping | None = None,
-                   gc_freeze: bool = False) -> dict:
+                   gc_freeze: bool = False, repeats: int = 1) -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
@@ -54,6 +55,8 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   thread_sample_hz: > 0 samples the threads' stacks over each timed run (summary.json).
   device_trace: {modes, start_s, seconds}, a jax.profiler window of those runs (configs/offline.py).
   gc_freeze: gc.freeze() when each timed run's clock starts (configs/offline.py).
+  repeats: timed runs of each mode, interleaved (basic, dualpath, oracle, basic_r2, ...; see
+  `repeat_runs`), so that run-to-run noise shows beside the modes' differences.
   """
   p, d = parse_topology(topology)
   c = _to_dict(base)
@@ -78,13 +81,41 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
     c["store"] = dict(store)
   if cost_model:
     c["runtime"]["cost_model"] = cost_model
-  c.update(modes=tuple(modes), warmup=bool(warmup), warmup_agents=int(warmup_agents),
+  names, variants = repeat_runs(modes, repeats, c.get("variants") or {})
+  c.update(modes=names, variants=variants, warmup=bool(warmup), warmup_agents=int(warmup_agents),
            warmup_turns=int(warmup_turns), primed_turns=int(primed_turns),
            check_reference=bool(check_reference), thread_sample_hz=float(thread_sample_hz))
   if device_trace is not None:
     c["device_trace"] = dict(device_trace)
   c["gc_freeze"] = bool(gc_freeze)
   return c
+
+
+def repeat_runs(modes: Sequence[str], repeats: int, variants: Mapping
+                ) -> tuple[tuple[str, ...], dict]:
+  """The run names of `repeats` interleaved rounds of `modes` and the variants they need: round
+  r > 1 runs mode m as the variant 'm_r<r>' (the same mode or variant, a run of its own)."""
+  if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    raise ValueError(f"end_to_end.repeats: expected a positive int, got {repeats!r}")
+  variants = {name: dict(v) for name, v in dict(variants).items()}
+  names = list(modes)
+  for r in range(2, repeats + 1):
+    for mode in modes:
+      name = f"{mode}_r{r}"
+      if name in variants:
+        raise ValueError(f"end_to_end.repeats: run name {name!r} is already a variant")
+      variants[name] = dict(variants[mode]) if mode in variants else dict(mode=mode)
+      names.append(name)
+  return tuple(names), variants
+
+
+def medians_by_mode(jct_s: Mapping[str, float], base_mode: Mapping[str, str]
+                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
+  """{mode: [JCT of each of its runs]} and {mode: median JCT}, runs grouped by base mode."""
+  runs: dict[str, list[float]] = {}
+  for name, seconds in jct_s.items():
+    runs.setdefault(base_mode.get(name, name), []).append(seconds)
+  return runs, {mode: float(statistics.median(values)) for mode, values in runs.items()}
 
 
 def job_name(topology: str, link_bytes_per_s: float) -> str:
@@ -173,7 +204,10 @@ def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_eff
         if not job.cost_model_path:
           profiled = summary["cost_model_path"]
         row["jct_s"] = {run["mode"]: float(run["jct_s"]) for run in summary["runs"]}
-        row.update(speedups(row["jct_s"], p, d, target_efficiency, target_oracle_ratio))
+        row["jct_runs_s"], row["jct_median_s"] = medians_by_mode(
+            row["jct_s"], {run["mode"]: run["base_mode"] for run in summary["runs"]})
+        # With repeats, speedups and bounds come from each mode's median JCT.
+        row.update(speedups(row["jct_median_s"], p, d, target_efficiency, target_oracle_ratio))
         row.update(_per_mode(summary, os.path.join(workdir, name)))
         worst = [v["inflation"] for v in row["decode_inflation"].values()
                  if v and v.get("inflation") is not None]
@@ -182,6 +216,8 @@ def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_eff
           row["inflation_met"] = bool(max(worst) <= target_inflation)
         log(f"end_to_end: {name} JCT " + ", ".join(f"{m} {s:.2f} s"
                                                    for m, s in row["jct_s"].items())
+            + (" (medians " + ", ".join(f"{m} {s:.2f} s" for m, s in row["jct_median_s"].items())
+               + ")" if len(row["jct_s"]) > len(row["jct_median_s"]) else "")
             + (f"; dualpath speedup {row['dualpath_speedup']:.2f} of bound {row['bound']:.2f}"
                if "dualpath_speedup" in row else ""))
       except Exception as e:  # noqa: BLE001  (one job failing must not end the section)

@@ -29,6 +29,7 @@ from dualpath_jax.runtime.config import MODES, RuntimeConfig
 from dualpath_jax.runtime.metrics import attn_balance, decode_inflation, snic_balance
 from dualpath_jax.runtime.offline import OfflineRun, run_offline, run_reference
 from dualpath_jax.runtime.profile_window import ProfileWindow
+from dualpath_jax.runtime.storage_link import link_emulation
 from dualpath_jax.scheduler.quota import CostModel
 from dualpath_jax.workload.build import WorkloadReport, build_workload
 from dualpath_jax.workload.synthetic import AgentTrajectory
@@ -267,9 +268,7 @@ class OfflineJob:
                             writes=run.link_write_records[node]) for node in run.link_records}))
     summary = dict(runs=runs, run_id=run_id, model=self.model_config.name, topology=self.runtimes[0].topology.name,
                    link_bytes_per_s=self.runtimes[0].link_bytes_per_s,
-                   link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC "
-                                   "of link_bytes_per_s" if self.runtimes[0].link_bytes_per_s
-                                   else "uncapped"),
+                   link_emulation=link_emulation(self.runtimes[0].link_bytes_per_s),
                    warmup_excluded_from_jct=self.warmup,
                    warmup_agents=self.warmup_agents, warmup_turns=self.warmup_turns,
                    primed_turns=self.primed_turns,

@@ -32,6 +32,7 @@ from dualpath_jax.runtime.metrics import TTFT_SEGMENTS
 from dualpath_jax.runtime.offline_job import BYTE_KEYS, OfflineJob
 from dualpath_jax.runtime.online import (ARRIVALS, PAPER_TPOT_S, PAPER_TTFT_S, OnlineRun,
                                          Slo, run_online, stat_of, trace_rate)
+from dualpath_jax.runtime.storage_link import link_emulation
 
 ONLINE_KEYS = ("aps_list", "arrivals", "seed", "slo", "steady_window_s", "steady_lag_s",
                "steady_tolerance", "max_point_duration_s", "drain_timeout_s")
@@ -190,8 +191,7 @@ class OnlineJob:
                      "gen_tokens == 2 the second token), else the turn's end (times.done, which "
                      "includes persisting its blocks: an over-estimate)"),
         link_bytes_per_s=runtime.link_bytes_per_s,
-        link_emulation=("token-bucket cap on real store I/O per node, emulating a NIC of "
-                        "link_bytes_per_s" if runtime.link_bytes_per_s else "uncapped"),
+        link_emulation=link_emulation(runtime.link_bytes_per_s),
         warmup_excluded=base.warmup, workload=dataclasses.asdict(base.workload_report),
         cost_model=cost_model.to_dict(),
         cost_model_path=base.cost_model_path or os.path.join(self.workdir, "cost_model.json"))

@@ -7,11 +7,12 @@ scheduler reads `read_queue_tokens` (tokens of reads submitted and not yet compl
 read side of a request (PAPER.md section 5.4).
 
 Bandwidth: uncapped (`link_bytes_per_s=None`), a link moves bytes as fast as the store and the
-host allow. With a cap, a token bucket paces completions so that the link EMULATES A NIC OF THAT
-SPEED: the store I/O itself runs at full speed, and the read's result is handed over only once
-the bucket has paid for its bytes. Reads and writes have a bucket each (a NIC is full duplex).
-The bucket starts empty and may go into debt, so over any window the bytes delivered are at most
-rate * window + burst_bytes; over a second-long transfer it holds the rate within ~1%.
+host allow. With a cap, a `LinkPacer` paces completions so that the link EMULATES A NIC OF THAT
+SPEED: the store I/O itself runs at full speed, and a transfer is handed over once the emulated
+wire has carried its bytes. The wire carries one transfer after another at the rate, and a
+transfer's wire time may start when its store I/O starts (a NIC streams while the storage
+serves), so a lone transfer takes max(store time, bytes / rate), not their sum. Reads and
+writes have a wire each (a NIC is full duplex). An idle wire lends at most `burst_s` of credit.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class StorageLinkConfig:
   link_bytes_per_s: float | None = None
   """Emulated NIC speed in bytes/s per direction; None = the hardware's own limit."""
   burst_s: float = 0.005
-  """Token-bucket depth, in seconds of traffic at link_bytes_per_s (bounds a burst)."""
+  """Credit an idle wire lends, in seconds of traffic at link_bytes_per_s (bounds a burst)."""
   workers: int = 2
   """Threads that issue this link's store reads (and as many for its writes)."""
 
@@ -65,29 +66,49 @@ class TransferRecord(NamedTuple):
   nbytes: int
 
 
-class TokenBucket:
-  """Paces byte counts to `rate_bytes_per_s`; `pay` blocks until the bucket covers the bytes."""
+class LinkPacer:
+  """One direction of an emulated NIC: a wire that carries transfers one after another at
+  `rate_bytes_per_s`. `pay(nbytes, since=t)` blocks until the wire has carried a transfer whose
+  store I/O began at t: its wire time begins at the later of t - burst and the end of the
+  previous transfer's wire time, and ends nbytes / rate later.
+
+  Because the wire time may overlap the transfer's own store I/O, a lone transfer takes
+  max(store time, bytes / rate - burst), as on a NIC that streams while the storage serves
+  (until 2026-11-28 a token bucket paid only after the I/O, so a lone transfer took their sum:
+  a 6.25 GB/s link delivered 3.3-4.6 GB/s per ~1 GB read in docs/perf/gpu_bench.md record 7).
+  Transfers are charged in the order they finish their I/O; over any window the bytes handed
+  over are at most rate * window + burst_bytes + one transfer's bytes.
+  """
 
   def __init__(self, rate_bytes_per_s: float, burst_bytes: float, *, clock=time.perf_counter,
                sleep=time.sleep):
     self.rate_bytes_per_s = float(rate_bytes_per_s)
-    self.burst_bytes = float(burst_bytes)
+    self.burst_s = float(burst_bytes) / self.rate_bytes_per_s
     self._clock = clock  # injectable, so that tests check the pacing without wall-clock timing
     self._sleep = sleep
-    self._tokens = 0.0
-    self._t_last = clock()
+    self._wire_free_at = clock()  # starts with no credit
     self._lock = threading.Lock()
 
-  def pay(self, nbytes: int) -> None:
+  def pay(self, nbytes: int, *, since: float | None = None) -> None:
+    """Blocks until the wire has carried `nbytes` of a transfer that began at `since` (the
+    clock's seconds; None: now)."""
     with self._lock:
       now = self._clock()
-      self._tokens = min(self.burst_bytes,
-                         self._tokens + (now - self._t_last) * self.rate_bytes_per_s)
-      self._t_last = now
-      self._tokens -= nbytes  # debt is allowed: a block larger than the bucket still goes through
-      wait_s = -self._tokens / self.rate_bytes_per_s
+      began = now if since is None else min(since, now)
+      wire_start = max(self._wire_free_at, began - self.burst_s)
+      self._wire_free_at = wire_start + nbytes / self.rate_bytes_per_s
+      wait_s = self._wire_free_at - now
     if wait_s > 0:
       self._sleep(wait_s)
+
+
+def link_emulation(link_bytes_per_s: float | None) -> str:
+  """What a run's links emulate, for its summary: named so that no capped number reads as
+  hardware's."""
+  if not link_bytes_per_s:
+    return "uncapped"
+  return ("paced wire over real store I/O per node (LinkPacer: transfers one after another at "
+          "link_bytes_per_s, overlapping their store I/O), emulating a NIC of link_bytes_per_s")
 
 
 def blocks_nbytes(blocks: Sequence[np.ndarray | None]) -> int:
@@ -104,9 +125,9 @@ class StorageLink:
     self.config = config or StorageLinkConfig()
     rate = self.config.link_bytes_per_s
     burst = 0.0 if rate is None else rate * self.config.burst_s
-    self._read_bucket = None if rate is None else TokenBucket(rate, burst)
-    self._write_bucket = None if rate is None else TokenBucket(rate, burst)
-    # Full duplex, like a NIC: reads and writes have their own workers (and buckets), so a burst
+    self._read_wire = None if rate is None else LinkPacer(rate, burst)
+    self._write_wire = None if rate is None else LinkPacer(rate, burst)
+    # Full duplex, like a NIC: reads and writes have their own workers (and wires), so a burst
     # of persistence writes never queues the next turn's reads behind it.
     self._read_pool = concurrent.futures.ThreadPoolExecutor(
         self.config.workers, thread_name_prefix=f"storage-link-{node_id}-read")
@@ -142,8 +163,8 @@ class StorageLink:
   def describe(self) -> str:
     rate = self.config.link_bytes_per_s
     speed = ("uncapped (the store's and the host's own limit)" if rate is None else
-             f"emulates a NIC of {rate / 1e6:.1f} MB/s per direction (token bucket on real store "
-             f"I/O, burst {rate * self.config.burst_s / 1e6:.3g} MB)")
+             f"emulates a NIC of {rate / 1e6:.1f} MB/s per direction (paced wire overlapping real "
+             f"store I/O, burst {rate * self.config.burst_s / 1e6:.3g} MB)")
     return f"StorageLink(node {self.node_id}): {speed}; {self.config.workers} workers"
 
   # --- I/O -------------------------------------------------------------------------------------
@@ -204,13 +225,13 @@ class StorageLink:
       if op == "read":
         result = io()
         nbytes = blocks_nbytes(result)
-        bucket = self._read_bucket
+        wire = self._read_wire
       else:
         result, blocks = io()
         nbytes = int(np.asarray(blocks).nbytes)
-        bucket = self._write_bucket
-      if bucket is not None:
-        bucket.pay(nbytes)
+        wire = self._write_wire
+      if wire is not None:
+        wire.pay(nbytes, since=t_start)
       if on_bytes is not None:
         on_bytes(nbytes)
       return result
