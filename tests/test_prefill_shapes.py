@@ -69,3 +69,52 @@ def test_precompiled_shapes_cover_every_hit_batch_of_a_run(tmp_path, monkeypatch
   assert seen and seen <= set(expected), sorted(seen - set(expected))
   assert all(run["precompiled"]["shapes"] == [list(s) for s in expected]
              and run["precompiled"]["skipped"] == [] for run in summary["runs"])
+
+
+def test_a_batch_outside_the_compiled_shapes_runs_in_the_smallest_that_holds_it():
+  """A chunked prefill's remainder (few new tokens) runs padded in a compiled shape of the same
+  prefix bucket instead of compiling on the clock; with no such shape it compiles its own."""
+  from types import SimpleNamespace
+
+  from dualpath_jax.runtime.prefill_shard import PrefillShard
+
+  shard = PrefillShard.__new__(PrefillShard)  # batch_shape needs only the layout and the sets
+  shard.cluster = SimpleNamespace(layout=SimpleNamespace(block_tokens=64))
+  shard.compiled_shapes = {(1, 2048, 512), (2, 2048, 512), (4, 2048, 1024), (1, 4096, 256)}
+  shard.rounded_batches = 0
+  request = object()
+  assert shard.batch_shape([(request, 1500, 400)]) == (1, 2048, 512)  # its own, compiled
+  assert shard.rounded_batches == 0
+  assert shard.batch_shape([(request, 1500, 100)]) == (1, 2048, 512)  # tn 128 -> 512
+  assert shard.batch_shape([(request, 1500, 100)] * 3) == (4, 2048, 1024)  # rows 4, tn 128
+  assert shard.rounded_batches == 2
+  # Never a longer prefix: (1, 4096, 256) is too small and nothing else has tp 4096.
+  assert shard.batch_shape([(request, 3000, 600)]) == (1, 4096, 1024)
+  assert (1, 4096, 1024) in shard.compiled_shapes  # compiled by this batch, a holder from now on
+  assert shard.batch_shape([(request, 3000, 300)]) == (1, 4096, 1024)
+  assert shard.batch_shape([(request, 0, 100)]) == (1, 0, 128)  # no prefix stays no prefix
+  assert shard.rounded_batches == 3
+
+
+def test_chunked_prefills_run_in_rounded_shapes_and_still_match_the_reference(tmp_path):
+  """A compute quota far below one request's prefill splits requests into chunks whose shapes
+  the precompile did not list; they run in larger compiled shapes (padding masked) and every
+  generated token still equals the no-cache recompute's."""
+  import os
+
+  from dualpath_jax.config_files import load_config
+  from dualpath_jax.runtime.offline_job import OfflineJob
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = load_config(os.path.join(root, "configs", "offline.py"),
+                       "smoke,agents=3,turns=3,first_append_tokens=200,append_tokens=100")
+  config.unlock()
+  config.modes = ("dualpath",)
+  config.warmup = False
+  config.check_reference = True
+  config.primed_turns = 1
+  config.store.driver = "memory"
+  config.runtime.compute_quota_s = 1e-4
+  (run,) = OfflineJob.from_config(config, str(tmp_path)).run()["runs"]
+  assert run["chunked_turns"] > 0 and run["rounded_prefill_batches"] > 0
+  assert run["outputs_match_reference"] is True

@@ -51,6 +51,8 @@ class OfflineRun:
   """Generated tokens per (agent, turn)."""
   max_prefix_layers_on_pe: int
   """Most layers of prefix KV any PE held on its device at once."""
+  rounded_prefill_batches: int
+  """Timed PE batches run in a larger compiled shape than their own (PrefillShard.batch_shape)."""
   decode_step_s: list[float]
   """Every decode step's wall time, all DEs."""
   decode_steps: dict[str, list]
@@ -206,7 +208,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     marks = dict(bytes=cluster.bytes_by_path(),
                  forwards={n: len(g.forwards) for n, g in cluster.prefill_groups.items()},
                  stages={e.engine.name: dict(e.stage_s) for e in _engines(cluster)},
-                 placements=_placements(cluster))
+                 placements=_placements(cluster),
+                 rounded={s.engine.name: s.rounded_batches for s in cluster.prefill_shards})
     for trajectory in trajectories:
       if primed[trajectory.agent_id] < len(trajectory.turns):
         submit(trajectory.agent_id, primed[trajectory.agent_id])
@@ -284,6 +287,8 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       mode=runtime_config.mode, jct_s=jct_s, turns=records, generated=generated,
       bytes={k: v - marks["bytes"].get(k, 0) for k, v in cluster.bytes_by_path().items()},
       max_prefix_layers_on_pe=max(s.max_resident_layers for s in cluster.prefill_shards),
+      rounded_prefill_batches=sum(s.rounded_batches - marks["rounded"][s.engine.name]
+                                  for s in cluster.prefill_shards),
       decode_step_s=[t1 - t0 for records in steps.values() for t0, t1, _ in records],
       decode_steps=steps,
       engine_stage_s={role: {e.engine.name: {k: v - marks["stages"][e.engine.name].get(k, 0.0)

@@ -80,6 +80,10 @@ class PrefillShard:
     self._sender = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix=f"{engine.name}-send")
     """Runs each layer's D2H to the DE buffer while this thread loads the next layers."""
+    self.compiled_shapes: set[tuple[int, int, int]] = set()
+    """(rows, tp, tn) batch shapes this PE has compiled (precompiled or run)."""
+    self.rounded_batches = 0
+    """Batches run in a larger compiled shape than their own (batch_shape), not compiled anew."""
 
   @contextlib.contextmanager
   def _stage(self, name: str):
@@ -98,15 +102,12 @@ class PrefillShard:
   def run_batch(self, chunks: list[tuple[TurnRequest, int, int]]) -> float:
     """Prefills `chunks` in one forward; returns its wall time. Sets first_token on last chunks."""
     start = time.perf_counter()
-    config, layout = self.cluster.runtime_config, self.cluster.layout
+    config = self.cluster.runtime_config
     with self._stage("begin"):
       for request, cached, _ in chunks:
         if cached == request.hit_tokens:
           self._begin(request)
-    rows = pow2_at_least(len(chunks))
-    tp = max(cached for _, cached, _ in chunks)
-    tp = pow2_at_least(tp, layout.block_tokens) if tp else 0
-    tn = pow2_at_least(max(new for _, _, new in chunks), layout.block_tokens)
+    rows, tp, tn = self.batch_shape(chunks)
     tokens = np.zeros((rows, tn), np.int32)
     prefix_len = np.zeros((rows,), np.int32)
     new_len = np.ones((rows,), np.int32)  # padding rows: one dummy token, no prefix
@@ -128,6 +129,29 @@ class PrefillShard:
       if cached + new == request.prompt_tokens:
         request.first_token = int(first[i])
     return time.perf_counter() - start
+
+  def batch_shape(self, chunks: list[tuple[TurnRequest, int, int]]) -> tuple[int, int, int]:
+    """The (rows, tp, tn) a batch of `chunks` runs in: its own padding (powers of 2), or, if
+    that was never compiled here, the smallest compiled shape with the same tp that holds it
+    (more rows or new tokens, masked as padding). A chunked prefill's remainder (a few new
+    tokens: a tn the precompile did not list) then costs a little padded compute instead of a
+    compile inside the timed run (2.4 s for one layer program in an oracle run, 2x H200,
+    2026-11-28, docs/perf/gpu_bench.md record 8). tp is never rounded: a longer prefix would
+    move more bytes."""
+    block_tokens = self.cluster.layout.block_tokens
+    rows = pow2_at_least(len(chunks))
+    tp = max(cached for _, cached, _ in chunks)
+    tp = pow2_at_least(tp, block_tokens) if tp else 0
+    tn = pow2_at_least(max(new for _, _, new in chunks), block_tokens)
+    shape = (rows, tp, tn)
+    if shape not in self.compiled_shapes:
+      holders = [s for s in self.compiled_shapes if s[1] == tp and s[0] >= rows and s[2] >= tn]
+      if holders:
+        shape = min(holders, key=lambda s: (s[0] * s[2], s[2]))
+        self.rounded_batches += 1
+      else:
+        self.compiled_shapes.add(shape)
+    return shape
 
   def precompile(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
     """Compiles this PE's forward programs (embed, one layer, last-token logits and argmax) for
@@ -151,6 +175,7 @@ class PrefillShard:
         x, _ = prefill_layer_jit(self.model.layers[0], x, prefix, prefix_len, new_len)
         logits = last_token_logits_jit(self.model, x, new_len)
         jax.block_until_ready(jnp.argmax(logits, axis=-1))
+        self.compiled_shapes.add((rows, tp, tn))
       except jax.errors.JaxRuntimeError as e:
         skipped.append(((rows, tp, tn), str(e).splitlines()[0][:200]))
       finally:
