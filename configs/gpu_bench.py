@@ -138,6 +138,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # timed runs of each mode, interleaved (basic, dualpath, oracle, basic_r2, ...); speedups
       # and bounds then come from each mode's median JCT (bench/end_to_end.py repeat_runs)
       repeats=1,
+      # named runs that modes may list: a mode plus RuntimeConfig overrides (configs/offline.py
+      # variants), e.g. --config.end_to_end.variants="{'deep': {'mode': 'dualpath',
+      # 'prefill_layers_in_flight': 8}}" --config.end_to_end.modes="('dualpath', 'deep')"
+      variants=ml_collections.ConfigDict(),
       # warm-up pass: its agents and turns (0 = all); primed_turns: turns of every agent run
       # untimed before the clock starts (configs/offline.py)
       warmup=True, warmup_agents=0, warmup_turns=0, primed_turns=0, check_reference=False,

@@ -140,7 +140,7 @@ def main(argv):
         warmup=x.warmup, warmup_agents=x.warmup_agents, warmup_turns=x.warmup_turns,
         primed_turns=x.primed_turns, check_reference=x.check_reference,
         thread_sample_hz=x.thread_sample_hz, device_trace=x.device_trace.to_dict(),
-        gc_freeze=x.gc_freeze, repeats=x.repeats,
+        gc_freeze=x.gc_freeze, repeats=x.repeats, variants=x.variants.to_dict(),
         engines_per_node=x.engines_per_node, runtime=x.runtime.to_dict(),
         workload=x.workload.to_dict(), store=x.store.to_dict(), cost_model=x.cost_model,
         model=x.model.to_dict()))

@@ -282,12 +282,12 @@ def test_repeats_interleave_runs_of_each_mode_and_speedups_use_medians():
       end_to_end.repeat_runs(("basic",), bad, {})
   with pytest.raises(ValueError, match="basic_r2"):
     end_to_end.repeat_runs(("basic",), 2, {"basic_r2": {"mode": "oracle"}})
+  # A variant of a mode (deep: dualpath with other switches) keeps its own median.
   runs, medians = end_to_end.medians_by_mode(
-      dict(basic=6.0, dualpath=5.0, basic_r2=4.0, dualpath_r2=9.0, basic_r3=5.0),
-      dict(basic="basic", basic_r2="basic", basic_r3="basic", dualpath="dualpath",
-           dualpath_r2="dualpath"))
-  assert runs == dict(basic=[6.0, 4.0, 5.0], dualpath=[5.0, 9.0])
-  assert medians == dict(basic=5.0, dualpath=7.0)
+      dict(basic=6.0, dualpath=5.0, deep=3.0, basic_r2=4.0, dualpath_r2=9.0, deep_r2=3.5,
+           basic_r3=5.0, x_r2=1.0))
+  assert runs == dict(basic=[6.0, 4.0, 5.0], dualpath=[5.0, 9.0], deep=[3.0, 3.5], x_r2=[1.0])
+  assert medians == dict(basic=5.0, dualpath=7.0, deep=3.25, x_r2=1.0)
 
 
 def test_speedups_and_bound():
@@ -423,7 +423,9 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
                  "--config.end_to_end.model.pallas_k_splits=8",
                  "--config.end_to_end.model.pallas_block_tokens=256",
                  "--config.end_to_end.runtime.prefill_layers_in_flight=6",
-                 "--config.end_to_end.runtime.host_memory=jax_pinned")
+                 "--config.end_to_end.runtime.host_memory=jax_pinned",
+                 "--config.end_to_end.variants={'deep': {'mode': 'dualpath', "
+                 "'prefill_layers_in_flight': 8}}")
   assert config.engine.pallas_blockings == ((4, 128), (16, 512))
   x = config.end_to_end
   base = load_config_spec(x.base_config, REPO)
@@ -447,3 +449,11 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
   job = OfflineJob.from_config(job_config, str(tmp_path))
   assert job.run_names == ("basic", "dualpath", "oracle", "basic_r2", "dualpath_r2", "oracle_r2")
   assert [rc.mode for rc in job.runtimes] == ["basic", "dualpath", "oracle"] * 2
+  # a variant given to the end-to-end job is a run of its own, repeated like the modes
+  job_config = end_to_end.offline_config(
+      base, preset="tiny", dtype="float32", topology="1P3D", link_bytes_per_s=0, agents=1,
+      turns=1, first_append_tokens=16, append_tokens=8, gen_tokens=2, repeats=2,
+      modes=("dualpath", "deep"), variants=x.variants.to_dict())
+  job = OfflineJob.from_config(job_config, str(tmp_path))
+  assert job.run_names == ("dualpath", "deep", "dualpath_r2", "deep_r2")
+  assert [rc.prefill_layers_in_flight for rc in job.runtimes] == [3, 8, 3, 8]

@@ -22,6 +22,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 TOPOLOGY_PATTERN = re.compile(r"^(\d+)P(\d+)D$")
+REPEAT_PATTERN = re.compile(r"^(.+)_r\d+$")
 
 
 def parse_topology(name: str) -> tuple[int, int]:
@@ -45,7 +46,8 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
                    workload: Mapping | None = None, store: Mapping | None = None,
                    cost_model: str = "", model: Mapping | None = None,
                    thread_sample_hz: float = 0.0, device_trace: Mapping | None = None,
-                   gc_freeze: bool = False, repeats: int = 1) -> dict:
+                   gc_freeze: bool = False, repeats: int = 1,
+                   variants: Mapping | None = None) -> dict:
   """One offline-job config dict: `base` with these parameters replaced.
 
   link_bytes_per_s: 0 means uncapped. engines_per_node: 0 keeps the base's value where it
@@ -55,6 +57,8 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
   thread_sample_hz: > 0 samples the threads' stacks over each timed run (summary.json).
   device_trace: {modes, start_s, seconds}, a jax.profiler window of those runs (configs/offline.py).
   gc_freeze: gc.freeze() when each timed run's clock starts (configs/offline.py).
+  variants: named runs (a mode plus RuntimeConfig overrides, configs/offline.py) that `modes`
+  may list, added to the base's.
   repeats: timed runs of each mode, interleaved (basic, dualpath, oracle, basic_r2, ...; see
   `repeat_runs`), so that run-to-run noise shows beside the modes' differences.
   """
@@ -81,7 +85,7 @@ def offline_config(base, *, preset: str, dtype: str, topology: str, link_bytes_p
     c["store"] = dict(store)
   if cost_model:
     c["runtime"]["cost_model"] = cost_model
-  names, variants = repeat_runs(modes, repeats, c.get("variants") or {})
+  names, variants = repeat_runs(modes, repeats, dict(c.get("variants") or {}, **(variants or {})))
   c.update(modes=names, variants=variants, warmup=bool(warmup), warmup_agents=int(warmup_agents),
            warmup_turns=int(warmup_turns), primed_turns=int(primed_turns),
            check_reference=bool(check_reference), thread_sample_hz=float(thread_sample_hz))
@@ -109,12 +113,18 @@ def repeat_runs(modes: Sequence[str], repeats: int, variants: Mapping
   return tuple(names), variants
 
 
-def medians_by_mode(jct_s: Mapping[str, float], base_mode: Mapping[str, str]
+def repeat_of(name: str, names: Sequence[str]) -> str:
+  """The run `name` repeats ('dualpath' for 'dualpath_r2' when 'dualpath' is a run too)."""
+  match = REPEAT_PATTERN.match(name)
+  return match.group(1) if match and match.group(1) in names else name
+
+
+def medians_by_mode(jct_s: Mapping[str, float]
                     ) -> tuple[dict[str, list[float]], dict[str, float]]:
-  """{mode: [JCT of each of its runs]} and {mode: median JCT}, runs grouped by base mode."""
+  """{mode: [JCT of each of its runs]} and {mode: median JCT}, repeats grouped with their run."""
   runs: dict[str, list[float]] = {}
   for name, seconds in jct_s.items():
-    runs.setdefault(base_mode.get(name, name), []).append(seconds)
+    runs.setdefault(repeat_of(name, list(jct_s)), []).append(seconds)
   return runs, {mode: float(statistics.median(values)) for mode, values in runs.items()}
 
 
@@ -204,8 +214,7 @@ def run_end_to_end(jobs: Sequence[tuple[str, dict]], workdir: str, *, target_eff
         if not job.cost_model_path:
           profiled = summary["cost_model_path"]
         row["jct_s"] = {run["mode"]: float(run["jct_s"]) for run in summary["runs"]}
-        row["jct_runs_s"], row["jct_median_s"] = medians_by_mode(
-            row["jct_s"], {run["mode"]: run["base_mode"] for run in summary["runs"]})
+        row["jct_runs_s"], row["jct_median_s"] = medians_by_mode(row["jct_s"])
         # With repeats, speedups and bounds come from each mode's median JCT.
         row.update(speedups(row["jct_median_s"], p, d, target_efficiency, target_oracle_ratio))
         row.update(_per_mode(summary, os.path.join(workdir, name)))
