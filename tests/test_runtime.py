@@ -33,6 +33,8 @@ RUNS = {  # run name -> RuntimeConfig switches
     # Whole-prompt loading with chunks: later chunks reload the prefix from the DE buffer.
     "basic-chunked": dict(mode="basic", token_budget=128),
     "basic-dualpath-scheduler": dict(mode="basic", scheduler="dualpath"),
+    # The diagnostic route: DE-read KV goes from the DE node's buffer straight onto the PE.
+    "de-direct": dict(mode="dualpath", de_read_route="pe_host_link"),
 }
 
 MAX_CONTEXT = 1024
@@ -136,7 +138,7 @@ def turn_bytes_total(run, path):
 @pytest.mark.parametrize("mode, topo", [
     ("basic", "2P2D"), ("basic", "1P3D"), ("dualpath", "2P2D"), ("dualpath", "1P3D"),
     ("dualpath", "2P2D-shared-nodes"), ("split", "2P2D"), ("chunked", "2P2D-shared-nodes"),
-    ("basic-chunked", "2P2D"), ("basic-dualpath-scheduler", "2P2D")])
+    ("basic-chunked", "2P2D"), ("basic-dualpath-scheduler", "2P2D"), ("de-direct", "2P2D")])
 def test_generated_tokens_match_full_recompute(runs, reference, trajs, mode, topo):
   run, _ = runs(mode, topo)
   assert len(run.turns) == sum(len(t.turns) for t in trajs)
@@ -160,6 +162,10 @@ def test_de_side_reads_replace_pe_side_reads_byte_for_byte(runs):
                                                + dual.bytes["store_read_de_side"])
   # Same trajectories, same tokens: the same blocks are persisted either way.
   assert basic.bytes["store_write"] == dual.bytes["store_write"] > 0
+  # The diagnostic route leaves the DE's GPU out: DE-side reads, no D2D.
+  direct, _ = runs("de-direct", "2P2D")
+  assert direct.bytes["store_read_de_side"] > 0 and dual.bytes["d2d"] > 0
+  assert direct.bytes["d2d"] == 0
 
 
 @pytest.mark.parametrize("mode", ["basic", "dualpath", "split"])
@@ -432,7 +438,8 @@ def test_link_rate_must_be_positive(rate):
 
 
 @pytest.mark.parametrize("field, value", [("h2d_staging", "rdma"), ("d2h_staging", "dma"),
-                                          ("kv_max_wait_s", -0.1), ("kv_max_wait_s", True)])
+                                          ("kv_max_wait_s", -0.1), ("kv_max_wait_s", True),
+                                          ("de_read_route", "nvlink")])
 def test_bad_traffic_settings_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"runtime.{field}"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["2P2D"], **{field: value})

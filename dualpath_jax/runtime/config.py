@@ -20,6 +20,7 @@ MODES = ("basic", "dualpath", "oracle")
 MOVERS = ("device_put", "shard_map")
 SCHEDULERS = ("roundrobin", "dualpath")
 BATCHINGS = ("token_budget", "quota")
+DE_READ_ROUTES = ("de_device", "pe_host_link")
 MODE_SWITCHES = {
     "basic": dict(layerwise=False, dual_path=False, scheduler="roundrobin",
                   batching="token_budget"),
@@ -52,6 +53,12 @@ class RuntimeConfig:
   split_reads: bool = False
   """Beyond the paper (its future work): split one request's read over both sides in proportion
   to the two links' expected drain times. Needs dual_path."""
+  de_read_route: str = "de_device"
+  """How KV in a DE node's buffer (a DE-side read, a later chunk's prefix) reaches the PE:
+  'de_device' (H2D over the DE GPU's host link, then D2D over NVLink: the compute-network path
+  of DESIGN.md) or 'pe_host_link', A DIAGNOSTIC THAT LEAVES THE DE'S GPU OUT: one H2D from the
+  DE node's buffer straight onto the PE over the PE's own host link (not the paper's path; the
+  store reads still run on the DE's storage link)."""
   compute_quota_s: float = 0.3
   """Predicted forward time per shard that one PE batch may fill (the paper: 300 ms on GPU)."""
   token_budget: int = 8192
@@ -111,6 +118,9 @@ class RuntimeConfig:
     for field in ("layerwise", "dual_path", "split_reads"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"runtime.{field} must be true or false, got {getattr(self, field)!r}")
+    if self.de_read_route not in DE_READ_ROUTES:
+      raise ValueError(f"runtime.de_read_route: expected one of {list(DE_READ_ROUTES)}, got "
+                       f"{self.de_read_route!r}")
     if self.split_reads and not self.dual_path:
       raise ValueError("runtime.split_reads needs runtime.dual_path (a split read uses both sides)")
     rate = self.link_bytes_per_s

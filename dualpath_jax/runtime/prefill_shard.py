@@ -252,9 +252,12 @@ class PrefillShard:
     return de_engine, self.cluster.traffic[de_engine.name]
 
   def _via_de(self, request: TurnRequest, host: np.ndarray) -> jax.Array:
-    """Host array in the DE node buffer -> DE device -> this PE's device."""
-    _, de_tm = self._de(request)
+    """Host array in the DE node buffer -> DE device -> this PE's device; with
+    runtime.de_read_route 'pe_host_link' (a diagnostic) straight onto this PE's device."""
     request.add_bytes("h2d", host.nbytes)
+    if self.cluster.runtime_config.de_read_route == "pe_host_link":
+      return self.tm.h2d(host)
+    _, de_tm = self._de(request)
     request.add_bytes("d2d", host.nbytes)
     return de_tm.d2d(de_tm.h2d(host), self.engine)
 
