@@ -51,12 +51,14 @@ def test_overlapped_decode_matches_full_recompute_while_slots_turn_over(monkeypa
 
   admit = DecodeWorker._admit
 
-  def recording_admit(self, request):
+  def recording_admit(self, request, kv):
     # A request whose last token is dispatched but not read: its slot was freed by counting.
     unread = [r for step in self._in_flight for r in step.rows
               if r is not None and r not in self._slots]
-    admissions.append(dict(in_flight=len(self._in_flight), freed_unread=len(unread)))
-    admit(self, request)
+    # Admitted only once its prompt KV has landed: no step waits for the copy.
+    admissions.append(dict(in_flight=len(self._in_flight), freed_unread=len(unread),
+                           landed=kv is not None and kv.is_ready()))
+    admit(self, request, kv)
 
   monkeypatch.setattr(offline, "Cluster", RecordingCluster)
   monkeypatch.setattr(DecodeWorker, "_admit", recording_admit)
@@ -75,6 +77,7 @@ def test_overlapped_decode_matches_full_recompute_while_slots_turn_over(monkeypa
   assert len(admissions) == sum(len(g) for g in GEN_TOKENS)
   assert worker.overlapped_admissions == sum(a["in_flight"] > 0 for a in admissions) > 0
   assert any(a["freed_unread"] for a in admissions), admissions
+  assert all(a["landed"] for a in admissions), admissions
   assert worker.table.seq_lens == {}  # every page went back
   assert len(worker.table.free_pages) == worker.table.num_pages - 1
   # Steps tile the DE's time: each one starts where the one before it was read, or later.

@@ -10,8 +10,12 @@ so the agent's next turn hits it. In oracle mode the prompt KV never arrives (th
 whatever was there) and nothing is persisted.
 
 One step stays in flight. A sequence keeps one batch row (slot) from its admission to its last
-step; free slots are padding rows. Each turn of the loop admits waiting requests into free slots
-(their H2D and page writes queue on the device behind the step in flight), dispatches step n, and
+step; free slots are padding rows. A request taken from the queue reserves a free slot and its
+prompt KV's H2D starts at once; it is admitted (pages allocated, KV written into them) at the
+first loop turn after that H2D has landed, so that no step waits for a copy: written while the
+copy was still running, the page write made the next step wait for all of it (steps that
+overlapped an admission's H2D took 2-5x the median; 1P1D, 2x H200, docs/perf/gpu_bench.md
+record 8). Each turn of the loop admits the landed requests into their slots, dispatches step n, and
 only then reads step n-1's tokens (the host waits there while step n runs), appends them and
 persists the sequences whose last token they were; with no sequence left it reads the step in
 flight (drains). Step n's tokens are step n-1's output on the device, and the host's first
@@ -98,9 +102,9 @@ class DecodeWorker(threading.Thread):
         1, thread_name_prefix=f"{engine.name}-persist")
     """Moves finished turns' new blocks to the host and hands them to the link (_write_back), so
     that this thread's steps do not wait for the copies."""
-    self._landing: list[tuple[jax.Array, object]] = []
-    """(prompt KV on the device, its DE-buffer reservation) of admissions whose H2D may still be
-    reading the buffer (`_release_landed`)."""
+    self._arriving: dict[TurnRequest, jax.Array | None] = {}
+    """Requests taken from the queue, each holding a free slot, whose prompt KV's H2D was issued
+    (None: nothing to move) and that are admitted once it has landed (`_admit_landed`)."""
     self._in_flight: list[_Step] = []
     """Dispatched steps not read yet, oldest first: one between loop turns, two just after a
     dispatch."""
@@ -110,7 +114,8 @@ class DecodeWorker(threading.Thread):
     self._last_collect_s = 0.0
     """perf_counter when the last step's tokens had been read and appended."""
     self.stage_s: collections.Counter = collections.Counter()
-    """Seconds of this DE's thread per stage: 'admit' (a prompt's KV H2D into its pages),
+    """Seconds of this DE's thread per stage: 'admit' (issuing a prompt's KV H2D; writing it
+    into its pages once landed),
     'step' (dispatching decode steps and reading their tokens), 'persist' (a finished turn's new
     blocks D2H and handed to the link)."""
     self.step_records: list[tuple[float, float, int]] = []
@@ -174,19 +179,46 @@ class DecodeWorker(threading.Thread):
       self._stopping = True
       self._cond.notify_all()
 
-  def _release_landed(self, wait: bool) -> None:
-    """Returns the DE-buffer room of admitted prompt KV whose H2D has landed; with `wait`, of all
-    of it (waiting for the copies)."""
-    still = []
-    for kv, reservation in self._landing:
-      if wait or kv.is_ready():
-        try:
+  def _start_admission(self, request: TurnRequest) -> None:
+    """Takes a request into a free slot: its prompt KV's H2D starts now, the admission follows
+    once it has landed (`_admit_landed`)."""
+    request.times["decode_start"] = time.perf_counter()
+    kv = None
+    if not self.cluster.runtime_config.skips_kv_io:
+      # The buffer's array is already padded to whole pages (Cluster.admit_tokens): it moves as
+      # it is, and the padding pages are written to the scratch page.
+      kv = self.tm.h2d(request.prompt_kv)
+      request.add_bytes("h2d", kv.nbytes)  # what moved, padding included
+    self._arriving[request] = kv
+
+  def _admit_landed(self, wait: bool) -> None:
+    """Admits every arriving request whose H2D has landed, in arrival order; with `wait` (no
+    step to overlap), waits for the first one's."""
+    for request, kv in list(self._arriving.items()):
+      if kv is not None and not kv.is_ready():
+        if not wait:
+          continue
+        kv.block_until_ready()
+      wait = False
+      del self._arriving[request]
+      start = time.perf_counter()
+      with profile_window.span(f"{self.engine.name} admit"):
+        self._admit(request, kv)
+      self.stage_s["admit"] += time.perf_counter() - start
+
+  def _drop_arriving(self) -> None:
+    """Waits for the H2D of every arriving request (it reads the DE buffer) and returns their
+    buffer room; they are not admitted."""
+    arriving, self._arriving = self._arriving, {}
+    for request, kv in arriving.items():
+      try:
+        if kv is not None:
           kv.block_until_ready()
-        finally:
-          reservation.release()
-      else:
-        still.append((kv, reservation))
-    self._landing = still
+      except BaseException:  # noqa: BLE001  (the turn fails with the caller's error)
+        pass
+      finally:
+        if request.de_reservation is not None:
+          request.de_reservation.release()
 
   def _occupied(self) -> bool:
     return any(request is not None for request in self._slots)
@@ -194,25 +226,23 @@ class DecodeWorker(threading.Thread):
   def run(self) -> None:
     try:
       while True:
-        try:  # with nothing to step, wait for every admitted copy: no reservation outlives them
-          self._release_landed(wait=not (self._occupied() or self._in_flight))
-        except BaseException as e:
-          self._fail(e)
         with self._cond:
           while (not self._stopping and not self._pending and not self._occupied()
-                 and not self._in_flight):
+                 and not self._in_flight and not self._arriving):
             self._cond.wait()
           if self._stopping:
             return
-          free = self._slots.count(None)
-          admitted, self._pending = self._pending[:free], self._pending[free:]
+          free = self._slots.count(None) - len(self._arriving)
+          taken, self._pending = self._pending[:free], self._pending[free:]
         try:
-          self._decoding.update(dict.fromkeys(admitted))
-          for request in admitted:
+          self._decoding.update(dict.fromkeys(taken))
+          for request in taken:
             start = time.perf_counter()
             with profile_window.span(f"{self.engine.name} admit"):
-              self._admit(request)
+              self._start_admission(request)
             self.stage_s["admit"] += time.perf_counter() - start
+          # With nothing to step, wait for the first copy to land rather than spin.
+          self._admit_landed(wait=not (self._occupied() or self._in_flight))
           # One step stays in flight while rows decode; with none left, the last one is read.
           dispatched = self._occupied()
           if dispatched:
@@ -226,28 +256,24 @@ class DecodeWorker(threading.Thread):
     finally:
       for step in self._in_flight:
         step.gate.close()
-      self._release_landed(wait=True)
+      self._drop_arriving()
 
-  def _admit(self, request: TurnRequest) -> None:
-    request.times["decode_start"] = time.perf_counter()
+  def _admit(self, request: TurnRequest, kv: jax.Array | None) -> None:
+    """A request whose prompt KV has landed on the device (kv; None in oracle mode): its pages,
+    the KV written into them, its first token, its slot."""
     if self._in_flight:
       self.overlapped_admissions += 1
     self.table = self.table.allocate(request, request.prompt_tokens)
     pages = self.table.block_tables[request]
-    if not self.cluster.runtime_config.skips_kv_io:
-      # The buffer's array is already padded to whole pages (Cluster.admit_tokens): it moves as
-      # it is, and the padding pages are written to the scratch page.
-      n = request.prompt_kv.shape[1] // self.block_tokens
+    if kv is not None:
+      n = kv.shape[1] // self.block_tokens
       page_ids = np.full((n,), paged.SCRATCH_PAGE, np.int32)
       page_ids[:len(pages)] = pages
-      kv = self.tm.h2d(request.prompt_kv)
-      request.add_bytes("h2d", kv.nbytes)  # what moved, padding included
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
       request.prompt_kv = None
-      # The buffer's memory goes back to its pool for the next request once the copy has read
-      # it (a device_put may still be reading when it returns): _release_landed, between steps,
-      # instead of waiting here with the step in flight.
-      self._landing.append((kv, request.de_reservation))
+      # The copy has read the buffer (kv is ready): its room goes back for the next request.
+      if request.de_reservation is not None:
+        request.de_reservation.release()
     request.generated = [request.first_token]
     request.times["first_token"] = time.perf_counter()
     if request.gen_tokens == 1:
@@ -321,10 +347,7 @@ class DecodeWorker(threading.Thread):
     for step in self._in_flight:
       step.gate.close()
     self._in_flight = []
-    try:
-      self._release_landed(wait=True)
-    except BaseException:  # noqa: BLE001  (the copy's own error; the turns fail with `error`)
-      self._landing = []
+    self._drop_arriving()
     self._slots = [None] * len(self._slots)
     self._admitted_rows.clear()
     failed, self._decoding = list(self._decoding), {}
