@@ -69,7 +69,7 @@ def host_to_device(host_array: np.ndarray, dst: Destination, *, copy: bool = Tru
     host_array: the bytes to move. Write it again only once the result is ready: on GPUs a
       device_put may still be reading it when it returns (one call at a time was 7x slower than
       several in flight, docs/perf/gpu_bench.md record 5), so the runtime waits for the device
-      array (DecodeWorker._release_landed) or for the forward that consumed it.
+      array (DecodeWorker._admit_landed) or for the forward that consumed it.
     dst: an Engine (the array lands replicated on its devices) or a Sharding.
     copy: False only when the caller never writes `host_array` again (it may be aliased on CPU;
       on other backends no copy is made).
