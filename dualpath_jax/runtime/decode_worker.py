@@ -12,10 +12,11 @@ whatever was there) and nothing is persisted.
 One step stays in flight. A sequence keeps one batch row (slot) from its admission to its last
 step; free slots are padding rows. A request taken from the queue reserves a free slot and its
 prompt KV's H2D starts at once; it is admitted (pages allocated, KV written into them) at the
-first loop turn after that H2D has landed, so that no step waits for a copy: written while the
-copy was still running, the page write made the next step wait for all of it (steps that
-overlapped an admission's H2D took 2-5x the median; 1P1D, 2x H200, docs/perf/gpu_bench.md
-record 8). Each turn of the loop admits the landed requests into their slots, dispatches step n, and
+first loop turn after that H2D has landed, so that no step waits for a copy. Issued at once,
+the page write (which the next step depends on, through the pool) waited for the whole copy;
+steps that overlapped an admission's H2D took 1.7-5.6x the median (1P1D, 2x H200,
+docs/perf/gpu_bench.md record 8; the change itself is not yet measured on a GPU). Each turn of
+the loop admits the landed requests into their slots, dispatches step n, and
 only then reads step n-1's tokens (the host waits there while step n runs), appends them and
 persists the sequences whose last token they were; with no sequence left it reads the step in
 flight (drains). Step n's tokens are step n-1's output on the device, and the host's first
