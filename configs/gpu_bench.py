@@ -41,8 +41,9 @@ link_caps, agents, turns, ...), or use e2e_h100x4.
 
 import ml_collections
 
+from dualpath_jax.bench import SECTIONS
+
 VARIANTS = ("smoke", "h100x4", "e2e_h100x4", "pd_sweep_x8", "pd_sweep_smoke")
-SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

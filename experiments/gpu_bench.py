@@ -19,16 +19,15 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-from dualpath_jax.platform import parse_flags
-
+from dualpath_jax.bench import SECTIONS
 from dualpath_jax.config_files import load_config_spec
+from dualpath_jax.platform import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpu_bench.py:h100x4",
                                           "Benchmark config (a Python file with get_config).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
 
 
 def main(argv):

@@ -12,3 +12,6 @@
 Nothing here reads a config file or parses flags: the experiment script does, and passes plain
 keyword arguments. Every section returns a JSON-ready dict.
 """
+
+SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
+"""The sections of experiments/gpu_bench.py, in the order they run (configs/gpu_bench.py)."""
