@@ -282,3 +282,27 @@ def test_host_buffer_pool_stays_within_capacity_plus_rounding():
     with buf.reserve(n * block, n) as r:
       r.empty((n * block,), np.uint8)
     assert buf._pool_bytes <= 16 * block + 2 * block
+
+
+def test_link_read_ratios_script_reads_runs_of_links_json(tmp_path):
+  """scripts/link_read_ratios.py: read time over wire time per capped run; uncapped runs and
+  missing blocks (0 bytes) are left out."""
+  import gzip
+  import importlib.util
+  import json
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "link_read_ratios.py")
+  spec = importlib.util.spec_from_file_location("link_read_ratios", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  doc = {"runs": [
+      {"mode": "basic", "link_bytes_per_s": 1e6,
+       "nodes": {"0": {"reads": [[0.0, 1.0, 1_000_000], [1.0, 4.0, 1_000_000], [4.0, 5.0, 0]]},
+                 "1": {"reads": [[0.0, 2.0, 1_000_000]]}}},
+      {"mode": "uncapped", "link_bytes_per_s": None, "nodes": {"0": {"reads": [[0, 1, 5]]}}}]}
+  out = tmp_path / "links.json.gz"
+  with gzip.open(out, "wt") as f:
+    json.dump(doc, f)
+  assert module.ratios(str(out)) == [("basic", 3, 1.0, 2.0, 3.0)]

@@ -75,7 +75,7 @@ class LinkPacer:
   Because the wire time may overlap the transfer's own store I/O, a lone transfer takes
   max(store time, bytes / rate - burst), as on a NIC that streams while the storage serves
   (until 2026-11-28 a token bucket paid only after the I/O, so a lone transfer took their sum:
-  a 6.25 GB/s link delivered 3.3-4.6 GB/s per ~1 GB read in docs/perf/gpu_bench.md record 7).
+  no capped read of docs/perf/gpu_bench.md record 7 took less than 1.37x its wire time).
   Transfers are charged in the order they finish their I/O; over any window the bytes handed
   over are at most rate * window + burst_bytes + one transfer's bytes.
   """
