@@ -116,11 +116,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # ModelConfig.paged_attention values decode is measured with: 'gather' (pages copied into
       # a dense context per layer) and 'pallas' (JAX's Pallas paged-attention kernel)
       decode_attentions=("gather", "pallas"),
-      # (ModelConfig.pallas_k_splits, pallas_block_tokens) pairs under which 'pallas' decode is
-      # measured once more at the largest decode batch (a compile and 2 x decode_steps steps
-      # each, ~5 s on an H200), to pick the fastest kernel blocking; () = the model's default
-      # (16, 128) only. h100x4 sweeps a few around the default.
+      # (ModelConfig.pallas_k_splits, pallas_block_tokens) pairs, or 4-tuples adding
+      # (pallas_num_warps, pallas_num_stages), under which 'pallas' decode is measured once more
+      # at the largest decode batch (a compile and 2 x decode_steps steps each, ~5 s on an
+      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2) only.
+      # h100x4 sweeps a few blockings around the default.
       pallas_blockings=(),
+      # > 0: last of the section, one jax.profiler trace of this many DE-loop steps per decode
+      # configuration (batch 1 ctx 0, the largest batch, the fastest sweep point), split by
+      # kernel class (bench/decode_profile.py); the trace lands under OUT/decode_profile
+      decode_profile_steps=0,
       peak_context=65536,  # 0 skips the peak-memory run
       block_tokens=64,
       repeats=5, warmup=2,
@@ -173,6 +178,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       model=ml_collections.ConfigDict(dict(attention="einsum", prefill_kv_splits=0,
                                            paged_attention="gather",
                                            pallas_k_splits=16, pallas_block_tokens=128,
+                                           pallas_num_warps=8, pallas_num_stages=2,
                                            checkpoint="")),
       cost_model=""))
 
@@ -247,6 +253,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     decode_steps=3, peak_context=512, repeats=2, warmup=1,
                     pallas_blockings=((2, 128),),  # 5 pages of 64 tokens: 2 splits of 4, 2 a block
                     prefill_kv_splits=(3,),
+                    decode_profile_steps=2,
                     peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
     c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
                         turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,

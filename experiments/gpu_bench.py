@@ -123,6 +123,8 @@ def main(argv):
       warmup=e.warmup, decode_steps=e.decode_steps, decode_attentions=tuple(e.decode_attentions),
       pallas_blockings=tuple(tuple(pair) for pair in e.pallas_blockings),
       prefill_kv_splits=tuple(e.prefill_kv_splits),
+      decode_profile_steps=e.decode_profile_steps,
+      profile_dir=os.path.join(out_dir, "decode_profile"),
       card=hardware.detect_card(devices[0], peak_flops=e.peak_flops,
                                 hbm_bytes_per_s=e.hbm_bytes_per_s),
       target_prefill_mfu=e.target_prefill_mfu, target_decode_roofline=e.target_decode_roofline,

@@ -143,6 +143,10 @@ def test_engine(smoke):
   # bf16 parts and output (the masked einsum rounds once, the split path per part): ~3e-3
   assert split["first_layer_rel_err_vs_einsum"] < 0.02
   check_decode_rows(e, batches=[1, 4], blockings=[(2, 128)])
+  # the decode profile's trace lands under the run's output folder
+  assert "error" not in e["decode_profile"], e["decode_profile"]
+  trace = e["decode_profile"]["trace"]
+  assert f"{os.sep}decode_profile{os.sep}" in trace and os.path.exists(trace)
   # 256 tokens + the new one in 64-token pages: 5 pages, 2 splits of 4 (3 padding), 2 a block.
   assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=2,
                                                     padded_pages=8)
@@ -159,7 +163,9 @@ def test_engine(smoke):
 def check_decode_rows(e, batches, blockings=()):
   """Each decode attention: one fixed-cost row (batch 1, context 0, no target), then every batch
   under every attention, batch by batch, then 'pallas' at the largest batch under each of
-  `blockings` ((pallas_k_splits, pallas_block_tokens)); 'pallas' rows record their blocking."""
+  `blockings` ((pallas_k_splits, pallas_block_tokens[, pallas_num_warps, pallas_num_stages]), the
+  kernel's own 8 warps and 2 stages where left out); 'pallas' rows record their kernel fields."""
+  blockings = [tuple(b) + (8, 2)[len(b) - 2:] for b in blockings]
   attentions = e["decode_attentions"]
   assert attentions and set(attentions) <= {"gather", "pallas"}
   fixed = [r for r in e["decode"] if r.get("diagnostic") == "fixed_cost"]
@@ -169,33 +175,38 @@ def check_decode_rows(e, batches, blockings=()):
   measured = [(r["batch"], r["paged_attention"]) for r in e["decode"]
               if "diagnostic" not in r and "sweep" not in r]
   assert measured == [(b, a) for b in batches for a in attentions]
-  assert e["pallas_default_blocking"] == [16, 128]
+  assert e["pallas_default_blocking"] == [16, 128, 8, 2]
   assert e["pallas_blockings"] == [list(b) for b in blockings]
   (context,) = {r["context"] for r in e["decode"] if "diagnostic" not in r}
   sweep = [r for r in e["decode"] if "sweep" in r]
   assert [(r["sweep"], r["paged_attention"], r["batch"], r["context"], r["pallas_k_splits"],
-           r["pallas_block_tokens"]) for r in sweep] == [
-      ("pallas_blocking", "pallas", max(batches), context, k, b) for k, b in blockings]
+           r["pallas_block_tokens"], r["pallas_num_warps"], r["pallas_num_stages"])
+          for r in sweep] == [
+      ("pallas_blocking", "pallas", max(batches), context, *b) for b in blockings]
   for r in e["decode"]:
     assert "error" not in r, r
     assert positive(r["step_s"]) and 0 < r["roofline_fraction"] < 2 and r["logits_finite"]
     assert r["bytes_read"] == r["weight_bytes_read"] + r["kv_bytes_read"]
     if r["paged_attention"] == "pallas":
       if "sweep" not in r:
-        assert (r["pallas_k_splits"], r["pallas_block_tokens"]) == (16, 128)
+        assert (r["pallas_k_splits"], r["pallas_block_tokens"], r["pallas_num_warps"],
+                r["pallas_num_stages"]) == (16, 128, 8, 2)
       b = r["pallas_blocking"]
       assert b["k_splits"] <= r["pallas_k_splits"] and b["padded_pages"] % b["k_splits"] == 0
     else:
       assert "pallas_k_splits" not in r and "pallas_blocking" not in r
-  names = [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode")]
+  names = [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode")
+           and not row[1].startswith("decode profile")]
   assert len(names) == len(e["decode"]) and len(set(names)) == len(names)
   assert [n for n in names if "k_splits" in n] == [
       f"decode pallas batch {r['batch']} ctx {r['context']} k_splits {r['pallas_k_splits']} "
-      f"block_tokens {r['pallas_block_tokens']}" for r in sweep]
+      f"block_tokens {r['pallas_block_tokens']} num_warps {r['pallas_num_warps']} "
+      f"num_stages {r['pallas_num_stages']}" for r in sweep]
 
 
-def test_engine_decode_under_both_attentions():
-  """In-process, decode only: the pallas kernel (interpret mode on CPU) next to the gather."""
+def test_engine_decode_under_both_attentions(tmp_path):
+  """In-process, decode only: the pallas kernel (interpret mode on CPU) next to the gather, and
+  the decode profile (on CPU the trace has no GPU streams: only its structure is checked)."""
   import jax
 
   from dualpath_jax.bench import engine
@@ -206,12 +217,26 @@ def test_engine_decode_under_both_attentions():
       prefill_variants=(), sdpa_implementation=None, decode_batches=(2,), decode_context=100,
       peak_context=0, block_tokens=16, repeats=1, warmup=1, decode_steps=2, card=card,
       target_prefill_mfu=0.4, target_decode_roofline=0.6, decode_attentions=("gather", "pallas"),
-      pallas_blockings=((2, 16), (16, 128), (2, 16)), log=lambda _: None)
-  # The default blocking and the repeat are not measured again.
-  check_decode_rows(e, batches=[2], blockings=[(2, 16)])
+      pallas_blockings=((2, 16), (16, 128), (2, 16), (2, 16, 4, 3), (16, 128, 8, 2)),
+      decode_profile_steps=2, profile_dir=str(tmp_path / "profile"), log=lambda _: None)
+  # The default blocking (as a pair or whole) and the repeat are not measured again.
+  check_decode_rows(e, batches=[2], blockings=[(2, 16), (2, 16, 4, 3)])
   assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=1,
                                                     padded_pages=8)
-  for bad in ((3, 48), (0, 128), (2,)):
+  profile = e["decode_profile"]
+  assert "error" not in profile, profile
+  assert profile["steps"] == 2 and os.path.exists(profile["trace"])
+  labels = list(profile["runs"])
+  assert labels[:2] == ["fixed_cost", "batch_2"] and labels[2:] in ([], ["batch_2_best_sweep"])
+  assert [(r["batch"], r["context"], r["paged_attention"]) for r in profile["runs"].values()][:2] \
+      == [(1, 0, "pallas"), (2, 100, "pallas")]
+  for r in profile["runs"].values():
+    step = r["per_step"]
+    assert step["span_s"] > 0 and 0 <= step["device_busy_s"] <= step["span_s"]
+  assert [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode profile")] \
+      == [f"decode profile {label} (batch {r['batch']} ctx {r['context']})"
+          for label, r in profile["runs"].items()]
+  for bad in ((3, 48), (0, 128), (2,), (2, 16, 3, 2), (2, 16, 4), (2, 16, 4, 0)):
     with pytest.raises(ValueError, match="engine.pallas_blockings"):
       engine.measure_engine(
           jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(),

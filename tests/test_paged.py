@@ -180,10 +180,32 @@ def test_paged_attention_is_validated_and_not_a_weight_property(tmp_path):
 @pytest.mark.parametrize("field,bad", [
     ("pallas_k_splits", 0), ("pallas_k_splits", -4), ("pallas_k_splits", 2.0),
     ("pallas_k_splits", True), ("pallas_block_tokens", 0), ("pallas_block_tokens", 48),
-    ("pallas_block_tokens", "128")])
+    ("pallas_block_tokens", "128"), ("pallas_num_warps", 0), ("pallas_num_warps", 6),
+    ("pallas_num_stages", 0), ("pallas_num_stages", 1.5)])
 def test_pallas_blocking_fields_are_validated(field, bad):
   with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
     M.get_preset("tiny", **{field: bad})
+
+
+def test_the_kernel_is_compiled_with_the_configs_warps_and_stages(monkeypatch):
+  """pallas_num_warps / pallas_num_stages reach the Triton kernel (interpret mode on CPU ignores
+  them, so the call itself is recorded)."""
+  from jax.experimental.pallas.ops.gpu import paged_attention as kernel_module
+  calls = []
+
+  def record(q, *args, **kwargs):
+    calls.append(kwargs)
+    return q
+
+  monkeypatch.setattr(kernel_module, "paged_attention", record)
+  config = M.get_preset("tiny", paged_attention="pallas", pallas_num_warps=4, pallas_num_stages=3)
+  q = jax.numpy.zeros((2, config.num_heads, config.head_dim), config.jnp_dtype)
+  pages = jax.numpy.zeros((config.num_kv_heads, 9, 16, config.head_dim), config.jnp_dtype)
+  block_tables = jax.numpy.ones((2, 4), jax.numpy.int32)
+  paged._pallas_attention(q, pages, pages, block_tables, jax.numpy.array([5, 9], jax.numpy.int32),
+                          config)
+  (kwargs,) = calls
+  assert (kwargs["num_warps"], kwargs["num_stages"]) == (4, 3)
 
 
 def test_pallas_blocking_is_not_a_weight_property(tmp_path):

@@ -7,6 +7,9 @@ device stream) the seconds it was busy (the union of its events, so that nested 
 once), its events by total time, and for device streams the busy seconds per kind of work
 (memcpy host-to-device, device-to-host, device-to-device, kernels). Gaps in a stream are where it
 waited: for a PE's compute stream under layerwise prefill, waits for its loads or for the host.
+`breakdown_by_span` splits the device work by labelled host spans instead and classes kernels by
+what they compute (attention, matmuls, scatters, other): the GPU bench's decode profile
+(bench/decode_profile.py) labels one span per measured decode configuration.
 
   python scripts/device_trace_summary.py WORKDIR/device_trace/dualpath/...perfetto_trace.json.gz
 """
@@ -72,6 +75,61 @@ def kind_of(name: str) -> str:
     if any(w in word for w in words):
       return kind
   return "memcpy_other"
+
+
+KERNEL_CLASSES = (
+    ("attention", ("pagedattention",)),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "matmul")),
+    ("scatter", ("scatter", "dynamicupdateslice")),
+)
+"""Kernels by what they compute, from the words in their names: the Pallas paged-attention
+kernel (its pallas_call name), cuBLAS/cuBLASLt/CUTLASS and XLA's Triton GEMMs, scatters and
+in-place updates; every other kernel (XLA's loop and reduction fusions: norms, RoPE, residuals,
+the softmax merge) is 'other'. Copies and memsets keep their kind_of()."""
+
+
+def kernel_class(name: str) -> str:
+  """KERNEL_CLASSES' class of a device event, or kind_of()'s kind for copies and memsets."""
+  kind = kind_of(name)
+  if kind != "kernel":
+    return kind
+  word = re.sub(r"[^a-z0-9]", "", name.lower())
+  for cls, words in KERNEL_CLASSES:
+    if any(w in word for w in words):
+      return cls
+  return "other"
+
+
+def breakdown_by_span(path: str, labels: Iterable[str], top: int = 12) -> dict:
+  """Device work per labelled host span: for each label (the name of jax.profiler
+  TraceAnnotation spans on a host thread, e.g. one per measured configuration, each ended only
+  after its device work was waited for) the device events that start inside its spans (all
+  devices, all streams): {label: {span_s, device_busy_s, by_class_s: {class: seconds},
+  top: [[event name, seconds, count], ...]}}. by_class_s sums event durations (KERNEL_CLASSES);
+  device_busy_s is their union, so span_s - device_busy_s is when no device was working."""
+  spans, processes, _ = load_events(path)
+  labels = list(labels)
+  windows = {label: [(e["ts"], e["ts"] + e["dur"]) for e in spans
+                     if e["name"] == label and not is_device(processes.get(e["pid"], ""))]
+             for label in labels}
+  missing = [label for label, w in windows.items() if not w]
+  if missing:
+    raise ValueError(f"{path}: no host span named {missing}")
+  device_events = [e for e in spans if is_device(processes.get(e["pid"], ""))]
+  out = {}
+  for label, wins in windows.items():
+    inside = [e for e in device_events if any(a <= e["ts"] < b for a, b in wins)]
+    seconds, counts, classes = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in inside:
+      seconds[e["name"]] += e["dur"] / 1e6
+      counts[e["name"]] += 1
+      classes[kernel_class(e["name"])] += e["dur"] / 1e6
+    out[label] = dict(
+        span_s=union_seconds(wins),
+        device_busy_s=union_seconds((e["ts"], e["ts"] + e["dur"]) for e in inside),
+        by_class_s=dict(sorted(classes.items())),
+        top=[[name, s, counts[name]] for name, s in seconds.most_common(top)])
+  return out
 
 
 def is_device(process_name: str) -> bool:

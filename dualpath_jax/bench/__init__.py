@@ -6,6 +6,7 @@
                  multipath ingest into one GPU (own host link + k GPUs forwarding)
   data_plane.py  the project's layerwise KV load into a PE over both paths vs those ceilings
   engine.py      prefill MFU, decode step time vs the HBM roofline, the PE's peak memory
+  decode_profile.py  a decode step's device time by kernel class (one jax.profiler trace)
   end_to_end.py  offline jobs (basic / dualpath / oracle) per topology and link cap
   report.py      the JSON and markdown that a run leaves behind
 
@@ -15,3 +16,8 @@ keyword arguments. Every section returns a JSON-ready dict.
 
 SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
 """The sections of experiments/gpu_bench.py, in the order they run (configs/gpu_bench.py)."""
+
+PALLAS_FIELDS = ("pallas_k_splits", "pallas_block_tokens", "pallas_num_warps",
+                 "pallas_num_stages")
+"""The ModelConfig fields of the Pallas decode kernel, in the order engine.pallas_blockings lists
+them: blocking (k_splits, block_tokens), then optionally Triton's (num_warps, num_stages)."""

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dualpath_jax.bench import hardware
+from dualpath_jax.bench import PALLAS_FIELDS, hardware
 from dualpath_jax.bench.timing import median_seconds
 
 PREFILL_VARIANTS = ("layerwise", "whole", "layerwise_sdpa", "layerwise_split")
@@ -143,8 +143,9 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
                    warmup: int, decode_steps: int, card: hardware.CardSpec,
                    target_prefill_mfu: float, target_decode_roofline: float, seed: int = 0,
                    decode_attentions: Sequence[str] = ("gather",),
-                   pallas_blockings: Sequence[tuple[int, int]] = (),
+                   pallas_blockings: Sequence[tuple[int, ...]] = (),
                    prefill_kv_splits: Sequence[int] = (4,),
+                   decode_profile_steps: int = 0, profile_dir: str = "",
                    log: Callable[[str], None] = print,
                    out_of_time: Callable[[], bool] = lambda: False,
                    on_update: Callable[[dict], None] | None = None) -> dict:
@@ -152,11 +153,17 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
 
   decode_attentions: the ModelConfig.paged_attention values to measure decode with, each at
   every batch size (the model's own value is not used for decode).
-  pallas_blockings: (pallas_k_splits, pallas_block_tokens) pairs (ModelConfig fields) under
-  which 'pallas' decode is measured again at the largest of decode_batches, after the other
-  decode rows; () = only the model config's own blocking. A pair equal to the model config's is
-  not measured twice where 'pallas' is among decode_attentions.
+  pallas_blockings: (pallas_k_splits, pallas_block_tokens) pairs, or 4-tuples that add
+  (pallas_num_warps, pallas_num_stages) (ModelConfig fields, PALLAS_FIELDS), under which 'pallas'
+  decode is measured again at the largest of decode_batches, after the other decode rows; () =
+  only the model config's own. A point equal to the model config's is not measured twice where
+  'pallas' is among decode_attentions.
   prefill_kv_splits: the ModelConfig.prefill_kv_splits values 'layerwise_split' is measured at.
+  decode_profile_steps > 0: last of all, a jax.profiler trace of that many steps of the DE's loop
+  (bench/decode_profile.py) under the first decode attention ('pallas' where measured) at batch 1
+  context 0 and at the largest batch, and under the fastest sweep point at the largest batch
+  where that is not the model's own; written under `profile_dir`, split by kernel class into
+  result['decode_profile'].
   """
   from dualpath_jax.model import cost, weights
   from dualpath_jax.model.config import PAGED_ATTENTION_IMPLEMENTATIONS
@@ -173,13 +180,15 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
   sweep = []  # the configs of the blocking sweep's points, in order, without repeats
   for pair in pallas_blockings:
     try:
-      k_splits, block = (int(v) for v in pair)
-      point = config.replace(paged_attention="pallas", pallas_k_splits=k_splits,
-                             pallas_block_tokens=block)
+      values = tuple(int(v) for v in pair)
+      if len(values) not in (2, 4):
+        raise ValueError(f"{len(values)} values")
+      point = config.replace(paged_attention="pallas", **dict(zip(PALLAS_FIELDS, values)))
     except (TypeError, ValueError) as e:
-      raise ValueError(f"engine.pallas_blockings: expected (k_splits, block_tokens) pairs of "
-                       f"positive ints, block_tokens a power of 2; {pair!r}: {e}") from None
-    default = (config.pallas_k_splits, config.pallas_block_tokens) == (k_splits, block)
+      raise ValueError(f"engine.pallas_blockings: expected (k_splits, block_tokens) pairs or "
+                       f"(k_splits, block_tokens, num_warps, num_stages) of positive ints, "
+                       f"block_tokens and num_warps powers of 2; {pair!r}: {e}") from None
+    default = point == config.replace(paged_attention="pallas")
     if point not in sweep and not (default and "pallas" in decode_attentions):
       sweep.append(point)
   prefill_kv_splits = tuple(prefill_kv_splits)
@@ -190,6 +199,9 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
   if sweep and not decode_batches:
     raise ValueError("engine.pallas_blockings: needs decode_batches (the sweep runs at the "
                      "largest)")
+  if decode_profile_steps and not (decode_batches and decode_attentions and profile_dir):
+    raise ValueError("engine.decode_profile_steps: needs decode_batches, decode_attentions and "
+                     "a profile directory")
   result = dict(
       device=str(device), card=dict(name=card.name, peak_flops=card.peak_flops,
                                     hbm_bytes_per_s=card.hbm_bytes_per_s, source=card.source),
@@ -199,8 +211,8 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
                 f"layerwise_sdpa: jax.nn.dot_product_attention(implementation="
                 f"{sdpa_implementation!r})",
       decode_attentions=list(decode_attentions),
-      pallas_default_blocking=[config.pallas_k_splits, config.pallas_block_tokens],
-      pallas_blockings=[[c.pallas_k_splits, c.pallas_block_tokens] for c in sweep],
+      pallas_default_blocking=[getattr(config, f) for f in PALLAS_FIELDS],
+      pallas_blockings=[[getattr(c, f) for f in PALLAS_FIELDS] for c in sweep],
       append_tokens=append_tokens, repeats=repeats, warmup=warmup,
       targets=dict(prefill_mfu=target_prefill_mfu, decode_roofline_fraction=target_decode_roofline,
                    peak_bytes="<= bound"),
@@ -265,11 +277,9 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
       name = run_config.paged_attention
       blocking = {}
       if name == "pallas":
-        blocking = dict(pallas_k_splits=run_config.pallas_k_splits,
-                        pallas_block_tokens=run_config.pallas_block_tokens)
+        blocking = {f: getattr(run_config, f) for f in PALLAS_FIELDS}
       what = f"decode {name} batch {batch} ctx {context}" + (
-          f" k_splits {run_config.pallas_k_splits} block_tokens "
-          f"{run_config.pallas_block_tokens}" if kind == "sweep" else "")
+          f" {pallas_point_name(run_config)}" if kind == "sweep" else "")
       if out_of_time():
         result.setdefault("skipped", []).append(f"{what}: time budget")
         continue
@@ -295,7 +305,44 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
 
     if "whole" in prefill_variants:
       prefill_at(["whole"])
+
+    if decode_profile_steps:
+      if out_of_time():
+        result.setdefault("skipped", []).append("decode profile: time budget")
+      else:
+        profiled = "pallas" if "pallas" in decode_attentions else decode_attentions[0]
+        result["decode_profile"] = _profile(model, decode_configs[profiled], result["decode"],
+                                            max(decode_batches), decode_context, block_tokens,
+                                            decode_profile_steps, profile_dir, seed, log)
+        update()
   return result
+
+
+def pallas_point_name(config) -> str:
+  """'k_splits K block_tokens B num_warps W num_stages S': a 'pallas' config's kernel fields."""
+  return " ".join(f"{f.removeprefix('pallas_')} {getattr(config, f)}" for f in PALLAS_FIELDS)
+
+
+def _profile(model, config, rows, batch, context, page_tokens, steps, profile_dir, seed, log):
+  """decode_profile.profile_decode of `config` at batch 1 context 0 and at `batch`, and of the
+  sweep point whose DE loop was fastest at `batch` where it beat `config`'s own row."""
+  from dualpath_jax.bench.decode_profile import profile_decode
+  runs = [("fixed_cost", config, 1, 0), (f"batch_{batch}", config, batch, context)]
+  measured = [r for r in rows if r["batch"] == batch and r["context"] == context
+              and "error" not in r and r["paged_attention"] == config.paged_attention]
+  swept = [r for r in measured if r.get("sweep") == "pallas_blocking"]
+  own = [r["overlapped_step_s"] for r in measured if "sweep" not in r]
+  if swept:
+    best = min(swept, key=lambda r: r["overlapped_step_s"])
+    if not own or best["overlapped_step_s"] < min(own):
+      point = config.replace(**{f: best[f] for f in PALLAS_FIELDS})
+      runs.append((f"batch_{batch}_best_sweep", point, batch, context))
+  try:
+    return profile_decode(model, runs, page_tokens=page_tokens, steps=steps,
+                          log_dir=profile_dir, seed=seed, log=log)
+  except Exception as e:  # noqa: BLE001
+    log(f"engine: decode profile FAILED: {e!r}")
+    return dict(error=repr(e))
 
 
 def _prefill_rows(model, config, tokens, new_len, context, append_tokens, variants,
@@ -394,32 +441,64 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
   return rows
 
 
+class DecodeInputs:
+  """A decode step's inputs on the device: a random pool whose `batch` rows hold `context`
+  tokens each in their own pages (one page of room past the context), their block tables,
+  lengths and tokens. `pool` is replaced by each step (it is donated)."""
+
+  def __init__(self, config, batch: int, context: int, page_tokens: int, seed: int):
+    from dualpath_jax.model.paged import PagedPool
+    self.pages_per_seq = context // page_tokens + 1  # room for the new token's slot
+    num_pages = 1 + batch * self.pages_per_seq
+    shape = (config.num_kv_heads, num_pages, page_tokens, config.head_dim)
+    key = jax.random.key(seed + 7919 * batch)
+    # Array by array (the pool's own layout): no pool-sized temporaries.
+    self.pool = PagedPool(
+        k=tuple(_normal(jax.random.fold_in(key, 2 * layer), shape, config.jnp_dtype)
+                for layer in range(config.num_layers)),
+        v=tuple(_normal(jax.random.fold_in(key, 2 * layer + 1), shape, config.jnp_dtype)
+                for layer in range(config.num_layers)))
+    self.block_tables = (1 + jnp.arange(batch * self.pages_per_seq, dtype=jnp.int32)).reshape(
+        batch, self.pages_per_seq)
+    self.seq_lens = jnp.full((batch,), context, jnp.int32)
+    self.tokens = jax.random.randint(jax.random.fold_in(key, 1 << 20), (batch,), 0,
+                                     config.vocab_size, jnp.int32)
+    # The lengths grow a token a step into the free slots of each row's last page.
+    self.room = self.pages_per_seq * page_tokens - context
+
+  def de_loop(self, model, count: int) -> None:
+    """`count` steps of the DE's loop: each step's tokens and seq_lens are the last step's
+    outputs on the device, and the last step's tokens are read once the next is dispatched.
+    Every `room` steps the lengths start again from the context (the device array placed at
+    construction, no host copy). Returns once the last step's tokens are on the host."""
+    from dualpath_jax.model.paged import greedy_decode_step_jit
+    next_tokens, lens, previous = self.tokens, self.seq_lens, None
+    for i in range(count):
+      if i % self.room == 0:
+        lens = self.seq_lens
+      next_tokens, lens, self.pool = greedy_decode_step_jit(
+          model, self.pool, next_tokens, self.block_tables, lens)
+      if previous is not None:
+        np.asarray(previous)
+      previous = next_tokens
+    np.asarray(previous)
+
+  def delete(self) -> None:
+    for array in jax.tree_util.tree_leaves(self.pool):
+      array.delete()
+
+
 def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weights_bytes, card,
                 target, seed, log):
   from dualpath_jax.model import cost
-  from dualpath_jax.model.paged import (PagedPool, decode_step_jit, greedy_decode_step_jit,
-                                        pallas_blocking)
+  from dualpath_jax.model.paged import decode_step_jit, pallas_blocking
 
-  pages_per_seq = context // page_tokens + 1  # room for the new token's slot
-  num_pages = 1 + batch * pages_per_seq
-  shape = (config.num_kv_heads, num_pages, page_tokens, config.head_dim)
-  key = jax.random.key(seed + 7919 * batch)
-  # Array by array (the pool's own layout): no pool-sized temporaries.
-  pool = PagedPool(
-      k=tuple(_normal(jax.random.fold_in(key, 2 * layer), shape, config.jnp_dtype)
-              for layer in range(config.num_layers)),
-      v=tuple(_normal(jax.random.fold_in(key, 2 * layer + 1), shape, config.jnp_dtype)
-              for layer in range(config.num_layers)))
-  block_tables = (1 + jnp.arange(batch * pages_per_seq, dtype=jnp.int32)).reshape(
-      batch, pages_per_seq)
-  seq_lens = jnp.full((batch,), context, jnp.int32)
-  tokens = jax.random.randint(jax.random.fold_in(key, 1 << 20), (batch,), 0, config.vocab_size,
-                              jnp.int32)
-  state = dict(pool=pool)
-  del pool
+  inputs = DecodeInputs(config, batch, context, page_tokens, seed)
+  pages_per_seq = inputs.pages_per_seq
 
   def step():
-    logits, state["pool"] = decode_step_jit(model, state["pool"], tokens, block_tables, seq_lens)
+    logits, inputs.pool = decode_step_jit(model, inputs.pool, inputs.tokens, inputs.block_tables,
+                                          inputs.seq_lens)
     return logits
 
   t0 = time.perf_counter()
@@ -432,27 +511,10 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
   jax.block_until_ready(logits)
   pipelined_s = (time.perf_counter() - t0) / steps
 
-  # The DE's loop: each step's tokens and seq_lens are the last step's outputs on the device, and
-  # the last step's tokens are read once the next is dispatched. The lengths grow a token a step
-  # into the free slots of each row's last page: every `room` steps they start again from the
-  # context (the device array placed above, no host copy).
-  room = pages_per_seq * page_tokens - context
-
-  def overlapped(count):
-    next_tokens, lens, previous = tokens, seq_lens, None
-    for i in range(count):
-      if i % room == 0:
-        lens = seq_lens
-      next_tokens, lens, state["pool"] = greedy_decode_step_jit(
-          model, state["pool"], next_tokens, block_tables, lens)
-      if previous is not None:
-        np.asarray(previous)
-      previous = next_tokens
-    np.asarray(previous)
-
-  overlapped(max(warmup, 1))  # compiles the greedy step
+  # The DE's loop (DecodeInputs.de_loop).
+  inputs.de_loop(model, max(warmup, 1))  # compiles the greedy step
   t0 = time.perf_counter()
-  overlapped(steps)
+  inputs.de_loop(model, steps)
   overlapped_s = (time.perf_counter() - t0) / steps
   embed_bytes = config.vocab_size * config.hidden_size * config.itemsize
   kv_bytes = batch * context * cost.kv_bytes_per_token(config)
@@ -461,7 +523,7 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
              min_step_s=min(times), pipelined_step_s=pipelined_s,
              overlapped_step_s=overlapped_s, bytes_read=read_bytes,
              weight_bytes_read=weights_bytes - embed_bytes, kv_bytes_read=kv_bytes,
-             pool_bytes=state["pool"].nbytes, tokens_per_s=batch / step_s,
+             pool_bytes=inputs.pool.nbytes, tokens_per_s=batch / step_s,
              logits_finite=bool(jnp.all(jnp.isfinite(logits))))
   blocking = ""
   if model.config.paged_attention == "pallas":
@@ -484,8 +546,7 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
       f"(pipelined {pipelined_s * 1e3:.3f}, overlapped {overlapped_s * 1e3:.3f})"
       + (f" roofline {row['roofline_s'] * 1e3:.3f} ms -> {row['roofline_fraction']:.3f}"
          if "roofline_s" in row else "") + f" (first call {first_call_s:.1f} s)")
-  for array in jax.tree_util.tree_leaves(state["pool"]):
-    array.delete()
+  inputs.delete()
   return row
 
 

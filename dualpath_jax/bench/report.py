@@ -13,6 +13,8 @@ import os
 import statistics
 from collections.abc import Callable, Mapping
 
+from dualpath_jax.bench import PALLAS_FIELDS
+
 JSON_NAME = "gpu_bench.json"
 MD_NAME = "gpu_bench.md"
 
@@ -175,7 +177,8 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     if r.get("diagnostic") == "fixed_cost":
       name += " (fixed cost: weights + dispatch)"
     if r.get("sweep") == "pallas_blocking":
-      name += f" k_splits {r['pallas_k_splits']} block_tokens {r['pallas_block_tokens']}"
+      # the kernel fields the row ran with (rows before num_warps/num_stages lack them)
+      name += "".join(f" {f.removeprefix('pallas_')} {r[f]}" for f in PALLAS_FIELDS if f in r)
     if "error" in r:
       out.append(("engine", name, "error", "—", r["error"][:80]))
       continue
@@ -194,6 +197,16 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     target = ("diagnostic, no target" if r.get("diagnostic") else
               f"roofline fraction >= {targets.get('decode_roofline_fraction')}")
     out.append(("engine", name, value, target, _status(r.get("met"))))
+  profile = e.get("decode_profile") or {}
+  if "error" in profile:
+    out.append(("engine", "decode profile", "error", "—", profile["error"][:80]))
+  for label, run in (profile.get("runs") or {}).items():
+    step = run["per_step"]
+    value = (f"{step['span_s'] * 1e3:.2f} ms/step traced, device busy "
+             f"{step['device_busy_s'] * 1e3:.2f}: " + ", ".join(
+                 f"{k} {v * 1e3:.2f}" for k, v in step["by_class_s"].items()))
+    out.append(("engine", f"decode profile {label} (batch {run['batch']} ctx {run['context']})",
+                value, "diagnostic, no target", "—"))
 
   x = doc.get("end_to_end") or {}
   if "error" in x:

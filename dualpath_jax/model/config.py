@@ -17,7 +17,7 @@ PAGED_ATTENTION_IMPLEMENTATIONS = ("gather", "pallas")
 # ModelConfig fields that choose how the model is computed, not what its weights are: a
 # checkpoint restores under any values of them (weights.restore_weights, weights.with_config).
 EXECUTION_FIELDS = ("attention", "prefill_kv_splits", "paged_attention", "pallas_k_splits",
-                    "pallas_block_tokens")
+                    "pallas_block_tokens", "pallas_num_warps", "pallas_num_stages")
 # The attentions split prefill (prefill_kv_splits > 0, model/split_attention.py) can run on.
 SPLIT_ATTENTION_IMPLEMENTATIONS = ("einsum", "cudnn")
 
@@ -74,6 +74,14 @@ class ModelConfig:
   """'pallas' blocking (not a weight property; default paged.PALLAS_COMPUTE_BLOCK_TOKENS): about
   this many tokens are read per loop iteration of a partition, in a power-of-2 number of pages
   (at least one page); a power of 2 (paged.pallas_blocking). A different value retraces."""
+  pallas_num_warps: int = 8
+  """'pallas' compilation (not a weight property; the kernel's own default): warps per program
+  of the Triton kernel, a power of 2. Ignored in interpret mode (CPU). A different value
+  retraces."""
+  pallas_num_stages: int = 2
+  """'pallas' compilation (not a weight property; the kernel's own default): Triton's software
+  pipelining depth for the kernel's page loop (each stage holds a compute block of K and V in
+  shared memory). Ignored in interpret mode (CPU). A different value retraces."""
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -93,7 +101,8 @@ class ModelConfig:
     if self.paged_attention not in PAGED_ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.paged_attention must be one of "
                        f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {self.paged_attention!r}")
-    for field in ("pallas_k_splits", "pallas_block_tokens", "prefill_kv_splits"):
+    for field in ("pallas_k_splits", "pallas_block_tokens", "pallas_num_warps",
+                  "pallas_num_stages", "prefill_kv_splits"):
       value = getattr(self, field)
       least = 0 if field == "prefill_kv_splits" else 1
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -103,9 +112,10 @@ class ModelConfig:
     if self.prefill_kv_splits and self.attention not in SPLIT_ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.prefill_kv_splits > 0 needs attention in "
                        f"{SPLIT_ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
-    if self.pallas_block_tokens & (self.pallas_block_tokens - 1):
-      raise ValueError(f"ModelConfig.pallas_block_tokens must be a power of 2, got "
-                       f"{self.pallas_block_tokens!r}")
+    for field in ("pallas_block_tokens", "pallas_num_warps"):
+      value = getattr(self, field)
+      if value & (value - 1):
+        raise ValueError(f"ModelConfig.{field} must be a power of 2, got {value!r}")
     if self.dtype not in ("bfloat16", "float32", "float16"):
       raise ValueError(f"ModelConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
 

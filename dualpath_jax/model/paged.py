@@ -15,10 +15,10 @@ context per layer and runs the model's attention on it; 'pallas' writes the new 
 its page slot first and calls the Pallas kernel on the pool with lengths = seq_lens + 1. The
 kernel's blocking (`pallas_blocking`: how many partitions of a row's pages run in parallel, how
 many pages each loop iteration reads) comes from ModelConfig.pallas_k_splits and
-ModelConfig.pallas_block_tokens (defaults PALLAS_MAX_K_SPLITS, PALLAS_COMPUTE_BLOCK_TOKENS). They
-are part of the model's config, so a model under other values (weights.with_config, no copy of
-the weights) traces its own decode step: the blocking can be swept in one process
-(bench/engine.py, engine.pallas_blockings).
+ModelConfig.pallas_block_tokens (defaults PALLAS_MAX_K_SPLITS, PALLAS_COMPUTE_BLOCK_TOKENS), its
+Triton compilation from pallas_num_warps and pallas_num_stages. They are part of the model's
+config, so a model under other values (weights.with_config, no copy of the weights) traces its
+own decode step: they can be swept in one process (bench/engine.py, engine.pallas_blockings).
 
 Page SCRATCH_PAGE (0) is never given to a sequence. Padding rows of a decode batch point all their
 page ids at it with seq_len 0: they write their (ignored) KV into its slot 0 and attend to that slot
@@ -364,7 +364,8 @@ def pallas_blocking(pages_per_seq: int, page_tokens: int, *,
 
 def _pallas_attention(q, k_pages, v_pages, block_tables, lengths, config: ModelConfig):
   """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel
-  blocked as config.pallas_k_splits / config.pallas_block_tokens say (read at trace time)."""
+  blocked as config.pallas_k_splits / config.pallas_block_tokens say and compiled with
+  config.pallas_num_warps / pallas_num_stages (read at trace time)."""
   from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
   k_splits, per_block, padded = pallas_blocking(
@@ -376,7 +377,8 @@ def _pallas_attention(q, k_pages, v_pages, block_tables, lengths, config: ModelC
   # transformer.attention scales its float32 scores (in bf16 this rounds q once more).
   q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
   return paged_attention(q, k_pages, v_pages, block_tables, lengths, k_splits=k_splits,
-                         pages_per_compute_block=per_block,
+                         pages_per_compute_block=per_block, num_warps=config.pallas_num_warps,
+                         num_stages=config.pallas_num_stages,
                          interpret=jax.default_backend() == "cpu")
 
 

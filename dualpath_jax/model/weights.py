@@ -58,7 +58,8 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
   `config` defaults to the stored one; if given, it must describe the same geometry (its dtype
   may differ: parameters are cast on restore; so may its name and the fields that only choose how
   attention is computed, config.EXECUTION_FIELDS: `attention`, `prefill_kv_splits`,
-  `paged_attention` and the Pallas blocking `pallas_k_splits`, `pallas_block_tokens`). `sharding` defaults to the first device.
+  `paged_attention` and the Pallas kernel's `pallas_*` fields). `sharding` defaults to the first
+  device.
   """
   path = os.path.abspath(os.fspath(path))
   stored = read_config(path)
@@ -90,8 +91,7 @@ def restore_weights(path: str | os.PathLike, config: ModelConfig | None = None,
 def with_config(model: Transformer, config: ModelConfig) -> Transformer:
   """`model`'s parameters (the same arrays, not copied) under `config`, which may differ from
   model.config only in how attention is computed (config.EXECUTION_FIELDS: `attention`,
-  `prefill_kv_splits`, `paged_attention`, `pallas_k_splits`, `pallas_block_tokens`) and its
-  name."""
+  `prefill_kv_splits`, `paged_attention`, the Pallas kernel's `pallas_*` fields) and its name."""
   for field in dataclasses.fields(ModelConfig):
     if field.name == "name" or field.name in EXECUTION_FIELDS:
       continue

@@ -45,6 +45,21 @@ class _Null:
 _NULL = _Null()
 
 
+def trace_options() -> "jax.profiler.ProfileOptions":
+  """Device streams, XLA's host-side launches and copies, our spans; no Python tracer."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  options.host_tracer_level = 1  # TraceMe level 1: XLA's launches, copies and our spans
+  return options
+
+
+def latest_trace(log_dir: str) -> str | None:
+  """The newest perfetto_trace.json.gz jax.profiler wrote under log_dir, or None."""
+  paths = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*",
+                                        "perfetto_trace.json.gz")))
+  return paths[-1] if paths else None
+
+
 class ProfileWindow:
   """Records jax.profiler's trace from start_s to start_s + seconds after begin()."""
 
@@ -73,13 +88,10 @@ class ProfileWindow:
     with self._lock:
       if self._state != "waiting":
         return
-      options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0
-      options.host_tracer_level = 1  # TraceMe level 1: XLA's launches, copies and our spans
       try:
         os.makedirs(self.log_dir, exist_ok=True)
         jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True,
-                                 profiler_options=options)
+                                 profiler_options=trace_options())
       except Exception as e:  # noqa: BLE001  (a failed trace must not fail the run)
         self.error = f"start_trace: {e!r}"
         self._state = "done"
@@ -106,15 +118,14 @@ class ProfileWindow:
       timer.cancel()
     self._stop()
     out = dict(start_s=self.start_s, seconds=self.seconds)
-    paths = sorted(glob.glob(os.path.join(self.log_dir, "plugins", "profile", "*",
-                                          "perfetto_trace.json.gz")))
-    if self.error or not paths:
+    path = latest_trace(self.log_dir)
+    if self.error or not path:
       out["error"] = self.error or "no trace written (the run ended before the window began?)"
       return out
     from dualpath_jax.analysis.device_trace import summarize
-    out["path"] = paths[-1]
+    out["path"] = path
     try:
-      out["summary"] = summarize(paths[-1])
+      out["summary"] = summarize(path)
     except (OSError, ValueError, KeyError) as e:
       out["error"] = f"summarize: {e!r}"
     return out
