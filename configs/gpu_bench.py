@@ -114,12 +114,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prefill_kv_splits=(1, 2, 4, 8),
       decode_batches=(1, 8, 32), decode_context=8192, decode_steps=10,
       # ModelConfig.paged_attention values decode is measured with: 'gather' (pages copied into
-      # a dense context per layer) and 'pallas' (JAX's Pallas paged-attention kernel)
+      # a dense context per layer) and 'pallas' (a Pallas paged-attention kernel read in place)
       decode_attentions=("gather", "pallas"),
       # (ModelConfig.pallas_k_splits, pallas_block_tokens) pairs, or 4-tuples adding
-      # (pallas_num_warps, pallas_num_stages), under which 'pallas' decode is measured once more
+      # (pallas_num_warps, pallas_num_stages), or 5-tuples adding pallas_kernel ('jax' or
+      # 'dualpath', model/paged_kernel.py), under which 'pallas' decode is measured once more
       # at the largest decode batch (a compile and 2 x decode_steps steps each, ~5 s on an
-      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2) only.
+      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2, 'jax') only.
       # h100x4 sweeps a few blockings around the default.
       pallas_blockings=(),
       # > 0: last of the section, one jax.profiler trace of this many DE-loop steps per decode
@@ -179,7 +180,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            paged_attention="gather",
                                            pallas_k_splits=16, pallas_block_tokens=128,
                                            pallas_num_warps=8, pallas_num_stages=2,
-                                           checkpoint="")),
+                                           pallas_kernel="jax", checkpoint="")),
       cost_model=""))
 
   if variant == "h100x4":

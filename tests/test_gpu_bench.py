@@ -163,9 +163,10 @@ def test_engine(smoke):
 def check_decode_rows(e, batches, blockings=()):
   """Each decode attention: one fixed-cost row (batch 1, context 0, no target), then every batch
   under every attention, batch by batch, then 'pallas' at the largest batch under each of
-  `blockings` ((pallas_k_splits, pallas_block_tokens[, pallas_num_warps, pallas_num_stages]), the
-  kernel's own 8 warps and 2 stages where left out); 'pallas' rows record their kernel fields."""
-  blockings = [tuple(b) + (8, 2)[len(b) - 2:] for b in blockings]
+  `blockings` ((pallas_k_splits, pallas_block_tokens[, pallas_num_warps, pallas_num_stages[,
+  pallas_kernel]]), the defaults 8 warps, 2 stages, JAX's kernel where left out); 'pallas' rows
+  record their kernel fields."""
+  blockings = [tuple(b) + (8, 2, "jax")[len(b) - 2:] for b in blockings]
   attentions = e["decode_attentions"]
   assert attentions and set(attentions) <= {"gather", "pallas"}
   fixed = [r for r in e["decode"] if r.get("diagnostic") == "fixed_cost"]
@@ -175,13 +176,13 @@ def check_decode_rows(e, batches, blockings=()):
   measured = [(r["batch"], r["paged_attention"]) for r in e["decode"]
               if "diagnostic" not in r and "sweep" not in r]
   assert measured == [(b, a) for b in batches for a in attentions]
-  assert e["pallas_default_blocking"] == [16, 128, 8, 2]
+  assert e["pallas_default_blocking"] == [16, 128, 8, 2, "jax"]
   assert e["pallas_blockings"] == [list(b) for b in blockings]
   (context,) = {r["context"] for r in e["decode"] if "diagnostic" not in r}
   sweep = [r for r in e["decode"] if "sweep" in r]
   assert [(r["sweep"], r["paged_attention"], r["batch"], r["context"], r["pallas_k_splits"],
-           r["pallas_block_tokens"], r["pallas_num_warps"], r["pallas_num_stages"])
-          for r in sweep] == [
+           r["pallas_block_tokens"], r["pallas_num_warps"], r["pallas_num_stages"],
+           r["pallas_kernel"]) for r in sweep] == [
       ("pallas_blocking", "pallas", max(batches), context, *b) for b in blockings]
   for r in e["decode"]:
     assert "error" not in r, r
@@ -190,7 +191,7 @@ def check_decode_rows(e, batches, blockings=()):
     if r["paged_attention"] == "pallas":
       if "sweep" not in r:
         assert (r["pallas_k_splits"], r["pallas_block_tokens"], r["pallas_num_warps"],
-                r["pallas_num_stages"]) == (16, 128, 8, 2)
+                r["pallas_num_stages"], r["pallas_kernel"]) == (16, 128, 8, 2, "jax")
       b = r["pallas_blocking"]
       assert b["k_splits"] <= r["pallas_k_splits"] and b["padded_pages"] % b["k_splits"] == 0
     else:
@@ -201,7 +202,7 @@ def check_decode_rows(e, batches, blockings=()):
   assert [n for n in names if "k_splits" in n] == [
       f"decode pallas batch {r['batch']} ctx {r['context']} k_splits {r['pallas_k_splits']} "
       f"block_tokens {r['pallas_block_tokens']} num_warps {r['pallas_num_warps']} "
-      f"num_stages {r['pallas_num_stages']}" for r in sweep]
+      f"num_stages {r['pallas_num_stages']} kernel {r['pallas_kernel']}" for r in sweep]
 
 
 def test_engine_decode_under_both_attentions(tmp_path):
@@ -217,10 +218,11 @@ def test_engine_decode_under_both_attentions(tmp_path):
       prefill_variants=(), sdpa_implementation=None, decode_batches=(2,), decode_context=100,
       peak_context=0, block_tokens=16, repeats=1, warmup=1, decode_steps=2, card=card,
       target_prefill_mfu=0.4, target_decode_roofline=0.6, decode_attentions=("gather", "pallas"),
-      pallas_blockings=((2, 16), (16, 128), (2, 16), (2, 16, 4, 3), (16, 128, 8, 2)),
+      pallas_blockings=((2, 16), (16, 128), (2, 16), (2, 16, 4, 3), (16, 128, 8, 2),
+                        (16, 128, 8, 2, "jax"), (2, 16, 8, 2, "dualpath")),
       decode_profile_steps=2, profile_dir=str(tmp_path / "profile"), log=lambda _: None)
   # The default blocking (as a pair or whole) and the repeat are not measured again.
-  check_decode_rows(e, batches=[2], blockings=[(2, 16), (2, 16, 4, 3)])
+  check_decode_rows(e, batches=[2], blockings=[(2, 16), (2, 16, 4, 3), (2, 16, 8, 2, "dualpath")])
   assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=1,
                                                     padded_pages=8)
   profile = e["decode_profile"]
@@ -236,7 +238,8 @@ def test_engine_decode_under_both_attentions(tmp_path):
   assert [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode profile")] \
       == [f"decode profile {label} (batch {r['batch']} ctx {r['context']})"
           for label, r in profile["runs"].items()]
-  for bad in ((3, 48), (0, 128), (2,), (2, 16, 3, 2), (2, 16, 4), (2, 16, 4, 0)):
+  for bad in ((3, 48), (0, 128), (2,), (2, 16, 3, 2), (2, 16, 4), (2, 16, 4, 0),
+              (2, 16, 4, 2, "triton"), (2, 16, 4, 2, "jax", 1)):
     with pytest.raises(ValueError, match="engine.pallas_blockings"):
       engine.measure_engine(
           jax.devices()[0], model_config=get_preset("tiny"), prefill_contexts=(),

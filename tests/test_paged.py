@@ -1,6 +1,6 @@
 """The paged pool and its two decode attentions on the tiny preset in float32.
 
-The Pallas paged-attention kernel (interpret mode on CPU) gives the gather path's logits and pool
+Either Pallas paged-attention kernel (JAX's or the project's, interpret mode on CPU) gives the gather path's logits and pool
 step after step, for rows of different lengths crossing page boundaries and a padding row; the
 pool is 2L separate [H, pages, page_tokens, D] arrays that Full Blocks and KV round-trip through;
 `paged_attention` and the kernel's blocking (`pallas_k_splits`, `pallas_block_tokens`) are
@@ -39,16 +39,17 @@ def models():
 # the default blocking gives 8 splits of 1 page; and 11 splits of 2 pages with the table padded
 # by one SCRATCH_PAGE column and 2 pages a compute block. k_splits 2, 32-token blocks give 2
 # splits of 4 pages, 2 a block; and 2 splits of 16 pages (11 of them padding), 8 a block.
+@pytest.mark.parametrize("pallas_kernel", M.PALLAS_KERNELS)
 @pytest.mark.parametrize("page_tokens,max_pages,blocking,kernel", [
     (16, 8, (16, 128), (8, 1, 8)), (4, 21, (16, 128), (11, 2, 22)),
     (16, 8, (2, 32), (2, 2, 8)), (4, 21, (2, 32), (2, 8, 32))])
 def test_pallas_decode_equals_gather_decode(models, monkeypatch, page_tokens, max_pages,
-                                            blocking, kernel):
+                                            blocking, kernel, pallas_kernel):
   gather_model, pallas_model = models
   config = gather_model.config
-  # Another blocking: the same weights under another config (no copy), its own trace.
+  # Another blocking and kernel: the same weights under another config (no copy), own trace.
   pallas_model = weights.with_config(pallas_model, pallas_model.config.replace(
-      pallas_k_splits=blocking[0], pallas_block_tokens=blocking[1]))
+      pallas_k_splits=blocking[0], pallas_block_tokens=blocking[1], pallas_kernel=pallas_kernel))
   traced = []
   original_blocking = paged.pallas_blocking
 
@@ -181,31 +182,38 @@ def test_paged_attention_is_validated_and_not_a_weight_property(tmp_path):
     ("pallas_k_splits", 0), ("pallas_k_splits", -4), ("pallas_k_splits", 2.0),
     ("pallas_k_splits", True), ("pallas_block_tokens", 0), ("pallas_block_tokens", 48),
     ("pallas_block_tokens", "128"), ("pallas_num_warps", 0), ("pallas_num_warps", 6),
-    ("pallas_num_stages", 0), ("pallas_num_stages", 1.5)])
+    ("pallas_num_stages", 0), ("pallas_num_stages", 1.5), ("pallas_kernel", "triton")])
 def test_pallas_blocking_fields_are_validated(field, bad):
   with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
     M.get_preset("tiny", **{field: bad})
 
 
-def test_the_kernel_is_compiled_with_the_configs_warps_and_stages(monkeypatch):
-  """pallas_num_warps / pallas_num_stages reach the Triton kernel (interpret mode on CPU ignores
-  them, so the call itself is recorded)."""
-  from jax.experimental.pallas.ops.gpu import paged_attention as kernel_module
-  calls = []
+@pytest.mark.parametrize("pallas_kernel", M.PALLAS_KERNELS)
+def test_the_kernel_is_compiled_with_the_configs_warps_and_stages(monkeypatch, pallas_kernel):
+  """pallas_num_warps / pallas_num_stages reach the Triton kernel pallas_kernel names (interpret
+  mode on CPU ignores them, so the call itself is recorded)."""
+  from jax.experimental.pallas.ops.gpu import paged_attention as jax_kernel
 
-  def record(q, *args, **kwargs):
-    calls.append(kwargs)
-    return q
+  from dualpath_jax.model import paged_kernel
+  calls = {}
 
-  monkeypatch.setattr(kernel_module, "paged_attention", record)
-  config = M.get_preset("tiny", paged_attention="pallas", pallas_num_warps=4, pallas_num_stages=3)
+  def recorder(name):
+    def record(q, *args, **kwargs):
+      calls[name] = kwargs
+      return q
+    return record
+
+  monkeypatch.setattr(jax_kernel, "paged_attention", recorder("jax"))
+  monkeypatch.setattr(paged_kernel, "paged_attention", recorder("dualpath"))
+  config = M.get_preset("tiny", paged_attention="pallas", pallas_num_warps=4, pallas_num_stages=3,
+                        pallas_kernel=pallas_kernel)
   q = jax.numpy.zeros((2, config.num_heads, config.head_dim), config.jnp_dtype)
   pages = jax.numpy.zeros((config.num_kv_heads, 9, 16, config.head_dim), config.jnp_dtype)
   block_tables = jax.numpy.ones((2, 4), jax.numpy.int32)
   paged._pallas_attention(q, pages, pages, block_tables, jax.numpy.array([5, 9], jax.numpy.int32),
                           config)
-  (kwargs,) = calls
-  assert (kwargs["num_warps"], kwargs["num_stages"]) == (4, 3)
+  assert list(calls) == [pallas_kernel]
+  assert (calls[pallas_kernel]["num_warps"], calls[pallas_kernel]["num_stages"]) == (4, 3)
 
 
 def test_pallas_blocking_is_not_a_weight_property(tmp_path):

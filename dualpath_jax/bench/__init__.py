@@ -18,6 +18,7 @@ SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
 """The sections of experiments/gpu_bench.py, in the order they run (configs/gpu_bench.py)."""
 
 PALLAS_FIELDS = ("pallas_k_splits", "pallas_block_tokens", "pallas_num_warps",
-                 "pallas_num_stages")
+                 "pallas_num_stages", "pallas_kernel")
 """The ModelConfig fields of the Pallas decode kernel, in the order engine.pallas_blockings lists
-them: blocking (k_splits, block_tokens), then optionally Triton's (num_warps, num_stages)."""
+them: blocking (k_splits, block_tokens), then optionally Triton's (num_warps, num_stages), then
+optionally the kernel ('jax' or 'dualpath')."""

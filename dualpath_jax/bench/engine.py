@@ -30,12 +30,13 @@ All with the model's own code and random weights (init_random) of a preset's tru
             dispatched ('overlapped_met' judges it against the same target as 'met'). One
             diagnostic row per decode attention (`diagnostic: 'fixed_cost'`, batch 1, context
             0: the new token's page only, no target) shows the per-step cost that is not KV
-            reading (weights, dispatch). 'pallas' rows record the kernel blocking they ran with
-            (`pallas_k_splits`, `pallas_block_tokens`: ModelConfig fields; `pallas_blocking`:
-            what paged.pallas_blocking made of them for this context). With
-            `pallas_blockings` (pairs of k_splits, block_tokens), 'pallas' decode is measured
-            once more per pair at the largest batch (rows with `sweep: 'pallas_blocking'`), to
-            pick the fastest blocking.
+            reading (weights, dispatch). 'pallas' rows record the kernel fields they ran with
+            (PALLAS_FIELDS: `pallas_k_splits`, `pallas_block_tokens`, `pallas_num_warps`,
+            `pallas_num_stages`, `pallas_kernel`; `pallas_blocking`: what
+            paged.pallas_blocking made of them for this context). With `pallas_blockings`
+            (tuples of those fields), 'pallas' decode is measured once more per point at the
+            largest batch (rows with `sweep: 'pallas_blocking'`), to pick the fastest kernel
+            and blocking.
   peak      a layerwise prefill of `append_tokens` on a `peak_context`-token prefix streamed from
             host Full Blocks layer by layer (layout.layer_kv -> transfer.host_to_device, layer l+1
             in flight while layer l computes, and layer l-1 held until then as the PE's sender
@@ -154,7 +155,8 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
   decode_attentions: the ModelConfig.paged_attention values to measure decode with, each at
   every batch size (the model's own value is not used for decode).
   pallas_blockings: (pallas_k_splits, pallas_block_tokens) pairs, or 4-tuples that add
-  (pallas_num_warps, pallas_num_stages) (ModelConfig fields, PALLAS_FIELDS), under which 'pallas'
+  (pallas_num_warps, pallas_num_stages), or 5-tuples that add pallas_kernel (ModelConfig fields,
+  PALLAS_FIELDS; left-out fields keep the model config's values), under which 'pallas'
   decode is measured again at the largest of decode_batches, after the other decode rows; () =
   only the model config's own. A point equal to the model config's is not measured twice where
   'pallas' is among decode_attentions.
@@ -166,7 +168,7 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
   result['decode_profile'].
   """
   from dualpath_jax.model import cost, weights
-  from dualpath_jax.model.config import PAGED_ATTENTION_IMPLEMENTATIONS
+  from dualpath_jax.model.config import PAGED_ATTENTION_IMPLEMENTATIONS, PALLAS_KERNELS
 
   unknown = set(prefill_variants) - set(PREFILL_VARIANTS)
   if unknown:
@@ -180,14 +182,16 @@ def measure_engine(device: jax.Device, *, model_config, prefill_contexts: Sequen
   sweep = []  # the configs of the blocking sweep's points, in order, without repeats
   for pair in pallas_blockings:
     try:
-      values = tuple(int(v) for v in pair)
-      if len(values) not in (2, 4):
+      values = tuple(pair)
+      if len(values) not in (2, 4, 5):
         raise ValueError(f"{len(values)} values")
+      values = tuple(int(v) for v in values[:4]) + values[4:]
       point = config.replace(paged_attention="pallas", **dict(zip(PALLAS_FIELDS, values)))
     except (TypeError, ValueError) as e:
       raise ValueError(f"engine.pallas_blockings: expected (k_splits, block_tokens) pairs or "
-                       f"(k_splits, block_tokens, num_warps, num_stages) of positive ints, "
-                       f"block_tokens and num_warps powers of 2; {pair!r}: {e}") from None
+                       f"(k_splits, block_tokens, num_warps, num_stages[, kernel]) of positive "
+                       f"ints, block_tokens and num_warps powers of 2, kernel one of "
+                       f"{PALLAS_KERNELS}; {pair!r}: {e}") from None
     default = point == config.replace(paged_attention="pallas")
     if point not in sweep and not (default and "pallas" in decode_attentions):
       sweep.append(point)

@@ -9,14 +9,16 @@
   paged.py        decode engines: a paged KV pool (PagedPool: per layer, K and V pages as separate
                   [H, pages, page_tokens, D] arrays; a Full Block is one page), its functional
                   host-side PageTable, and batched `decode_step` (attention by a dense gather
-                  or by the Pallas paged-attention kernel, ModelConfig.paged_attention)
+                  or by a Pallas paged-attention kernel, ModelConfig.paged_attention)
+  paged_kernel.py the project's own Pallas (Triton) paged decode-attention kernel
+                  (ModelConfig.pallas_kernel 'dualpath'; 'jax' runs JAX's)
   cost.py         KV bytes per token, parameter counts and FLOPs for schedulers and the simulator
 
 Plain functions trace inside larger jits; the `*_jit` names are their jitted entry points (the
 Module goes in as a pytree; decode_step_jit donates the pool). KV layouts follow kvstore/layout.py.
 """
 
-from dualpath_jax.model.config import PRESETS, ModelConfig, get_preset
+from dualpath_jax.model.config import PALLAS_KERNELS, PRESETS, ModelConfig, get_preset
 from dualpath_jax.model.cost import decode_flops, kv_bytes_per_token, param_count, prefill_flops
 from dualpath_jax.model.paged import (SCRATCH_PAGE, OutOfPagesError, PagedPool, PageTable,
                                       decode_step, decode_step_jit, init_pool,
@@ -30,7 +32,7 @@ from dualpath_jax.model.prefill import (bucket_tokens, embed_tokens, embed_token
 from dualpath_jax.model.transformer import DecoderLayer, Transformer
 
 __all__ = [
-    "PRESETS", "ModelConfig", "get_preset",
+    "PALLAS_KERNELS", "PRESETS", "ModelConfig", "get_preset",
     "Transformer", "DecoderLayer",
     "bucket_tokens", "pad_axis", "empty_prefix_kv", "embed_tokens", "prefill_layer",
     "final_logits", "last_token_logits", "prefill",

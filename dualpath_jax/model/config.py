@@ -14,10 +14,13 @@ import numpy as np
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 PAGED_ATTENTION_IMPLEMENTATIONS = ("gather", "pallas")
+# The Pallas paged-attention kernels 'pallas' can run (ModelConfig.pallas_kernel).
+PALLAS_KERNELS = ("jax", "dualpath")
 # ModelConfig fields that choose how the model is computed, not what its weights are: a
 # checkpoint restores under any values of them (weights.restore_weights, weights.with_config).
 EXECUTION_FIELDS = ("attention", "prefill_kv_splits", "paged_attention", "pallas_k_splits",
-                    "pallas_block_tokens", "pallas_num_warps", "pallas_num_stages")
+                    "pallas_block_tokens", "pallas_num_warps", "pallas_num_stages",
+                    "pallas_kernel")
 # The attentions split prefill (prefill_kv_splits > 0, model/split_attention.py) can run on.
 SPLIT_ATTENTION_IMPLEMENTATIONS = ("einsum", "cudnn")
 
@@ -62,8 +65,8 @@ class ModelConfig:
   paged_attention: str = "gather"
   """How paged decode (paged.decode_step) reads the pool (not a weight property): 'gather' copies
   each sequence's pages into a dense [B, S, 2, H, D] context per layer and runs `attention` on it;
-  'pallas' runs JAX's Triton paged-attention kernel
-  (jax.experimental.pallas.ops.gpu.paged_attention), which reads the pages in place. 'pallas'
+  'pallas' runs a Pallas (Triton) paged-attention kernel that reads the pages in place, the one
+  `pallas_kernel` names. 'pallas'
   runs in Pallas interpret mode automatically when jax.default_backend() is 'cpu' (slow: tests
   and tiny models only); page_tokens and head_dim must be powers of 2 on GPUs (Triton)."""
   pallas_k_splits: int = 16
@@ -82,6 +85,11 @@ class ModelConfig:
   """'pallas' compilation (not a weight property; the kernel's own default): Triton's software
   pipelining depth for the kernel's page loop (each stage holds a compute block of K and V in
   shared memory). Ignored in interpret mode (CPU). A different value retraces."""
+  pallas_kernel: str = "jax"
+  """Which kernel 'pallas' runs (not a weight property): 'jax' = JAX's
+  (jax.experimental.pallas.ops.gpu.paged_attention), 'dualpath' = the project's own
+  (model/paged_kernel.py: a counted page loop, 2-D tile loads, float32 partials). Both take the
+  blocking and compilation fields above. A different value retraces."""
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -101,6 +109,9 @@ class ModelConfig:
     if self.paged_attention not in PAGED_ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.paged_attention must be one of "
                        f"{PAGED_ATTENTION_IMPLEMENTATIONS}, got {self.paged_attention!r}")
+    if self.pallas_kernel not in PALLAS_KERNELS:
+      raise ValueError(f"ModelConfig.pallas_kernel must be one of {PALLAS_KERNELS}, got "
+                       f"{self.pallas_kernel!r}")
     for field in ("pallas_k_splits", "pallas_block_tokens", "pallas_num_warps",
                   "pallas_num_stages", "prefill_kv_splits"):
       value = getattr(self, field)

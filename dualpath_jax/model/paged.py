@@ -12,7 +12,8 @@ public inputs and outputs stay in the model's KV layout: KV [L, T, 2, H, D] in
 
 Decode attention (ModelConfig.paged_attention): 'gather' copies each row's pages into a dense
 context per layer and runs the model's attention on it; 'pallas' writes the new token's K/V into
-its page slot first and calls the Pallas kernel on the pool with lengths = seq_lens + 1. The
+its page slot first and calls a Pallas kernel on the pool with lengths = seq_lens + 1: JAX's, or
+the project's own (model/paged_kernel.py), as ModelConfig.pallas_kernel says. The
 kernel's blocking (`pallas_blocking`: how many partitions of a row's pages run in parallel, how
 many pages each loop iteration reads) comes from ModelConfig.pallas_k_splits and
 ModelConfig.pallas_block_tokens (defaults PALLAS_MAX_K_SPLITS, PALLAS_COMPUTE_BLOCK_TOKENS), its
@@ -364,22 +365,24 @@ def pallas_blocking(pages_per_seq: int, page_tokens: int, *,
 
 def _pallas_attention(q, k_pages, v_pages, block_tables, lengths, config: ModelConfig):
   """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel
-  blocked as config.pallas_k_splits / config.pallas_block_tokens say and compiled with
-  config.pallas_num_warps / pallas_num_stages (read at trace time)."""
-  from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
-
+  config.pallas_kernel names, blocked as config.pallas_k_splits / config.pallas_block_tokens say
+  and compiled with config.pallas_num_warps / pallas_num_stages (read at trace time)."""
   k_splits, per_block, padded = pallas_blocking(
       block_tables.shape[1], k_pages.shape[2], max_k_splits=config.pallas_k_splits,
       block_tokens=config.pallas_block_tokens)
   block_tables = jnp.pad(block_tables, [(0, 0), (0, padded - block_tables.shape[1])],
                          constant_values=SCRATCH_PAGE)
-  # The kernel does not scale the scores (nor does its reference): scale q by head_dim ** -0.5 as
-  # transformer.attention scales its float32 scores (in bf16 this rounds q once more).
+  blocking = dict(k_splits=k_splits, pages_per_compute_block=per_block,
+                  num_warps=config.pallas_num_warps, num_stages=config.pallas_num_stages,
+                  interpret=jax.default_backend() == "cpu")
+  if config.pallas_kernel == "dualpath":
+    from dualpath_jax.model.paged_kernel import paged_attention as dualpath_paged_attention
+    return dualpath_paged_attention(q, k_pages, v_pages, block_tables, lengths, **blocking)
+  from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+  # JAX's kernel does not scale the scores (nor does its reference): scale q by head_dim ** -0.5
+  # as transformer.attention scales its float32 scores (in bf16 this rounds q once more).
   q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
-  return paged_attention(q, k_pages, v_pages, block_tables, lengths, k_splits=k_splits,
-                         pages_per_compute_block=per_block, num_warps=config.pallas_num_warps,
-                         num_stages=config.pallas_num_stages,
-                         interpret=jax.default_backend() == "cpu")
+  return paged_attention(q, k_pages, v_pages, block_tables, lengths, **blocking)
 
 
 def decode_step(model: Transformer, pages: PagedPool, tokens: jax.Array, block_tables: jax.Array,

@@ -1,0 +1,104 @@
+"""The project's own Pallas paged decode-attention kernel (model/paged_kernel.py), in Pallas
+interpret mode on CPU, against a dense softmax over each row's first `length` tokens: rows of
+different lengths (partitions wholly past a row's end skipped, a partial compute block masked, a
+row of length 0 giving zeros), pages in any order, one page or several per compute block; its
+shape errors; and that it lowers to a Triton kernel for CUDA (checked here, without a GPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dualpath_jax.model import paged_kernel
+
+
+def _dense_reference(q, k_pages, v_pages, block_tables, lengths):
+  """softmax(q k^T / sqrt(D)) v over each row's first length tokens, float64 (numpy)."""
+  q, k_pages, v_pages = (np.asarray(a, np.float64) for a in (q, k_pages, v_pages))
+  batch, num_heads, head_dim = q.shape
+  kv_heads, _, page_tokens, _ = k_pages.shape
+  group = num_heads // kv_heads
+  out = np.zeros_like(q)
+  for b in range(batch):
+    n = int(lengths[b])
+    if n == 0:
+      continue
+    pages = np.asarray(block_tables[b])
+    for h in range(num_heads):
+      k = k_pages[h // group, pages].reshape(-1, head_dim)[:n]
+      v = v_pages[h // group, pages].reshape(-1, head_dim)[:n]
+      s = k @ q[b, h] / np.sqrt(head_dim)
+      w = np.exp(s - s.max())
+      out[b, h] = (w / w.sum()) @ v
+  return out
+
+
+@pytest.fixture(scope="module")
+def pool():
+  rng = np.random.default_rng(3)
+  kv_heads, num_pages, page_tokens, head_dim = 2, 40, 8, 16
+  k = rng.normal(size=(kv_heads, num_pages, page_tokens, head_dim)).astype(np.float32)
+  v = rng.normal(size=(kv_heads, num_pages, page_tokens, head_dim)).astype(np.float32)
+  q = rng.normal(size=(4, 6, head_dim)).astype(np.float32)  # 3 query heads per KV head
+  tables = rng.permutation(np.arange(1, num_pages))[:32].reshape(4, 8).astype(np.int32)
+  # 61: the last partition partly masked; 9: most partitions skipped; 64: every page full.
+  lengths = np.array([61, 9, 0, 64], np.int32)
+  return q, k, v, tables, lengths
+
+
+@pytest.mark.parametrize("k_splits,pages_per_compute_block", [(1, 1), (2, 2), (4, 1), (2, 4),
+                                                              (8, 1)])
+def test_kernel_equals_dense_softmax(pool, k_splits, pages_per_compute_block):
+  q, k, v, tables, lengths = pool
+  got = paged_kernel.paged_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                     jnp.asarray(tables), jnp.asarray(lengths), k_splits=k_splits,
+                                     pages_per_compute_block=pages_per_compute_block,
+                                     interpret=True)
+  assert got.shape == q.shape and got.dtype == jnp.float32
+  want = _dense_reference(q, k, v, tables, lengths)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+  assert not np.asarray(got)[2].any()  # length 0: zeros, not NaN
+
+
+def test_kernel_in_bfloat16_keeps_the_input_dtype(pool):
+  q, k, v, tables, lengths = pool
+  as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+  got = paged_kernel.paged_attention(*as_bf16, jnp.asarray(tables), jnp.asarray(lengths),
+                                     k_splits=2, pages_per_compute_block=2, interpret=True)
+  assert got.dtype == jnp.bfloat16
+  want = _dense_reference(*(np.asarray(a.astype(jnp.float32)) for a in as_bf16), tables, lengths)
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2, rtol=0)
+
+
+def test_kernel_rejects_shapes_that_do_not_fit(pool):
+  q, k, v, tables, lengths = (jnp.asarray(a) for a in pool)
+  with pytest.raises(ValueError, match="k_splits=3"):
+    paged_kernel.paged_attention(q, k, v, tables, lengths, k_splits=3, pages_per_compute_block=1,
+                                 interpret=True)
+  with pytest.raises(ValueError, match="compute blocks of 4 pages"):
+    paged_kernel.paged_attention(q, k, v, tables, lengths, k_splits=4, pages_per_compute_block=4,
+                                 interpret=True)
+  with pytest.raises(ValueError, match="lengths"):
+    paged_kernel.paged_attention(q, k, v, tables, lengths[:2], k_splits=2,
+                                 pages_per_compute_block=1, interpret=True)
+  with pytest.raises(ValueError, match="k_pages"):
+    paged_kernel.paged_attention(q[:, :5], k, v, tables, lengths, k_splits=2,
+                                 pages_per_compute_block=1, interpret=True)
+
+
+@pytest.mark.parametrize("k_splits,pages_per_compute_block", [(26, 1), (13, 2)])
+def test_kernel_lowers_to_triton_for_cuda(k_splits, pages_per_compute_block):
+  """The Qwen2.5-7B decode shape at 8K context in 64-token pages (130 pages a row), lowered for
+  CUDA on this machine: the Pallas-to-Triton lowering accepts the kernel and launches one
+  program per (row, KV head, partition). Compiling the Triton IR needs a GPU."""
+  q = jax.ShapeDtypeStruct((32, 28, 128), jnp.bfloat16)
+  pages = jax.ShapeDtypeStruct((4, 4200, 64, 128), jnp.bfloat16)
+  tables = jax.ShapeDtypeStruct((32, 130), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((32,), jnp.int32)
+  text = paged_kernel.paged_attention.trace(
+      q, pages, pages, tables, lengths, k_splits=k_splits,
+      pages_per_compute_block=pages_per_compute_block).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert "__gpu$xla.gpu.triton" in text
+  assert f"grid_x = 32 : i32, grid_y = 4 : i32, grid_z = {k_splits} : i32" in text
