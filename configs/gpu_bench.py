@@ -120,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (pallas_num_warps, pallas_num_stages), or 5-tuples adding pallas_kernel ('jax' or
       # 'dualpath', model/paged_kernel.py), under which 'pallas' decode is measured once more
       # at the largest decode batch (a compile and 2 x decode_steps steps each, ~5 s on an
-      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2, 'jax') only.
+      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2, 'dualpath') only.
       # h100x4 sweeps a few blockings around the default.
       pallas_blockings=(),
       # > 0: last of the section, one jax.profiler trace of this many DE-loop steps per decode
@@ -180,12 +180,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            paged_attention="gather",
                                            pallas_k_splits=16, pallas_block_tokens=128,
                                            pallas_num_warps=8, pallas_num_stages=2,
-                                           pallas_kernel="jax", checkpoint="")),
+                                           pallas_kernel="dualpath", checkpoint="")),
       cost_model=""))
 
   if variant == "h100x4":
-    # The default blocking (16, 128) is measured anyway; these around it (~30 s in all).
-    c.engine.pallas_blockings = ((8, 128), (32, 128), (16, 256), (8, 256), (16, 64))
+    # The default (16, 128, 8, 2, 'dualpath') is measured anyway; JAX's kernel beside it and
+    # blockings around it that came within noise of it on an H200 (record 10; ~30 s in all).
+    c.engine.pallas_blockings = ((16, 128, 8, 2, "jax"), (16, 128, 4, 3), (16, 64, 4, 2),
+                                 (16, 64, 2, 3), (8, 128, 4, 4))
   if variant in ("e2e_h100x4", "pd_sweep_x8", "pd_sweep_smoke"):
     # The GPU end-to-end jobs: Qwen2.5-7B geometry (random weights, bf16), cuDNN attention in
     # prefill, the Pallas paged-attention kernel in decode. 24 agents whose first turn (16K

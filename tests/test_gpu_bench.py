@@ -164,9 +164,9 @@ def check_decode_rows(e, batches, blockings=()):
   """Each decode attention: one fixed-cost row (batch 1, context 0, no target), then every batch
   under every attention, batch by batch, then 'pallas' at the largest batch under each of
   `blockings` ((pallas_k_splits, pallas_block_tokens[, pallas_num_warps, pallas_num_stages[,
-  pallas_kernel]]), the defaults 8 warps, 2 stages, JAX's kernel where left out); 'pallas' rows
-  record their kernel fields."""
-  blockings = [tuple(b) + (8, 2, "jax")[len(b) - 2:] for b in blockings]
+  pallas_kernel]]), the defaults 8 warps, 2 stages, the project's kernel where left out);
+  'pallas' rows record their kernel fields."""
+  blockings = [tuple(b) + (8, 2, "dualpath")[len(b) - 2:] for b in blockings]
   attentions = e["decode_attentions"]
   assert attentions and set(attentions) <= {"gather", "pallas"}
   fixed = [r for r in e["decode"] if r.get("diagnostic") == "fixed_cost"]
@@ -176,7 +176,7 @@ def check_decode_rows(e, batches, blockings=()):
   measured = [(r["batch"], r["paged_attention"]) for r in e["decode"]
               if "diagnostic" not in r and "sweep" not in r]
   assert measured == [(b, a) for b in batches for a in attentions]
-  assert e["pallas_default_blocking"] == [16, 128, 8, 2, "jax"]
+  assert e["pallas_default_blocking"] == [16, 128, 8, 2, "dualpath"]
   assert e["pallas_blockings"] == [list(b) for b in blockings]
   (context,) = {r["context"] for r in e["decode"] if "diagnostic" not in r}
   sweep = [r for r in e["decode"] if "sweep" in r]
@@ -191,7 +191,7 @@ def check_decode_rows(e, batches, blockings=()):
     if r["paged_attention"] == "pallas":
       if "sweep" not in r:
         assert (r["pallas_k_splits"], r["pallas_block_tokens"], r["pallas_num_warps"],
-                r["pallas_num_stages"], r["pallas_kernel"]) == (16, 128, 8, 2, "jax")
+                r["pallas_num_stages"], r["pallas_kernel"]) == (16, 128, 8, 2, "dualpath")
       b = r["pallas_blocking"]
       assert b["k_splits"] <= r["pallas_k_splits"] and b["padded_pages"] % b["k_splits"] == 0
     else:
@@ -219,10 +219,10 @@ def test_engine_decode_under_both_attentions(tmp_path):
       peak_context=0, block_tokens=16, repeats=1, warmup=1, decode_steps=2, card=card,
       target_prefill_mfu=0.4, target_decode_roofline=0.6, decode_attentions=("gather", "pallas"),
       pallas_blockings=((2, 16), (16, 128), (2, 16), (2, 16, 4, 3), (16, 128, 8, 2),
-                        (16, 128, 8, 2, "jax"), (2, 16, 8, 2, "dualpath")),
+                        (16, 128, 8, 2, "dualpath"), (2, 16, 8, 2, "jax")),
       decode_profile_steps=2, profile_dir=str(tmp_path / "profile"), log=lambda _: None)
   # The default blocking (as a pair or whole) and the repeat are not measured again.
-  check_decode_rows(e, batches=[2], blockings=[(2, 16), (2, 16, 4, 3), (2, 16, 8, 2, "dualpath")])
+  check_decode_rows(e, batches=[2], blockings=[(2, 16), (2, 16, 4, 3), (2, 16, 8, 2, "jax")])
   assert e["decode"][-1]["pallas_blocking"] == dict(k_splits=2, pages_per_compute_block=1,
                                                     padded_pages=8)
   profile = e["decode_profile"]
@@ -445,11 +445,12 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
     return values.config
 
   assert parse(f"--config={spec}:h100x4").engine.pallas_blockings == (
-      (8, 128), (32, 128), (16, 256), (8, 256), (16, 64))
+      (16, 128, 8, 2, "jax"), (16, 128, 4, 3), (16, 64, 4, 2), (16, 64, 2, 3), (8, 128, 4, 4))
   config = parse(f"--config={spec}:e2e_h100x4",
                  "--config.engine.pallas_blockings=((4,128),(16,512))",
                  "--config.end_to_end.model.pallas_k_splits=8",
                  "--config.end_to_end.model.pallas_block_tokens=256",
+                 "--config.end_to_end.model.pallas_kernel=jax",
                  "--config.end_to_end.runtime.prefill_layers_in_flight=6",
                  "--config.end_to_end.runtime.host_memory=jax_pinned",
                  "--config.end_to_end.variants={'deep': {'mode': 'dualpath', "
@@ -464,8 +465,8 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
   job_config["model"]["checkpoint"] = ""
   job = OfflineJob.from_config(job_config, str(tmp_path))
   model = job.model_config
-  assert (model.paged_attention, model.pallas_k_splits, model.pallas_block_tokens) == (
-      "pallas", 8, 256)
+  assert (model.paged_attention, model.pallas_k_splits, model.pallas_block_tokens,
+          model.pallas_kernel) == ("pallas", 8, 256, "jax")
   # the PE's layers in flight reach the runtime config of every mode
   assert {rc.prefill_layers_in_flight for rc in job.runtimes} == {6}
   assert {rc.host_memory for rc in job.runtimes} == {"jax_pinned"}

@@ -85,11 +85,12 @@ class ModelConfig:
   """'pallas' compilation (not a weight property; the kernel's own default): Triton's software
   pipelining depth for the kernel's page loop (each stage holds a compute block of K and V in
   shared memory). Ignored in interpret mode (CPU). A different value retraces."""
-  pallas_kernel: str = "jax"
-  """Which kernel 'pallas' runs (not a weight property): 'jax' = JAX's
-  (jax.experimental.pallas.ops.gpu.paged_attention), 'dualpath' = the project's own
-  (model/paged_kernel.py: a counted page loop, 2-D tile loads, float32 partials). Both take the
-  blocking and compilation fields above. A different value retraces."""
+  pallas_kernel: str = "dualpath"
+  """Which kernel 'pallas' runs (not a weight property): 'dualpath' = the project's own
+  (model/paged_kernel.py: a counted page loop, 2-D tile loads, float32 partials; on an H200 it
+  reads the KV of a batch-32 8K-context step at about 4.1 TB/s, JAX's at 2.1-2.4: record 10 of
+  docs/perf/gpu_bench.md), 'jax' = JAX's (jax.experimental.pallas.ops.gpu.paged_attention).
+  Both take the blocking and compilation fields above. A different value retraces."""
 
   def __post_init__(self):
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",

@@ -1,9 +1,9 @@
 """Paged KV pool on a decode engine, its host-side page table, and batched decode.
 
 Pool layout (KVLayout's paged pool): a `PagedPool` pytree of 2 * L separate arrays, K and V of
-every layer, each [H, num_pages, page_tokens, D] in the model dtype (the layout JAX's Pallas GPU
-paged-attention kernel reads in place; one array per layer and per K/V because slicing a layer out
-of a larger array for a pallas_call makes XLA copy it). Page p of every array together holds
+every layer, each [H, num_pages, page_tokens, D] in the model dtype (the layout the Pallas GPU
+paged-attention kernels read in place, JAX's and model/paged_kernel.py; one array per layer and
+per K/V because slicing a layer out of a larger array for a pallas_call makes XLA copy it). Page p of every array together holds
 `page_tokens` consecutive tokens of one sequence in every layer, so with page_tokens equal to
 block_tokens a Full Block [L, B, 2, H, D] is exactly one page (`write_full_blocks_to_pages`).
 Token t of a sequence lives at page block_table[t // page_tokens], slot t % page_tokens. The
