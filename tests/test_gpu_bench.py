@@ -233,6 +233,7 @@ def test_engine_decode_under_both_attentions(tmp_path):
   assert [(r["batch"], r["context"], r["paged_attention"]) for r in profile["runs"].values()][:2] \
       == [(1, 0, "pallas"), (2, 100, "pallas")]
   for r in profile["runs"].values():
+    assert r["pallas"]["kernel"] in ("jax", "dualpath") and len(r["pallas"]) == 5
     step = r["per_step"]
     assert step["span_s"] > 0 and 0 <= step["device_busy_s"] <= step["span_s"]
   assert [row[1] for row in report.rows({"engine": e}) if row[1].startswith("decode profile")] \

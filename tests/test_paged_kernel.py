@@ -58,6 +58,9 @@ def test_kernel_equals_dense_softmax(pool, k_splits, pages_per_compute_block):
   assert got.shape == q.shape and got.dtype == jnp.float32
   want = _dense_reference(q, k, v, tables, lengths)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
+  # The XLA reference that scripts/check_paged_kernel.py compares with on GPUs agrees too.
+  xla = paged_kernel.paged_attention_reference(q, k, v, tables, lengths)
+  np.testing.assert_allclose(np.asarray(xla), want, atol=2e-5, rtol=0)
   assert not np.asarray(got)[2].any()  # length 0: zeros, not NaN
 
 
@@ -102,3 +105,25 @@ def test_kernel_lowers_to_triton_for_cuda(k_splits, pages_per_compute_block):
           lowering_platforms=("cuda",)).as_text()
   assert "__gpu$xla.gpu.triton" in text
   assert f"grid_x = 32 : i32, grid_y = 4 : i32, grid_z = {k_splits} : i32" in text
+
+
+def test_gpu_check_script_runs_and_reports(tmp_path):
+  """scripts/check_paged_kernel.py (the GPU correctness check of both kernels) on the tiny preset
+  in interpret mode: every kernel within tolerance of the reference, empty rows zero."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "check.json"
+  subprocess.run([sys.executable, os.path.join(repo, "scripts", "check_paged_kernel.py"),
+                  "--preset=tiny", "--page_tokens=8", "--max_context=40", "--batch=8",
+                  "--blockings=2,16;1,8", f"--out={out}"], check=True, cwd=repo,
+                 env={**os.environ, "PYTHONPATH": repo}, capture_output=True)
+  result = json.loads(out.read_text())
+  assert result["passed"] and [r["kernel"] for r in result["rows"]] == ["jax", "dualpath",
+                                                                         "dualpath"]
+  assert min(result["lengths"]) == 0 and max(result["lengths"]) == 40
+  for row in result["rows"]:
+    assert row["finite"] and row["max_abs_error_vs_reference"] <= result["tolerance"]
+  assert all(r["empty_rows_zero"] for r in result["rows"][1:])

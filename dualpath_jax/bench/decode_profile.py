@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from dualpath_jax.bench import PALLAS_FIELDS
+
 
 def profile_decode(model, runs: Sequence[tuple[str, object, int, int]], *, page_tokens: int,
                    steps: int, log_dir: str, seed: int = 0,
@@ -86,8 +88,7 @@ def profile_decode(model, runs: Sequence[tuple[str, object, int, int]], *, page_
                     top=[[name, s / steps, count / steps] for name, s, count in b["top"]])
     result["runs"][label] = dict(
         batch=batch, context=context, paged_attention=config.paged_attention,
-        pallas=dict(k_splits=config.pallas_k_splits, block_tokens=config.pallas_block_tokens,
-                    num_warps=config.pallas_num_warps, num_stages=config.pallas_num_stages),
+        pallas={f.removeprefix("pallas_"): getattr(config, f) for f in PALLAS_FIELDS},
         per_step=per_step)
     classes = ", ".join(f"{k} {v * 1e3:.3f}" for k, v in per_step["by_class_s"].items())
     log(f"decode profile: {label}: span {per_step['span_s'] * 1e3:.3f} ms, device busy "

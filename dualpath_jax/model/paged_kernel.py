@@ -143,3 +143,27 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   total = (l * weight).sum(axis=2)
   out = (o * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
   return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+@jax.jit
+def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                              block_tables: jax.Array, lengths: jax.Array) -> jax.Array:
+  """`paged_attention`'s result computed densely in float32 by XLA (each row's pages gathered,
+  scores masked past its length, a plain softmax): q [B, N, D] -> [B, N, D] float32."""
+  batch, num_heads, head_dim = q.shape
+  kv_heads, _, page_tokens, _ = k_pages.shape
+  group = num_heads // kv_heads
+
+  def dense(pages):  # [H, num_pages, pt, D] -> [B, H, P * pt, D] float32
+    rows = pages[:, block_tables]  # [H, B, P, pt, D]
+    return jnp.swapaxes(rows.reshape(kv_heads, batch, -1, head_dim), 0, 1).astype(jnp.float32)
+
+  k, v = dense(k_pages), dense(v_pages)
+  q = q.astype(jnp.float32).reshape(batch, kv_heads, group, head_dim)
+  s = jnp.einsum("bhgd,bhtd->bhgt", q, k) * head_dim ** -0.5
+  valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [B, T]
+  s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+  w = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True, initial=-1e30))
+  w = jnp.where(valid[:, None, None, :], w, 0.0)
+  out = jnp.einsum("bhgt,bhtd->bhgd", w, v) / jnp.maximum(w.sum(-1), 1e-30)[..., None]
+  return out.reshape(batch, num_heads, head_dim)
