@@ -88,6 +88,13 @@ def test_kernel_rejects_shapes_that_do_not_fit(pool):
   with pytest.raises(ValueError, match="k_pages"):
     paged_kernel.paged_attention(q[:, :5], k, v, tables, lengths, k_splits=2,
                                  pages_per_compute_block=1, interpret=True)
+  # A pool too large for int32 element offsets (checked from shapes: nothing is allocated).
+  huge = jax.ShapeDtypeStruct((4, 2 ** 16, 64, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="2\\*\\*31"):
+    jax.eval_shape(lambda q, k, v, t, n: paged_kernel.paged_attention(
+        q, k, v, t, n, k_splits=2, pages_per_compute_block=1),
+        jax.ShapeDtypeStruct((4, 28, 128), jnp.bfloat16), huge, huge,
+        jax.ShapeDtypeStruct((4, 8), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32))
 
 
 @pytest.mark.parametrize("k_splits,pages_per_compute_block", [(26, 1), (13, 2)])

@@ -89,7 +89,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   k_pages, v_pages [H, num_pages, page_tokens, D]; block_tables [B, P] int32 with P divisible
   by k_splits * pages_per_compute_block (paged.pallas_blocking pads); lengths [B] int32, the
   tokens each row attends to (its first `length` slots). Scores are scaled by D ** -0.5 (JAX's
-  kernel leaves that to its caller). A row of length 0 gets zeros.
+  kernel leaves that to its caller). A row of length 0 gets zeros. A K/V array must hold under
+  2**31 elements (int32 offsets; 65535 pages of 64 tokens at 4 KV heads of 128), as for JAX's.
   """
   batch, num_heads, head_dim = q.shape
   kv_heads, num_pages, page_tokens, _ = k_pages.shape
@@ -99,6 +100,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   if block_tables.shape[0] != batch or lengths.shape != (batch,):
     raise ValueError(f"paged_attention: block_tables {list(block_tables.shape)} and lengths "
                      f"{list(lengths.shape)} must have q's batch {batch}")
+  if k_pages.size >= 2 ** 31:  # Pallas' Triton lowering computes element offsets in int32
+    raise ValueError(f"paged_attention: k_pages {list(k_pages.shape)} holds {k_pages.size} "
+                     f"elements; the kernel addresses at most 2**31 - 1 (fewer pages a layer)")
   per_split, remainder = divmod(block_tables.shape[1], k_splits)
   if remainder or per_split % pages_per_compute_block:
     raise ValueError(f"paged_attention: {block_tables.shape[1]} pages a row do not split into "
