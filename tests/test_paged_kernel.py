@@ -134,3 +134,29 @@ def test_gpu_check_script_runs_and_reports(tmp_path):
   for row in result["rows"]:
     assert row["finite"] and row["max_abs_error_vs_reference"] <= result["tolerance"]
   assert all(r["empty_rows_zero"] for r in result["rows"][1:])
+
+
+def test_kernel_bench_script_runs_each_point(tmp_path):
+  """scripts/bench_paged_kernel.py on the tiny preset in interpret mode: a row per point with a
+  positive time and read rate; the diagnostic variant says what it skips; bad points fail."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "bench.json"
+  command = [sys.executable, os.path.join(repo, "scripts", "bench_paged_kernel.py"),
+             "--preset=tiny", "--batch=2", "--context=40", "--page_tokens=8", "--calls=2",
+             "--repeats=1", f"--out={out}"]
+  env = {**os.environ, "PYTHONPATH": repo}
+  subprocess.run(command + ["--points=jax:2,16;jax_fixed_trip:2,16;dualpath:2,8"], check=True,
+                 cwd=repo, env=env, capture_output=True)
+  result = json.loads(out.read_text())
+  assert [(r["kernel"], r["k_splits"], r["block_tokens"]) for r in result["rows"]] == [
+      ("jax", 2, 16), ("jax_fixed_trip", 2, 16), ("dualpath", 2, 8)]
+  assert all(r["per_call_s"] > 0 and r["kv_read_gbps"] > 0 for r in result["rows"])
+  assert ["diagnostic" in r for r in result["rows"]] == [False, True, False]
+  assert result["kv_bytes_a_call"] == 2 * 41 * 2 * 2 * 16 * 2  # rows, tokens, K+V, heads, D, bf16
+  bad = subprocess.run(command + ["--points=triton:2,16"], cwd=repo, env=env,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "--points: kernel must be one of" in bad.stderr
