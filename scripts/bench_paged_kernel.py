@@ -13,6 +13,9 @@ so that dispatch does not count; reported per call: median seconds and the KV re
                   of the partition, a bound known at compile time, and nothing is masked. Every
                   row here fills its pages but the last (context + 1 tokens), so it reads what
                   'jax' reads; its output is not attention over the rows' lengths and is not used.
+  dualpath_page_gather  DIAGNOSTIC: ours loading each compute block as JAX's kernel does (a 3-D
+                  gather of its pages reshaped to 2-D; paged_kernel.paged_attention page_gather),
+                  the same result as 'dualpath'.
 
   PYTHONPATH=. python3 scripts/bench_paged_kernel.py --out /tmp/paged_kernel_bench.json
 """
@@ -42,7 +45,10 @@ _POINTS = flags.DEFINE_string(
     "points", "jax:16,128;jax_fixed_trip:16,128;dualpath:16,128;jax:16,64;jax_fixed_trip:16,64;"
     "dualpath:16,64", "KERNEL:k_splits,block_tokens;... (see the module doc)")
 
-KERNELS = ("dualpath", "jax", "jax_fixed_trip")
+KERNELS = ("dualpath", "jax", "jax_fixed_trip", "dualpath_page_gather")
+DIAGNOSTICS = {
+    "jax_fixed_trip": "lengths=None: fixed trip count, nothing masked; output not attention",
+    "dualpath_page_gather": "ours with JAX's kernel's block load (3-D page gather, reshaped)"}
 
 
 def _parse_points(text: str) -> list[tuple[str, int, int]]:
@@ -61,21 +67,23 @@ def _parse_points(text: str) -> list[tuple[str, int, int]]:
 
 def _program(config, kernel: str):
   """jit(qs, k, v, tables, lengths) -> the kernel over qs [calls, B, N, D], one call each."""
-  if kernel == "jax_fixed_trip":
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+  if kernel in DIAGNOSTICS:
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_kernel
+
+    from dualpath_jax.model import paged_kernel
 
     def attend(q, k, v, tables, lengths):
-      del lengths
       k_splits, per_block, padded = paged.pallas_blocking(
           tables.shape[1], k.shape[2], max_k_splits=config.pallas_k_splits,
           block_tokens=config.pallas_block_tokens)
       tables = jnp.pad(tables, [(0, 0), (0, padded - tables.shape[1])],
                        constant_values=paged.SCRATCH_PAGE)
-      return paged_attention(q, k, v, tables, None, k_splits=k_splits,
-                             pages_per_compute_block=per_block,
-                             num_warps=config.pallas_num_warps,
-                             num_stages=config.pallas_num_stages,
-                             interpret=jax.default_backend() == "cpu")
+      blocking = dict(k_splits=k_splits, pages_per_compute_block=per_block,
+                      num_warps=config.pallas_num_warps, num_stages=config.pallas_num_stages,
+                      interpret=jax.default_backend() == "cpu")
+      if kernel == "jax_fixed_trip":
+        return jax_kernel.paged_attention(q, k, v, tables, None, **blocking)
+      return paged_kernel.paged_attention(q, k, v, tables, lengths, page_gather=True, **blocking)
   else:
     point = config.replace(pallas_kernel=kernel)
 
@@ -120,8 +128,8 @@ def main(argv) -> None:
                                               block_tokens=block_tokens),
                per_call_s=per_call, kv_read_gbps=kv_bytes / per_call / 1e9,
                program_s=times, first_call_s=compile_s)
-    if kernel == "jax_fixed_trip":
-      row["diagnostic"] = "lengths=None: fixed trip count, nothing masked; output not attention"
+    if kernel in DIAGNOSTICS:
+      row["diagnostic"] = DIAGNOSTICS[kernel]
     rows.append(row)
     print(f"{kernel:15s} k_splits {k_splits:3d} block_tokens {block_tokens:4d}: "
           f"{per_call * 1e6:8.1f} us a call, KV read {row['kv_read_gbps']:7.1f} GB/s")

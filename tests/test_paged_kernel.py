@@ -47,14 +47,16 @@ def pool():
   return q, k, v, tables, lengths
 
 
-@pytest.mark.parametrize("k_splits,pages_per_compute_block", [(1, 1), (2, 2), (4, 1), (2, 4),
-                                                              (8, 1)])
-def test_kernel_equals_dense_softmax(pool, k_splits, pages_per_compute_block):
+@pytest.mark.parametrize("k_splits,pages_per_compute_block,page_gather", [
+    (1, 1, False), (2, 2, False), (4, 1, False), (2, 4, False), (8, 1, False), (2, 2, True),
+    (4, 1, True)])
+def test_kernel_equals_dense_softmax(pool, k_splits, pages_per_compute_block, page_gather):
+  """Every blocking; page_gather (the diagnostic load of JAX's kernel) gives the same result."""
   q, k, v, tables, lengths = pool
   got = paged_kernel.paged_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                      jnp.asarray(tables), jnp.asarray(lengths), k_splits=k_splits,
                                      pages_per_compute_block=pages_per_compute_block,
-                                     interpret=True)
+                                     interpret=True, page_gather=page_gather)
   assert got.shape == q.shape and got.dtype == jnp.float32
   want = _dense_reference(q, k, v, tables, lengths)
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=0)
@@ -149,13 +151,15 @@ def test_kernel_bench_script_runs_each_point(tmp_path):
              "--preset=tiny", "--batch=2", "--context=40", "--page_tokens=8", "--calls=2",
              "--repeats=1", f"--out={out}"]
   env = {**os.environ, "PYTHONPATH": repo}
-  subprocess.run(command + ["--points=jax:2,16;jax_fixed_trip:2,16;dualpath:2,8"], check=True,
-                 cwd=repo, env=env, capture_output=True)
+  subprocess.run(command + ["--points=jax:2,16;jax_fixed_trip:2,16;dualpath:2,8;"
+                             "dualpath_page_gather:2,16"], check=True, cwd=repo, env=env,
+                 capture_output=True)
   result = json.loads(out.read_text())
   assert [(r["kernel"], r["k_splits"], r["block_tokens"]) for r in result["rows"]] == [
-      ("jax", 2, 16), ("jax_fixed_trip", 2, 16), ("dualpath", 2, 8)]
+      ("jax", 2, 16), ("jax_fixed_trip", 2, 16), ("dualpath", 2, 8),
+      ("dualpath_page_gather", 2, 16)]
   assert all(r["per_call_s"] > 0 and r["kv_read_gbps"] > 0 for r in result["rows"])
-  assert ["diagnostic" in r for r in result["rows"]] == [False, True, False]
+  assert ["diagnostic" in r for r in result["rows"]] == [False, True, False, True]
   assert result["kv_bytes_a_call"] == 2 * 41 * 2 * 2 * 16 * 2  # rows, tokens, K+V, heads, D, bf16
   bad = subprocess.run(command + ["--points=triton:2,16"], cwd=repo, env=env,
                        capture_output=True, text=True)

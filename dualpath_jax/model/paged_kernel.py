@@ -39,9 +39,10 @@ MIN_QUERY_ROWS = 16
 
 
 def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *,
-            page_tokens: int, pages_per_block: int, blocks: int):
+            page_tokens: int, pages_per_block: int, blocks: int, page_gather: bool):
   """One (row, KV head, partition): q_ref [G, D] (scaled by log2(e) / sqrt(D)); k_ref, v_ref
-  [num_pages * page_tokens, D]; tables_ref [blocks * pages_per_block]; lengths_ref [1].
+  [num_pages * page_tokens, D] ([num_pages, page_tokens, D] under page_gather);
+  tables_ref [blocks * pages_per_block]; lengths_ref [1].
   Writes the partition's unnormalised output [G, D], its sum of exp2 [G] and max [G]."""
   rows, head_dim = q_ref.shape
   block_k = pages_per_block * page_tokens
@@ -57,11 +58,16 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
     return (pages[:, None] * page_tokens
             + jnp.arange(page_tokens, dtype=jnp.int32)[None, :]).reshape(block_k)
 
+  def load(i):  # compute block i of K and V, [block_k, D] each
+    if page_gather:  # JAX's kernel's load: a 3-D gather of the pages, reshaped to 2-D
+      pages = tables_ref[pl.ds(i * pages_per_block, pages_per_block)]
+      return (k_ref[pages].reshape(block_k, head_dim), v_ref[pages].reshape(block_k, head_dim))
+    where = block_rows(i)
+    return k_ref[where, :], v_ref[where, :]
+
   def body(i, carry):
     o, m, l = carry
-    where = block_rows(i)
-    k = k_ref[where, :]
-    v = v_ref[where, :]
+    k, v = load(i)
     s = plgpu.dot(q, k.T)  # [G, block_k] float32, already in log2 units
     s = jnp.where((start + i * block_k + offsets < length)[None, :], s, _MASK_VALUE)
     m_next = jnp.maximum(m, s.max(axis=-1))
@@ -82,11 +88,11 @@ def _kernel(lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
 
 
 @functools.partial(jax.jit, static_argnames=("k_splits", "pages_per_compute_block", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "interpret", "page_gather"))
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     block_tables: jax.Array, lengths: jax.Array, *, k_splits: int,
                     pages_per_compute_block: int, num_warps: int = 8, num_stages: int = 2,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, page_gather: bool = False) -> jax.Array:
   """Attention of one new token per row over its pages: q [B, N, D] -> [B, N, D] (q.dtype).
 
   k_pages, v_pages [H, num_pages, page_tokens, D]; block_tables [B, P] int32 with P divisible
@@ -94,6 +100,9 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   tokens each row attends to (its first `length` slots). Scores are scaled by D ** -0.5 (JAX's
   kernel leaves that to its caller). A row of length 0 gets zeros. A K/V array must hold under
   2**31 elements (int32 offsets; 65535 pages of 64 tokens at 4 KV heads of 128), as for JAX's.
+  page_gather: DIAGNOSTIC, same result: load each compute block as JAX's kernel does (a 3-D
+  gather of its pages reshaped to 2-D) instead of as 2-D rows, to measure what that load costs
+  (scripts/bench_paged_kernel.py 'dualpath_page_gather'). Decode never sets it.
   """
   batch, num_heads, head_dim = q.shape
   kv_heads, num_pages, page_tokens, _ = k_pages.shape
@@ -122,8 +131,12 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   v_rows = v_pages.reshape(kv_heads, num_pages * page_tokens, head_dim)
   kernel = functools.partial(_kernel, page_tokens=page_tokens,
                              pages_per_block=pages_per_compute_block,
-                             blocks=per_split // pages_per_compute_block)
+                             blocks=per_split // pages_per_compute_block, page_gather=page_gather)
   pool_spec = pl.BlockSpec((None, num_pages * page_tokens, head_dim), lambda b, h, s: (h, 0, 0))
+  if page_gather:
+    k_rows, v_rows = k_pages, v_pages
+    pool_spec = pl.BlockSpec((None, num_pages, page_tokens, head_dim),
+                             lambda b, h, s: (h, 0, 0, 0))
   partial_shape = (batch, kv_heads, k_splits, rows)
   o, l, m = pl.pallas_call(
       kernel,
