@@ -87,7 +87,7 @@ class ModelConfig:
   shared memory). Ignored in interpret mode (CPU). A different value retraces."""
   pallas_kernel: str = "dualpath"
   """Which kernel 'pallas' runs (not a weight property): 'dualpath' = the project's own
-  (model/paged_kernel.py: a counted page loop, 2-D tile loads, float32 partials; on an H200 it
+  (model/paged_kernel.py: 2-D tile loads where JAX's gathers pages 3-D; on an H200 it
   reads the KV of a batch-32 8K-context step at 3.9-4.1 TB/s, JAX's at 2.1-2.4: record 10 of
   docs/perf/gpu_bench.md), 'jax' = JAX's (jax.experimental.pallas.ops.gpu.paged_attention).
   Both take the blocking and compilation fields above. A different value retraces."""

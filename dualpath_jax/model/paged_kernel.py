@@ -3,21 +3,18 @@
 
 Same job, same pool layout ([H, num_pages, page_tokens, D] per layer) and the same blocking
 (paged.pallas_blocking: k_splits partitions of a row's pages, pages_per_compute_block pages a
-loop iteration) as JAX's kernel, which it follows (Apache-2.0, the JAX authors). What differs,
-each aimed at the decode profile of record 9 (JAX's kernel moved the KV at 2.1-2.4 TB/s on an
-H200 whose matmuls reach 3.9 TB/s; num_stages 2-4 made no difference, which suggests Triton's
-software pipelining was not taking hold; no kernel-level profile confirmed it):
-- a partition's loop has a fixed trip count (masked past the row's length; a partition that
-  starts past it is skipped whole), where JAX's runs to the row's last page (a bound read at
-  run time);
+loop iteration) as JAX's kernel, which it follows (Apache-2.0, the JAX authors). What differs:
 - a compute block is read as rows of one 2-D [num_pages * page_tokens, D] view (one page: a
-  plain [page_tokens, D] tile at a scalar offset) instead of a 3-D page gather reshaped to 2-D,
-  so the tile reaches the dot without a layout change;
+  plain [page_tokens, D] tile at a scalar offset) instead of a 3-D gather of its pages reshaped
+  to 2-D. This is what pays: on an H200 the kernel alone read 3.3-3.4 TB/s of KV against
+  JAX's 1.9-2.0, and ours with JAX's load (`page_gather`, a diagnostic) fell to 1.9-2.1
+  (record 10 of docs/perf/gpu_bench.md, scripts/bench_paged_kernel.py);
+- a partition's loop has a fixed trip count (masked past the row's length; a partition that
+  starts past it is skipped whole) where JAX's runs to the row's last page: no measurable
+  difference (JAX's kernel under a compile-time bound ran at the same rate);
 - batch rows are a grid axis (JAX's kernel vmaps one row's pallas_call), and a partition's
-  partial output stays float32 until the partitions are merged.
-bench/engine.py's pallas_blockings sweep compares the two kernels as wholes (record 10 of
-docs/perf/gpu_bench.md: 3.9-4.1 TB/s against 2.1-2.4 on an H200); which of these changes pays
-was not separated.
+  partial output stays float32 until the partitions are merged (closer to a float32 reference:
+  scripts/check_paged_kernel.py).
 """
 from __future__ import annotations
 
