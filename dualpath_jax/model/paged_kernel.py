@@ -123,17 +123,16 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   scaled = scaled.reshape(batch, kv_heads, group, head_dim).astype(q.dtype)
   scaled = jnp.pad(scaled, [(0, 0), (0, 0), (0, rows - group), (0, 0)])
   tables = block_tables.astype(jnp.int32).reshape(batch, k_splits, per_split)
-  # [H, num_pages, page_tokens, D] -> [H, num_pages * page_tokens, D]: a bitcast, no copy.
-  k_rows = k_pages.reshape(kv_heads, num_pages * page_tokens, head_dim)
-  v_rows = v_pages.reshape(kv_heads, num_pages * page_tokens, head_dim)
+  if page_gather:  # the pools as they lie, [H, num_pages, page_tokens, D]
+    pools = (k_pages, v_pages)
+  else:  # [H, num_pages * page_tokens, D]: a bitcast, no copy
+    pools = tuple(a.reshape(kv_heads, num_pages * page_tokens, head_dim)
+                  for a in (k_pages, v_pages))
+  pool_tail = pools[0].shape[1:]
+  pool_spec = pl.BlockSpec((None, *pool_tail), lambda b, h, s: (h,) + (0,) * len(pool_tail))
   kernel = functools.partial(_kernel, page_tokens=page_tokens,
                              pages_per_block=pages_per_compute_block,
                              blocks=per_split // pages_per_compute_block, page_gather=page_gather)
-  pool_spec = pl.BlockSpec((None, num_pages * page_tokens, head_dim), lambda b, h, s: (h, 0, 0))
-  if page_gather:
-    k_rows, v_rows = k_pages, v_pages
-    pool_spec = pl.BlockSpec((None, num_pages, page_tokens, head_dim),
-                             lambda b, h, s: (h, 0, 0, 0))
   partial_shape = (batch, kv_heads, k_splits, rows)
   o, l, m = pl.pallas_call(
       kernel,
@@ -153,7 +152,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=f"dualpath_paged_attention_{pages_per_compute_block}x{page_tokens}",
-  )(lengths.astype(jnp.int32), tables, scaled, k_rows, v_rows)
+  )(lengths.astype(jnp.int32), tables, scaled, *pools)
   # Merge the partitions' partial softmaxes (base 2, as the kernel keeps them).
   o, l, m = o[:, :, :, :group], l[:, :, :, :group], m[:, :, :, :group]
   weight = jnp.exp2(m - m.max(axis=2, keepdims=True))  # [B, H, S, G]
