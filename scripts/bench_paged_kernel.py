@@ -1,5 +1,5 @@
-"""The paged decode-attention kernels alone: KV read rate per kernel and blocking, and a
-diagnostic variant of JAX's kernel that isolates its loop bound.
+"""The paged decode-attention kernels alone: KV read rate per kernel and blocking, and two
+diagnostic variants that each change one thing (JAX's loop bound; our block load).
 
 One jitted program calls the kernel `--calls` times (one per layer of a decode step, each with
 its own query) on one layer's pool of `--batch` rows of `--context` + 1 tokens in random pages,
@@ -73,17 +73,11 @@ def _program(config, kernel: str):
     from dualpath_jax.model import paged_kernel
 
     def attend(q, k, v, tables, lengths):
-      k_splits, per_block, padded = paged.pallas_blocking(
-          tables.shape[1], k.shape[2], max_k_splits=config.pallas_k_splits,
-          block_tokens=config.pallas_block_tokens)
-      tables = jnp.pad(tables, [(0, 0), (0, padded - tables.shape[1])],
-                       constant_values=paged.SCRATCH_PAGE)
-      blocking = dict(k_splits=k_splits, pages_per_compute_block=per_block,
-                      num_warps=config.pallas_num_warps, num_stages=config.pallas_num_stages,
-                      interpret=jax.default_backend() == "cpu")
+      tables, kernel_args = paged.pallas_kernel_args(tables, k.shape[2], config)
       if kernel == "jax_fixed_trip":
-        return jax_kernel.paged_attention(q, k, v, tables, None, **blocking)
-      return paged_kernel.paged_attention(q, k, v, tables, lengths, page_gather=True, **blocking)
+        return jax_kernel.paged_attention(q, k, v, tables, None, **kernel_args)
+      return paged_kernel.paged_attention(q, k, v, tables, lengths, page_gather=True,
+                                          **kernel_args)
   else:
     point = config.replace(pallas_kernel=kernel)
 
@@ -98,8 +92,13 @@ def _program(config, kernel: str):
 
 def main(argv) -> None:
   del argv
-  points = _parse_points(_POINTS.value)
-  config = get_preset(_PRESET.value, dtype="bfloat16", paged_attention="pallas")
+  try:
+    points = _parse_points(_POINTS.value)
+    config = get_preset(_PRESET.value, dtype="bfloat16", paged_attention="pallas")
+    for _, k_splits, block_tokens in points:
+      config.replace(pallas_k_splits=k_splits, pallas_block_tokens=block_tokens)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   batch, context, page = _BATCH.value, _CONTEXT.value, _PAGE_TOKENS.value
   tokens = context + 1
   pages_per_row = -(-tokens // page)
@@ -131,7 +130,7 @@ def main(argv) -> None:
     if kernel in DIAGNOSTICS:
       row["diagnostic"] = DIAGNOSTICS[kernel]
     rows.append(row)
-    print(f"{kernel:15s} k_splits {k_splits:3d} block_tokens {block_tokens:4d}: "
+    print(f"{kernel:20s} k_splits {k_splits:3d} block_tokens {block_tokens:4d}: "
           f"{per_call * 1e6:8.1f} us a call, KV read {row['kv_read_gbps']:7.1f} GB/s")
   result = dict(device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d"), preset=_PRESET.value, batch=batch,

@@ -69,13 +69,25 @@ def _run(config, q, k, v, tables, lengths) -> np.ndarray:
 
 def main(argv) -> None:
   del argv
-  config = get_preset(_PRESET.value, dtype="bfloat16", paged_attention="pallas")
+  try:
+    config = get_preset(_PRESET.value, dtype="bfloat16", paged_attention="pallas")
+    points = [("jax", 16, 128)]
+    for item in filter(None, _BLOCKINGS.value.split(";")):
+      try:
+        k_splits, block_tokens = (int(x) for x in item.split(","))
+      except ValueError:
+        raise ValueError(f"--blockings: expected k_splits,block_tokens, got {item!r}") from None
+      config.replace(pallas_k_splits=k_splits, pallas_block_tokens=block_tokens)
+      points.append(("dualpath", k_splits, block_tokens))
+    for flag in (_PAGE_TOKENS, _MAX_CONTEXT, _BATCH):
+      if flag.value <= 0:
+        raise ValueError(f"--{flag.name} must be positive, got {flag.value}")
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   q, k, v, tables, lengths = _inputs(config, _BATCH.value, _MAX_CONTEXT.value,
                                      _PAGE_TOKENS.value, _SEED.value)
   has_tokens = np.asarray(lengths) > 0
   want = np.asarray(paged_kernel.paged_attention_reference(q, k, v, tables, lengths))
-  points = [("jax", 16, 128)] + [
-      ("dualpath", *(int(x) for x in item.split(","))) for item in _BLOCKINGS.value.split(";")]
   rows, outputs, failed = [], {}, False
   for kernel, k_splits, block_tokens in points:
     point = config.replace(pallas_kernel=kernel, pallas_k_splits=k_splits,

@@ -136,6 +136,14 @@ def test_gpu_check_script_runs_and_reports(tmp_path):
   for row in result["rows"]:
     assert row["finite"] and row["max_abs_error_vs_reference"] <= result["tolerance"]
   assert all(r["empty_rows_zero"] for r in result["rows"][1:])
+  for bad, message in (("--blockings=2;1,8", "--blockings: expected k_splits,block_tokens"),
+                       ("--blockings=0,16", "ModelConfig.pallas_k_splits"),
+                       ("--batch=0", "--batch must be positive")):
+    run = subprocess.run([sys.executable, os.path.join(repo, "scripts", "check_paged_kernel.py"),
+                          "--preset=tiny", bad], cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and f"error: {message}" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_kernel_bench_script_runs_each_point(tmp_path):
@@ -163,4 +171,5 @@ def test_kernel_bench_script_runs_each_point(tmp_path):
   assert result["kv_bytes_a_call"] == 2 * 41 * 2 * 2 * 16 * 2  # rows, tokens, K+V, heads, D, bf16
   bad = subprocess.run(command + ["--points=triton:2,16"], cwd=repo, env=env,
                        capture_output=True, text=True)
-  assert bad.returncode != 0 and "--points: kernel must be one of" in bad.stderr
+  assert bad.returncode != 0 and "error: --points: kernel must be one of" in bad.stderr
+  assert "Traceback" not in bad.stderr

@@ -536,7 +536,8 @@ def _decode_row(model, config, batch, context, page_tokens, steps, warmup, weigh
         block_tokens=model.config.pallas_block_tokens)
     row["pallas_blocking"] = dict(k_splits=k_splits, pages_per_compute_block=per_block,
                                   padded_pages=padded)
-    blocking = f" [{k_splits} splits x {padded // k_splits} pages, {per_block} a block]"
+    blocking = (f" [{model.config.pallas_kernel} kernel, {k_splits} splits x "
+                f"{padded // k_splits} pages, {per_block} a block]")
   if card.hbm_bytes_per_s:
     roofline_s = read_bytes / card.hbm_bytes_per_s
     row.update(roofline_s=roofline_s, roofline_fraction=roofline_s / step_s,

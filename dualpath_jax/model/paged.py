@@ -3,8 +3,8 @@
 Pool layout (KVLayout's paged pool): a `PagedPool` pytree of 2 * L separate arrays, K and V of
 every layer, each [H, num_pages, page_tokens, D] in the model dtype (the layout the Pallas GPU
 paged-attention kernels read in place, JAX's and model/paged_kernel.py; one array per layer and
-per K/V because slicing a layer out of a larger array for a pallas_call makes XLA copy it). Page p of every array together holds
-`page_tokens` consecutive tokens of one sequence in every layer, so with page_tokens equal to
+per K/V because slicing a layer out of a larger array for a pallas_call makes XLA copy it). Page
+p of every array together holds `page_tokens` consecutive tokens of one sequence in every layer, so with page_tokens equal to
 block_tokens a Full Block [L, B, 2, H, D] is exactly one page (`write_full_blocks_to_pages`).
 Token t of a sequence lives at page block_table[t // page_tokens], slot t % page_tokens. The
 public inputs and outputs stay in the model's KV layout: KV [L, T, 2, H, D] in
@@ -363,26 +363,32 @@ def pallas_blocking(pages_per_seq: int, page_tokens: int, *,
   return k_splits, per_block, k_splits * per_split
 
 
-def _pallas_attention(q, k_pages, v_pages, block_tables, lengths, config: ModelConfig):
-  """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel
-  config.pallas_kernel names, blocked as config.pallas_k_splits / config.pallas_block_tokens say
-  and compiled with config.pallas_num_warps / pallas_num_stages (read at trace time)."""
+def pallas_kernel_args(block_tables, page_tokens: int, config: ModelConfig):
+  """(block_tables padded with SCRATCH_PAGE, the keyword arguments of either Pallas kernel's
+  paged_attention) for config's blocking and compilation fields (read at trace time)."""
   k_splits, per_block, padded = pallas_blocking(
-      block_tables.shape[1], k_pages.shape[2], max_k_splits=config.pallas_k_splits,
+      block_tables.shape[1], page_tokens, max_k_splits=config.pallas_k_splits,
       block_tokens=config.pallas_block_tokens)
   block_tables = jnp.pad(block_tables, [(0, 0), (0, padded - block_tables.shape[1])],
                          constant_values=SCRATCH_PAGE)
-  blocking = dict(k_splits=k_splits, pages_per_compute_block=per_block,
-                  num_warps=config.pallas_num_warps, num_stages=config.pallas_num_stages,
-                  interpret=jax.default_backend() == "cpu")
+  return block_tables, dict(k_splits=k_splits, pages_per_compute_block=per_block,
+                            num_warps=config.pallas_num_warps,
+                            num_stages=config.pallas_num_stages,
+                            interpret=jax.default_backend() == "cpu")
+
+
+def _pallas_attention(q, k_pages, v_pages, block_tables, lengths, config: ModelConfig):
+  """Paged attention of one new token per row: q [B, N, D] -> [B, N, D], by the Pallas kernel
+  config.pallas_kernel names, blocked and compiled as `pallas_kernel_args` says."""
+  block_tables, kernel_args = pallas_kernel_args(block_tables, k_pages.shape[2], config)
   if config.pallas_kernel == "dualpath":
     from dualpath_jax.model.paged_kernel import paged_attention as dualpath_paged_attention
-    return dualpath_paged_attention(q, k_pages, v_pages, block_tables, lengths, **blocking)
+    return dualpath_paged_attention(q, k_pages, v_pages, block_tables, lengths, **kernel_args)
   from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
   # JAX's kernel does not scale the scores (nor does its reference): scale q by head_dim ** -0.5
   # as transformer.attention scales its float32 scores (in bf16 this rounds q once more).
   q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(q.dtype)
-  return paged_attention(q, k_pages, v_pages, block_tables, lengths, **blocking)
+  return paged_attention(q, k_pages, v_pages, block_tables, lengths, **kernel_args)
 
 
 def decode_step(model: Transformer, pages: PagedPool, tokens: jax.Array, block_tables: jax.Array,
