@@ -19,8 +19,11 @@ Variants:
             --config.engine.decode_batches="(32,)"
           Prefill is measured as the masked cuDNN call ('layerwise_sdpa') and as split attention
           ('layerwise_split', one row per engine.prefill_kv_splits value).
-Sections run in the order ceilings, data_plane, engine, end_to_end; pick some with e.g.
+Sections run in the order ceilings, host_memory, data_plane, engine, decode_interference,
+end_to_end; pick some with e.g.
   --config.sections="('ceilings', 'data_plane')"
+decode_interference (off in h100x4; one GPU, ~2 min) is the DE's step time while its own KV
+traffic (H2D, D2H, both) runs on its device, gate off and on: --config.sections="('decode_interference',)"
   e2e_h100x4  only the end-to-end jobs on 4 GPUs: Qwen2.5-7B geometry (random weights, bf16),
           1P3D and 2P2D, basic / dualpath / oracle, links capped at the paper's storage
           bandwidth per GPU (one 400 Gb/s storage NIC per 8-GPU node: 6.25 GB/s; our cards'
@@ -134,6 +137,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       hbm_bytes_per_s=0.0,  # 0 = by device_kind (H100 SXM: 3.35e12, H200: 4.8e12)
       target_prefill_mfu=0.40,  # the issue: >= 40% at 32K context
       target_decode_roofline=0.625))  # the issue: step time within 1.6x of the roofline
+
+  # The DE's step time while its own KV traffic runs on its device (bench/decode_interference.py):
+  # one GPU; the traffic moves as the GPU end-to-end preset moves it (e2e_h100x4 below).
+  c.decode_interference = ml_collections.ConfigDict(dict(
+      preset="qwen2.5-7b", dtype="bfloat16", paged_attention="pallas",
+      pallas_kernel="",  # '' = the model's default kernel
+      # (batch, context): the decode target's point, and the end-to-end DE's (16 rows, 16K-21K)
+      shapes=((32, 8192), (16, 16384)), page_tokens=64,
+      steps=150, rounds=3,  # steps a condition a round; conditions interleaved each round
+      kinds=("none", "h2d", "d2h", "h2d+d2h"),
+      # TrafficConfig (chunk_bytes, max_kv_wait_s): the preset's gate off, and the gate on
+      gates=((32 << 20, 0.0), (4 << 20, 0.05)),
+      # an H2D move: one layer of a 32K prefix's half (the DE path's share), 32 MiB; a D2H
+      # move: a turn's ~650 new tokens in whole pages, padded to a power of two (56 MiB)
+      h2d_tokens=16384, d2h_tokens=1024, in_flight=3,
+      host_memory="cuda_registered", h2d_staging="direct", d2h_staging="cuda_memcpy",
+      target_inflation=0.05))  # the issue: decode step-time inflation from KV traffic <= 5%
 
   c.end_to_end = ml_collections.ConfigDict(dict(
       base_config="configs/offline.py:smoke",  # the offline config the jobs start from
@@ -258,6 +278,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     prefill_kv_splits=(3,),
                     decode_profile_steps=2,
                     peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
+    c.decode_interference.update(preset="tiny", dtype="float32", paged_attention="gather",
+                                 shapes=((4, 256),), steps=8, rounds=1, h2d_tokens=256,
+                                 d2h_tokens=128, gates=((256 << 10, 0.0), (64 << 10, 0.02)),
+                                 host_memory="numpy", h2d_staging="auto", d2h_staging="direct")
     c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
                         turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,
                         warmup=False)

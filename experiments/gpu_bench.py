@@ -1,4 +1,5 @@
-r"""GPU benchmark: link ceilings, the KV data plane, one engine, end to end (configs/gpu_bench.py).
+r"""GPU benchmark: link ceilings, the KV data plane, one engine, decode under KV traffic, end to end
+(configs/gpu_bench.py).
 
   python experiments/gpu_bench.py --config=configs/gpu_bench.py:smoke --out=/tmp/gpu_bench
   python experiments/gpu_bench.py --config=configs/gpu_bench.py:h100x4 --out=$OUT
@@ -41,8 +42,8 @@ def main(argv):
                   compilation_cache_dir=config.compilation_cache_dir)
   import jaxlib  # noqa: E402
 
-  from dualpath_jax.bench import (ceilings, data_plane, end_to_end, engine, hardware,  # noqa: E402
-                                  host_memory)
+  from dualpath_jax.bench import (ceilings, data_plane, decode_interference,  # noqa: E402
+                                  end_to_end, engine, hardware, host_memory)
   from dualpath_jax.bench.report import Report, rows  # noqa: E402
   from dualpath_jax.bench.timing import Progress  # noqa: E402
   from dualpath_jax.kvstore.layout import KVLayout  # noqa: E402
@@ -129,6 +130,22 @@ def main(argv):
                                 hbm_bytes_per_s=e.hbm_bytes_per_s),
       target_prefill_mfu=e.target_prefill_mfu, target_decode_roofline=e.target_decode_roofline,
       seed=config.seed, log=log, out_of_time=log.out_of_time, on_update=update))
+
+  i = config.decode_interference
+
+  def run_decode_interference(update):
+    model_config = get_preset(i.preset, dtype=i.dtype).replace(
+        paged_attention=i.paged_attention, **({"pallas_kernel": i.pallas_kernel}
+                                              if i.pallas_kernel else {}))
+    return decode_interference.measure_decode_interference(
+        devices[0], model_config=model_config, shapes=tuple(tuple(s) for s in i.shapes),
+        page_tokens=i.page_tokens, steps=i.steps, rounds=i.rounds, kinds=tuple(i.kinds),
+        gates=tuple(tuple(g) for g in i.gates), h2d_tokens=i.h2d_tokens,
+        d2h_tokens=i.d2h_tokens, in_flight=i.in_flight, host_memory=i.host_memory,
+        h2d_staging=i.h2d_staging, d2h_staging=i.d2h_staging,
+        target_inflation=i.target_inflation, seed=config.seed, log=log,
+        out_of_time=log.out_of_time, on_update=update)
+  section("decode_interference", run_decode_interference)
 
   x = config.end_to_end
 

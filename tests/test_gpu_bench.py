@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from dualpath_jax.bench import data_plane, end_to_end, hardware, report
+from dualpath_jax.bench import SECTIONS, data_plane, end_to_end, hardware, report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_TIMEOUT_S = 300
@@ -43,7 +43,7 @@ def test_meta_and_every_section(smoke):
   assert meta["complete"] is True
   assert meta["platform"] == "cpu" and meta["num_devices"] == 4
   assert meta["jax"] and meta["date"] and meta["config"]["variant"] == "smoke"
-  for section in ("ceilings", "host_memory", "data_plane", "engine", "end_to_end"):
+  for section in SECTIONS:
     assert section in doc, section
     assert "error" not in doc[section], doc[section].get("traceback")
     assert "running" not in doc[section]
@@ -361,10 +361,10 @@ def test_data_plane_on_one_and_two_devices():
   one = data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, ceiling_gbps={0: 1.0},
                                       log=lambda line: None)
-  assert [(r["k"], r["variant"]) for r in one["rows"]] == [
-      (0, "layer_major_direct"), (0, "transfer"), (0, "transfer_direct"),
-      (0, "transfer_fresh_buffers")]
-  assert [r["variant"] for r in one["skipped"]] == ["layer_major", "traffic"]
+  # One device is a PE alone: every variant at k = 0, the TrafficManager ones included.
+  assert [(r["k"], r["variant"]) for r in one["rows"]] == [(0, v) for v in data_plane.VARIANTS]
+  assert "skipped" not in one
+  assert all(r["loaded_bytes"] == one["bytes"] for r in one["rows"])
   assert "d2d_gbps" not in one["components"]
   for bad in (0, 2.5):
     with pytest.raises(ValueError, match="data_plane.layers_in_flight"):
@@ -487,3 +487,73 @@ def test_pallas_blocking_flags_reach_the_engine_and_the_end_to_end_model(tmp_pat
   job = OfflineJob.from_config(job_config, str(tmp_path))
   assert job.run_names == ("dualpath", "deep", "dualpath_r2", "deep_r2")
   assert [rc.prefill_layers_in_flight for rc in job.runtimes] == [3, 8, 3, 8]
+
+
+def test_decode_interference(smoke):
+  doc, md, _ = smoke
+  di = doc["decode_interference"]
+  assert "error" not in di, di.get("traceback")
+  [row] = di["rows"]
+  assert (row["batch"], row["context"]) == (4, 256)
+  names = [c["condition"] for c in row["conditions"]]
+  assert names == ["none"] + [f"{kind}, gate {gate}" for gate in ("off, 0.25 MiB", "0.02 s, 0.0625 MiB")
+                              for kind in ("h2d", "d2h", "h2d+d2h")]
+  base = row["conditions"][0]
+  assert base["inflation"] == 0.0 and "met" not in base
+  assert base["steps"] == di["rounds"] * (di["steps"] - 1)
+  for c in row["conditions"][1:]:
+    assert c["steps"] == base["steps"] and positive(c["median_s"])
+    assert c["inflation"] == pytest.approx(c["median_s"] / base["median_s"] - 1)
+    assert c["met"] == (c["inflation"] <= di["target_inflation"])
+    # Each direction of the condition moved whole moves, and only those directions moved.
+    for direction in ("h2d", "d2h"):
+      if direction in c["kind"]:
+        assert c[f"{direction}_moves"] >= 1 and c[f"{direction}_bytes"] % di[
+            f"{direction}_move_bytes"] == 0
+      else:
+        assert f"{direction}_moves" not in c
+  assert "DE step under d2h, gate off" in md
+
+
+def test_decode_interference_bad_input():
+  import jax
+
+  from dualpath_jax.bench import decode_interference
+  from dualpath_jax.model.config import get_preset
+  good = dict(model_config=get_preset("tiny"), shapes=((2, 64),), page_tokens=16, steps=3,
+              rounds=1, h2d_tokens=16, d2h_tokens=16, log=lambda line: None)
+  for field, value in (("kinds", ("h2d",)), ("kinds", ("none", "d2d")), ("steps", 1),
+                       ("rounds", 0), ("shapes", ((2,),)), ("gates", ((0, 0.0),)),
+                       ("gates", ()), ("host_memory", "gpu"), ("in_flight", 0)):
+    with pytest.raises(ValueError, match=f"decode_interference.{field}"):
+      decode_interference.measure_decode_interference(jax.devices()[0], **{**good, field: value})
+
+
+def test_de_loop_hooks_bracket_every_step():
+  from dualpath_jax.bench.engine import DecodeInputs
+  from dualpath_jax.model import weights
+  from dualpath_jax.model.config import get_preset
+  config = get_preset("tiny", dtype="float32").replace(paged_attention="gather")
+  inputs = DecodeInputs(config, batch=2, context=40, page_tokens=16, seed=0)
+  model = weights.init_random(config, seed=0)
+  events = []
+  inputs.de_loop(model, 5, before_dispatch=lambda: events.append("dispatch"),
+                 after_collect=lambda: events.append("collect"))
+  # One step in flight: step n+1 is dispatched before step n is collected.
+  assert events == ["dispatch"] + ["dispatch", "collect"] * 4 + ["collect"]
+  inputs.delete()
+
+
+def test_decode_interference_catches_wrong_bytes(monkeypatch):
+  import jax
+
+  from dualpath_jax.bench import decode_interference
+  from dualpath_jax.model.config import get_preset
+  from dualpath_jax.runtime.traffic import TrafficManager
+  real_h2d = TrafficManager.h2d
+  monkeypatch.setattr(TrafficManager, "h2d", lambda self, host, dst=None: real_h2d(self, host) + 1)
+  got = decode_interference.measure_decode_interference(
+      jax.devices()[0], model_config=get_preset("tiny", dtype="float32").replace(
+          paged_attention="gather"), shapes=((2, 64),), page_tokens=16, steps=3, rounds=1,
+      kinds=("none", "h2d"), h2d_tokens=16, d2h_tokens=16, log=lambda line: None)
+  assert "landed different bytes" in got["rows"][0]["error"]

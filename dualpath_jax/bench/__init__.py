@@ -7,6 +7,7 @@
   data_plane.py  the project's layerwise KV load into a PE over both paths vs those ceilings
   engine.py      prefill MFU, decode step time vs the HBM roofline, the PE's peak memory
   decode_profile.py  a decode step's device time by kernel class (one jax.profiler trace)
+  decode_interference.py  the DE's step time while its own KV traffic runs on its device
   end_to_end.py  offline jobs (basic / dualpath / oracle) per topology and link cap
   report.py      the JSON and markdown that a run leaves behind
 
@@ -14,7 +15,8 @@ Nothing here reads a config file or parses flags: the experiment script does, an
 keyword arguments. Every section returns a JSON-ready dict.
 """
 
-SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "end_to_end")
+SECTIONS = ("ceilings", "host_memory", "data_plane", "engine", "decode_interference",
+            "end_to_end")
 """The sections of experiments/gpu_bench.py, in the order they run (configs/gpu_bench.py)."""
 
 PALLAS_FIELDS = ("pallas_k_splits", "pallas_block_tokens", "pallas_num_warps",

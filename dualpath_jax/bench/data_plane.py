@@ -61,7 +61,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import SingleDeviceSharding
 
 from dualpath_jax.bench import hardware
 from dualpath_jax.bench.timing import median_seconds
@@ -110,10 +109,13 @@ def _resident(nbytes: int) -> np.ndarray:
 
 
 def _engines(devices: Sequence[jax.Device]):
-  """(PE destination, DE destinations, Engine records or None) over `devices`."""
-  if len(devices) < 2:
-    return SingleDeviceSharding(devices[0]), [], None
+  """(PE destination, DE destinations, (PE, DEs) Engine records) over `devices`; one device is a
+  PE alone (k = 0 only)."""
   from dualpath_jax.engines import TopologyConfig, build_topology
+  from dualpath_jax.engines.topology import single_engine
+  if len(devices) < 2:
+    pe = single_engine(devices[0], role="prefill")
+    return pe, [], (pe, [])
   topo = build_topology(TopologyConfig(num_prefill_engines=1,
                                        num_decode_engines=len(devices) - 1), devices)
   pe, des = topo.prefill_engines[0], list(topo.decode_engines)
@@ -221,10 +223,6 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
           result.setdefault("skipped", []).append(dict(k=k, variant=variant,
                                                        why="time budget"))
           log(f"data_plane: out of time budget, k={k} {variant} skipped")
-          continue
-        if variant in ("traffic", "layer_major") and engines is None:
-          result.setdefault("skipped", []).append(dict(
-              k=k, variant=variant, why="TrafficManager needs Engines: at least 2 devices"))
           continue
         checks: list[dict] = []
         try:

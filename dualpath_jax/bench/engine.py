@@ -470,22 +470,28 @@ class DecodeInputs:
     # The lengths grow a token a step into the free slots of each row's last page.
     self.room = self.pages_per_seq * page_tokens - context
 
-  def de_loop(self, model, count: int) -> None:
+  def de_loop(self, model, count: int, *, before_dispatch: Callable[[], None] = lambda: None,
+              after_collect: Callable[[], None] = lambda: None) -> None:
     """`count` steps of the DE's loop: each step's tokens and seq_lens are the last step's
     outputs on the device, and the last step's tokens are read once the next is dispatched.
     Every `room` steps the lengths start again from the context (the device array placed at
-    construction, no host copy). Returns once the last step's tokens are on the host."""
+    construction, no host copy). Returns once the last step's tokens are on the host.
+    before_dispatch / after_collect run before each step is dispatched and after its tokens are
+    read (bench/decode_interference.py: the TrafficManager's model_step, the step periods)."""
     from dualpath_jax.model.paged import greedy_decode_step_jit
     next_tokens, lens, previous = self.tokens, self.seq_lens, None
     for i in range(count):
       if i % self.room == 0:
         lens = self.seq_lens
+      before_dispatch()
       next_tokens, lens, self.pool = greedy_decode_step_jit(
           model, self.pool, next_tokens, self.block_tables, lens)
       if previous is not None:
         np.asarray(previous)
+        after_collect()
       previous = next_tokens
     np.asarray(previous)
+    after_collect()
 
   def delete(self) -> None:
     for array in jax.tree_util.tree_leaves(self.pool):

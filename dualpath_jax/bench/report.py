@@ -208,6 +208,24 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
     out.append(("engine", f"decode profile {label} (batch {run['batch']} ctx {run['context']})",
                 value, "diagnostic, no target", "—"))
 
+  di = doc.get("decode_interference") or {}
+  if "error" in di:
+    out.append(("decode_interference", "section", "error", "—", di["error"][:80]))
+  for r in di.get("rows", []):
+    shape = f"batch {r['batch']} ctx {r['context']}"
+    if "conditions" not in r:
+      out.append(("decode_interference", shape, "error" if "error" in r else "skipped", "—",
+                  (r.get("error") or r.get("skipped") or "")[:80]))
+      continue
+    base = r["conditions"][0]  # 'none'
+    for c in r["conditions"][1:]:
+      value = (f"{c['inflation'] * 100:+.1f}% ({c['median_s'] * 1e3:.2f} vs "
+               f"{base['median_s'] * 1e3:.2f} ms; mean {c['mean_inflation'] * 100:+.1f}%)"
+               + "".join(f", {d} {c[f'{d}_gbps']:.1f} GB/s" for d in ("h2d", "d2h")
+                         if f"{d}_gbps" in c))
+      out.append(("decode_interference", f"DE step under {c['condition']}, {shape}", value,
+                  f"<= {di.get('target_inflation', 0.05) * 100:.0f}%", _status(c.get("met"))))
+
   x = doc.get("end_to_end") or {}
   if "error" in x:
     out.append(("end_to_end", "section", "error", "—", x["error"][:80]))

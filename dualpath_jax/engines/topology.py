@@ -187,3 +187,13 @@ def build_topology(config: TopologyConfig, devices: Sequence[jax.Device] | None 
                   global_mesh=_auto_mesh(used, (DEVICE_AXIS,)),
                   prefill_engines=tuple(engines["prefill"]),
                   decode_engines=tuple(engines["decode"]), nodes=tuple(nodes))
+
+
+def single_engine(device: jax.Device, role: str = "decode") -> Engine:
+  """One engine of `role` on `device` alone, outside any topology (benchmarks that measure one
+  engine's own work, e.g. bench/decode_interference.py)."""
+  if role not in ROLES:
+    raise ValueError(f"role: expected one of {ROLES}, got {role!r}")
+  mesh = _auto_mesh(np.array([[device]], dtype=object), ROLE_MESH_AXES)
+  return Engine(role=role, index=0, node_id=0, devices=(device,), mesh=mesh,
+                replicated_sharding=NamedSharding(mesh, PartitionSpec()))
