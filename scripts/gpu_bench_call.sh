@@ -33,7 +33,7 @@
 set -u
 OUT=${OUT:?set OUT to the output folder}
 RUN=${RUN:-/tmp/gpu_bench_run}
-mkdir -p "$RUN"
+mkdir -p "$RUN" "$OUT"
 bundle() { tar czf "$OUT/gpu_bench_results.tar.gz" -C "$RUN" . ; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -95,7 +95,7 @@ EOF
           --config=configs/gpu_bench.py:h100x4 --config.sections="('decode_interference',)" \
           ${INTERFERENCE_FLAGS:-} --out="$RUN/interference" > "$RUN/interference.log" 2>&1
       echo "interference: exit $?"
-      grep -h "^decode_interference " "$RUN/interference/gpu_bench.md" 2>/dev/null | cut -c1-200
+      grep -h "^| decode_interference " "$RUN/interference/gpu_bench.md" 2>/dev/null | cut -c1-200
       ;;
     hostcopy)
       timeout 120 python3 scripts/bench_host_copy.py --threads=1,2,4,8,16 \
@@ -133,7 +133,7 @@ EOF
       echo "$name: exit $?"
       # a device trace (end_to_end.device_trace) comes back as perfetto JSON only
       find "$RUN/$name" \( -name '*.xplane.pb' -o -name '*.trace.json.gz' \) -delete 2>/dev/null
-      grep -h "^end_to_end " "$RUN/$name/gpu_bench.md" 2>/dev/null | cut -c1-200
+      grep -h "^| end_to_end " "$RUN/$name/gpu_bench.md" 2>/dev/null | cut -c1-200
       ;;
     *)
       echo "unknown part: $part" >&2

@@ -27,8 +27,8 @@ Conditions are interleaved, `rounds` rounds of every condition with 'none' first
 so that the card's drift falls on all of them alike. A step's period is the DE's step record
 (DecodeWorker.step_records): from the previous step's collection to its own. Per condition:
 median, mean and p90 period over every round, inflation = median / the 'none' median - 1 (and
-the same of means), GB/s the traffic moved while the steps ran, and the TrafficManager's
-seconds of KV waiting. Every moved array is checked against its source outside the clock (the
+the same of means), GB/s the traffic moved while the steps ran and, right after each window,
+for as long with no step running ('alone'), and the TrafficManager's seconds of KV waiting. Every moved array is checked against its source outside the clock (the
 first and last move of each condition).
 """
 
@@ -224,7 +224,9 @@ def measure_decode_interference(
       f"h2d moves of {result['h2d_move_bytes'] / 2**20:.0f} MiB ({host_memory}), d2h moves of "
       f"{result['d2h_move_bytes'] / 2**20:.0f} MiB, at most {in_flight} unfinished")
 
-  def run_condition(inputs, kind, gate) -> dict:
+  def run_condition(inputs, kind, gate, alone_s: float | None = None) -> dict:
+    """One window of `steps` decode steps under the condition's traffic; with `alone_s`, the
+    traffic alone for that many seconds instead (no step runs)."""
     tm = TrafficManager(engine, config=configs[gate if gate is not None else 0])
     stop = threading.Event()
     streams = []
@@ -241,7 +243,11 @@ def measure_decode_interference(
     time.sleep(0.05 if streams else 0.0)  # the traffic is under way when the first step goes
     moved0 = [s.moved for s in streams]
     t0 = time.perf_counter()
-    periods = _periods(inputs, model, steps, tm)
+    if alone_s is None:
+      periods = _periods(inputs, model, steps, tm)
+    else:
+      periods = []
+      time.sleep(alone_s)
     seconds = time.perf_counter() - t0
     moved = [s.moved - m for s, m in zip(streams, moved0)]
     stop.set()
@@ -275,15 +281,23 @@ def measure_decode_interference(
         run_condition(inputs, kind, gate)
       by_condition: dict[str, dict] = {condition_name(k, g): dict(
           kind=k, gate=g, periods=[], seconds=0.0, kv_wait_s=0.0) for k, g in conditions}
-      for r in range(rounds):
+      for _ in range(rounds):
         for kind, gate in conditions:
           got = run_condition(inputs, kind, gate)
           acc = by_condition[condition_name(kind, gate)]
           acc["periods"] += got.pop("periods")
-          acc["seconds"] += got.pop("seconds")
+          window_s = got.pop("seconds")
+          acc["seconds"] += window_s
           acc["kv_wait_s"] += got.pop("kv_wait_s")
           for key, value in got.items():  # bytes and moves of each direction
             acc[key] = acc.get(key, 0) + value
+          if kind != "none":  # the same traffic for as long, no decode step running
+            alone = run_condition(inputs, kind, gate, alone_s=window_s)
+            acc["alone_seconds"] = acc.get("alone_seconds", 0.0) + alone["seconds"]
+            for direction in ("h2d", "d2h"):
+              if f"{direction}_bytes" in alone:
+                key = f"{direction}_alone_bytes"
+                acc[key] = acc.get(key, 0) + alone[f"{direction}_bytes"]
       base = _stats(by_condition["none"]["periods"])
       conditions_out = []
       for name, acc in by_condition.items():
@@ -296,14 +310,17 @@ def measure_decode_interference(
         for direction in ("h2d", "d2h"):
           if f"{direction}_bytes" in row:  # while the timed steps ran, every round together
             row[f"{direction}_gbps"] = row[f"{direction}_bytes"] / row["seconds"] / 1e9
+            row[f"{direction}_alone_gbps"] = (row[f"{direction}_alone_bytes"]
+                                              / row["alone_seconds"] / 1e9)
         if name != "none":
           row["met"] = bool(row["inflation"] <= target_inflation)
         conditions_out.append(row)
         log(f"decode_interference: batch {batch} ctx {context} {name:28s} "
             f"median {stats['median_s'] * 1e3:7.3f} ms (mean {stats['mean_s'] * 1e3:.3f}, "
             f"p90 {stats['p90_s'] * 1e3:.3f}) {row['inflation']:+.1%}"
-            + "".join(f", {k[:3]} {row[k]:.1f} GB/s" for k in ("h2d_gbps", "d2h_gbps")
-                      if k in row))
+            + "".join(f", {d} {row[f'{d}_gbps']:.1f} GB/s (alone "
+                      f"{row[f'{d}_alone_gbps']:.1f})" for d in ("h2d", "d2h")
+                      if f"{d}_gbps" in row))
       result["rows"].append(dict(batch=batch, context=context, conditions=conditions_out))
     except Exception as e:  # noqa: BLE001  (a failed shape is reported; the next one runs)
       result["rows"].append(dict(batch=batch, context=context, error=repr(e)))
