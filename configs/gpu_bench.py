@@ -146,7 +146,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (batch, context): the decode target's point, and the end-to-end DE's (16 rows, 16K-21K)
       shapes=((32, 8192), (16, 16384)), page_tokens=64,
       steps=150, rounds=3,  # steps a condition a round; conditions interleaved each round
-      kinds=("none", "h2d", "d2h", "h2d+d2h"),
+      # 'admit': the DE loop's own page write of a landed prompt and page read of a finishing
+      # turn, every admit_every steps (admit_tokens: a 16K prompt)
+      kinds=("none", "h2d", "d2h", "h2d+d2h", "admit"), admit_every=10, admit_tokens=16384,
       # TrafficConfig (chunk_bytes, max_kv_wait_s): the preset's gate off, and the gate on
       gates=((32 << 20, 0.0), (4 << 20, 0.05)),
       # an H2D move: one layer of a 32K prefix's half (the DE path's share), 32 MiB; a D2H
@@ -280,7 +282,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
     c.decode_interference.update(preset="tiny", dtype="float32", paged_attention="gather",
                                  shapes=((4, 256),), steps=8, rounds=1, h2d_tokens=256,
-                                 d2h_tokens=128, gates=((256 << 10, 0.0), (64 << 10, 0.02)),
+                                 d2h_tokens=128, admit_every=3, admit_tokens=200, gates=((256 << 10, 0.0), (64 << 10, 0.02)),
                                  host_memory="numpy", h2d_staging="auto", d2h_staging="direct")
     c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
                         turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,

@@ -141,7 +141,8 @@ def main(argv):
         devices[0], model_config=model_config, shapes=tuple(tuple(s) for s in i.shapes),
         page_tokens=i.page_tokens, steps=i.steps, rounds=i.rounds, kinds=tuple(i.kinds),
         gates=tuple(tuple(g) for g in i.gates), h2d_tokens=i.h2d_tokens,
-        d2h_tokens=i.d2h_tokens, in_flight=i.in_flight, host_memory=i.host_memory,
+        d2h_tokens=i.d2h_tokens, in_flight=i.in_flight, admit_every=i.admit_every,
+        admit_tokens=i.admit_tokens, host_memory=i.host_memory,
         h2d_staging=i.h2d_staging, d2h_staging=i.d2h_staging,
         target_inflation=i.target_inflation, seed=config.seed, log=log,
         out_of_time=log.out_of_time, on_update=update)

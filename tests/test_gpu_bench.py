@@ -497,7 +497,7 @@ def test_decode_interference(smoke):
   assert (row["batch"], row["context"]) == (4, 256)
   names = [c["condition"] for c in row["conditions"]]
   assert names == ["none"] + [f"{kind}, gate {gate}" for gate in ("off, 0.25 MiB", "0.02 s, 0.0625 MiB")
-                              for kind in ("h2d", "d2h", "h2d+d2h")]
+                              for kind in ("h2d", "d2h", "h2d+d2h", "admit")]
   base = row["conditions"][0]
   assert base["inflation"] == 0.0 and "met" not in base
   assert base["steps"] == di["rounds"] * (di["steps"] - 1)
@@ -515,7 +515,15 @@ def test_decode_interference(smoke):
             f"{direction}_move_bytes"] == 0 and c["alone_seconds"] >= c["seconds"] * 0.9
       else:
         assert f"{direction}_moves" not in c
+    if c["kind"] == "admit":  # steps 2 and 5 of 8 (admit_every 3), each with its turn's read
+      assert c["admissions"] == c["persists"] == 2 * di["rounds"]
+      assert c["admission_steps"]["steps"] == c["admissions"]
+      assert c["admission_step_inflation"] == pytest.approx(
+          c["admission_steps"]["median_s"] / base["median_s"] - 1)
+    else:
+      assert "admissions" not in c
   assert "DE step under d2h, gate off" in md
+  assert "steps behind an admission" in md
 
 
 def test_decode_interference_bad_input():
@@ -527,7 +535,8 @@ def test_decode_interference_bad_input():
               rounds=1, h2d_tokens=16, d2h_tokens=16, log=lambda line: None)
   for field, value in (("kinds", ("h2d",)), ("kinds", ("none", "d2d")), ("steps", 1),
                        ("rounds", 0), ("shapes", ((2,),)), ("gates", ((0, 0.0),)),
-                       ("gates", ()), ("host_memory", "gpu"), ("in_flight", 0)):
+                       ("gates", ()), ("host_memory", "gpu"), ("in_flight", 0),
+                       ("admit_every", 0), ("admit_tokens", -1)):
     with pytest.raises(ValueError, match=f"decode_interference.{field}"):
       decode_interference.measure_decode_interference(jax.devices()[0], **{**good, field: value})
 

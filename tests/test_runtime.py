@@ -30,6 +30,9 @@ RUNS = {  # run name -> RuntimeConfig switches
     "split": dict(mode="dualpath", split_reads=True),
     # A quota below one first-turn prompt's predicted time: chunked prefill.
     "chunked": dict(mode="dualpath", compute_quota_s=1.5e-3),
+    # The same with the priority gate off: the DE path stages a forward's layers at its start
+    # (runtime.de_path_h2d 'forward'; gated, moves stay per layer).
+    "chunked-ungated": dict(mode="dualpath", compute_quota_s=1.5e-3, kv_max_wait_s=0.0),
     # Whole-prompt loading with chunks: later chunks reload the prefix from the DE buffer.
     "basic-chunked": dict(mode="basic", token_budget=128),
     "basic-dualpath-scheduler": dict(mode="basic", scheduler="dualpath"),
@@ -138,6 +141,7 @@ def turn_bytes_total(run, path):
 @pytest.mark.parametrize("mode, topo", [
     ("basic", "2P2D"), ("basic", "1P3D"), ("dualpath", "2P2D"), ("dualpath", "1P3D"),
     ("dualpath", "2P2D-shared-nodes"), ("split", "2P2D"), ("chunked", "2P2D-shared-nodes"),
+    ("chunked-ungated", "2P2D-shared-nodes"),
     ("basic-chunked", "2P2D"), ("basic-dualpath-scheduler", "2P2D"), ("de-direct", "2P2D")])
 def test_generated_tokens_match_full_recompute(runs, reference, trajs, mode, topo):
   run, _ = runs(mode, topo)
@@ -194,6 +198,7 @@ def test_turn_bytes_sum_to_run_bytes_and_match_read_side(runs, layout, mode):
 
 
 @pytest.mark.parametrize("mode, topo", [("chunked", "2P2D-shared-nodes"),
+                                        ("chunked-ungated", "2P2D-shared-nodes"),
                                         ("basic-chunked", "2P2D")])
 def test_chunked_prefill_splits_turns_and_conserves_tokens(runs, mode, topo):
   run, _ = runs(mode, topo)
@@ -296,6 +301,48 @@ def test_layerwise_prefill_holds_a_few_layers_on_the_pe(four_layer_runs):
   assert out["dualpath_2_in_flight"].generated == out["dualpath"].generated
   with pytest.raises(ValueError, match="prefill_layers_in_flight"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], prefill_layers_in_flight=1)
+
+
+def test_de_path_h2d_forward_stages_every_layer_before_the_first_d2d(four_layers, monkeypatch):
+  """runtime.de_path_h2d: 'forward' puts every layer of a DE-path region on the DE device before
+  its first D2D to the PE (an H2D onto a decoding GPU waits for the step in flight, so they wait
+  together); 'per_layer' moves one layer H2D then D2D. The same tokens either way."""
+  import threading
+
+  from dualpath_jax.runtime.traffic import TrafficManager
+  _, model4, layout4, store4, small = four_layers
+  events = []
+  real_h2d, real_d2d = TrafficManager.h2d, TrafficManager.d2d
+
+  def h2d(self, host, dst=None):
+    if self.engine.role == "decode" and not threading.current_thread().name.startswith("decode"):
+      events.append("de_path_h2d")  # on the PE's thread (the DE's own admissions excluded)
+    return real_h2d(self, host, dst)
+
+  def d2d(self, x, dst):
+    events.append("d2d")
+    return real_d2d(self, x, dst)
+
+  monkeypatch.setattr(TrafficManager, "h2d", h2d)
+  monkeypatch.setattr(TrafficManager, "d2d", d2d)
+  generated = {}
+  for how in ("forward", "per_layer"):
+    events.clear()
+    rc = RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
+                       host_buffer_bytes=64 << 20, link_bytes_per_s=LINK_BYTES_PER_S,
+                       de_path_h2d=how, kv_max_wait_s=0.0)  # gated, moves stay per layer
+    run = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
+                      namespace_prefix=f"l4-de-path-{how}-")
+    generated[how] = run.generated
+    assert "d2d" in events and run.bytes["d2d"] > 0, how
+    first = events.index("d2d")
+    # every DE-path layer goes H2D once and on once, in either mode
+    assert events.count("d2d") == events.count("de_path_h2d"), how
+    if how == "forward":
+      assert first >= layout4.num_layers  # the region's 4 layers all staged first
+    else:
+      assert first == 1
+  assert generated["forward"] == generated["per_layer"]
 
 
 def test_host_buffers_in_jax_pinned_memory_give_the_same_outputs(four_layer_runs):
@@ -439,7 +486,7 @@ def test_link_rate_must_be_positive(rate):
 
 @pytest.mark.parametrize("field, value", [("h2d_staging", "rdma"), ("d2h_staging", "dma"),
                                           ("kv_max_wait_s", -0.1), ("kv_max_wait_s", True),
-                                          ("de_read_route", "nvlink")])
+                                          ("de_read_route", "nvlink"), ("de_path_h2d", "ahead")])
 def test_bad_traffic_settings_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"runtime.{field}"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["2P2D"], **{field: value})

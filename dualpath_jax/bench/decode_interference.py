@@ -18,6 +18,16 @@ a TrafficManager of the same engine, with the runtime's own calls:
   d2h       device -> host: a finished turn's blocks (`d2h_tokens` tokens of every layer) into
             host memory of kind `host_memory`, `TrafficManager.d2h` (the persist)
   h2d+d2h   both, each on its own thread
+  admit     no traffic thread: the DE loop's own work for an arriving and a finishing request,
+            every `admit_every` steps (the end-to-end DE at 16 rows and 150-token turns meets
+            one of each about every 9 steps), as DecodeWorker does it: before the step's
+            dispatch a landed prompt's KV (`admit_tokens` tokens of every layer, already on the
+            device: the DE admits only once the H2D has landed, and that copy is the 'h2d'
+            kind's) written into free pages (paged.write_kv_to_pages, DecodeWorker._admit);
+            after it a finishing turn's `d2h_tokens` tokens read from its pages right behind the
+            step (paged.read_kv_from_pages, _read_persisted_pages) and moved D2H into host
+            memory on a persister thread (TrafficManager.d2h, _write_back). Its rows add the
+            median period of the steps that followed an admission ('admission steps').
 
 The traffic runs back to back for the whole window: the link's worst case, more than a DE
 behind a capped storage link ever moves. Each kind runs under each TrafficConfig of `gates`
@@ -34,6 +44,7 @@ first and last move of each condition).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import threading
@@ -45,9 +56,10 @@ import numpy as np
 
 from dualpath_jax.bench.engine import DecodeInputs
 from dualpath_jax.kvstore.layout import KVLayout
+from dualpath_jax.model import paged
 from dualpath_jax.transfer import pinned_memory
 
-KINDS = ("none", "h2d", "d2h", "h2d+d2h")
+KINDS = ("none", "h2d", "d2h", "h2d+d2h", "admit")
 """Traffic kinds, as in the module doc."""
 
 
@@ -88,28 +100,86 @@ class _Stream:
       self.last = x
 
 
-def _periods(inputs: DecodeInputs, model, steps: int, tm) -> list[float]:
+def _periods(inputs: DecodeInputs, model, steps: int, tm,
+             before_dispatch: Callable[[int], None] = lambda step: None,
+             after_collect: Callable[[], None] = lambda: None) -> list[float]:
   """`steps` steps of the DE's loop with each step inside tm.model_step() from its dispatch to
   its collection; returns the period of every step but the first (from the previous step's
-  collection to its own)."""
+  collection to its own: periods[i] is step i + 1's). before_dispatch(step index) runs before
+  each dispatch, after_collect after each collection (the 'admit' kind's work)."""
   gates: list[contextlib.ExitStack] = []
+  dispatched = [0]
 
   def step_gate():
+    before_dispatch(dispatched[0])
+    dispatched[0] += 1
     gate = contextlib.ExitStack()
     gate.enter_context(tm.model_step())
     gates.append(gate)
 
   def collected():
     gates.pop(0).close()
+    times.append(time.perf_counter())
+    after_collect()
 
   times: list[float] = []
   try:
-    inputs.de_loop(model, steps, before_dispatch=step_gate,
-                   after_collect=lambda: (collected(), times.append(time.perf_counter())))
+    inputs.de_loop(model, steps, before_dispatch=step_gate, after_collect=collected)
   finally:
     for gate in gates:
       gate.close()
   return list(np.diff(times))
+
+
+class _Admissions:
+  """The 'admit' kind's work in the DE's loop (module doc): every `every` steps, a landed
+  prompt's KV written into spare pages before the dispatch, and a finishing turn's pages read
+  right behind the step and moved D2H on a persister thread."""
+
+  def __init__(self, inputs: DecodeInputs, tm, landed: jax.Array, persist_pages: np.ndarray,
+               persist_tokens: int, landing: np.ndarray, every: int, admit_pages: int):
+    self.inputs, self.tm, self.landed, self.landing = inputs, tm, landed, landing
+    self.persist_pages, self.persist_tokens, self.every = persist_pages, persist_tokens, every
+    self.admit_page_ids = inputs.spare_page_ids[:admit_pages]
+    self.admitted_steps: list[int] = []
+    self.unread = 0  # admissions whose turn-end read is not issued yet
+    self.persister = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="persist")
+    self.persists: list[concurrent.futures.Future] = []
+
+  def before_dispatch(self, step: int) -> None:
+    if step % self.every == self.every - 1:  # (step 0's period is not measured)
+      self.inputs.pool = paged.write_kv_to_pages(self.inputs.pool, self.landed,
+                                                 self.admit_page_ids)
+      self.admitted_steps.append(step)
+      self.unread += 1
+
+  def after_collect(self) -> None:
+    if self.unread:  # a finishing turn's pages, read behind the step in flight
+      self.unread -= 1
+      read = paged.read_kv_from_pages(self.inputs.pool, self.persist_pages, self.persist_tokens)
+      self.persists.append(self.persister.submit(self.tm.d2h, read, out=self.landing))
+
+  def finish(self) -> dict:
+    for future in self.persists:
+      future.result()
+    self.persister.shutdown()
+    steps = self.admitted_steps
+    # Outside the clock: the page write and the page read moved the right bytes.
+    written = paged.read_kv_from_pages(self.inputs.pool, self.admit_page_ids,
+                                       self.landed.shape[1])
+    if not _same_bytes(np.asarray(written), np.asarray(self.landed)):
+      raise RuntimeError("admit: the pages written differ from the landed KV")
+    if self.persists and not _same_bytes(self.landing, np.asarray(paged.read_kv_from_pages(
+        self.inputs.pool, self.persist_pages, self.persist_tokens))):
+      raise RuntimeError("admit: the persisted pages differ from the pool's")
+    return dict(admissions=len(steps), persists=len(self.persists),
+                admit_step_indices=[s - 1 for s in steps])  # their periods' indices
+
+
+def _random_kv(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
+  """Random finite values of any float dtype of 2 or 4 bytes: every 16-bit word below 2**14."""
+  words = int(np.prod(shape)) * dtype.itemsize // 2
+  return rng.integers(0, 1 << 14, words, np.uint16).view(dtype).reshape(shape)
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
@@ -126,7 +196,8 @@ def measure_decode_interference(
     device: jax.Device, *, model_config, shapes: Sequence[tuple[int, int]], page_tokens: int,
     steps: int, rounds: int, kinds: Sequence[str] = KINDS,
     gates: Sequence[tuple[int, float]] = ((32 << 20, 0.0),), h2d_tokens: int, d2h_tokens: int,
-    in_flight: int = 3, host_memory: str = "numpy", h2d_staging: str = "auto",
+    in_flight: int = 3, admit_every: int = 10, admit_tokens: int = 16384,
+    host_memory: str = "numpy", h2d_staging: str = "auto",
     d2h_staging: str = "direct", target_inflation: float = 0.05, seed: int = 0,
     log: Callable[[str], None] = print, out_of_time: Callable[[], bool] = lambda: False,
     on_update: Callable[[dict], None] | None = None) -> dict:
@@ -142,7 +213,8 @@ def measure_decode_interference(
                      f"{kinds}")
   for name, value in (("steps", steps), ("rounds", rounds), ("in_flight", in_flight),
                       ("h2d_tokens", h2d_tokens), ("d2h_tokens", d2h_tokens),
-                      ("page_tokens", page_tokens)):
+                      ("page_tokens", page_tokens), ("admit_every", admit_every),
+                      ("admit_tokens", admit_tokens)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"decode_interference.{name}: expected a positive int, got {value!r}")
   if steps < 2:
@@ -185,7 +257,7 @@ def measure_decode_interference(
       host_memory=host_memory, h2d_staging=h2d_staging, d2h_staging=d2h_staging,
       h2d_move_bytes=h2d_tokens * layout.token_layer_bytes,
       d2h_move_bytes=d2h_tokens * layout.kv_bytes_per_token, h2d_tokens=h2d_tokens,
-      d2h_tokens=d2h_tokens, gates=[dict(chunk_bytes=c.chunk_bytes, max_kv_wait_s=c.max_kv_wait_s)
+      d2h_tokens=d2h_tokens, admit_every=admit_every, admit_tokens=admit_tokens, gates=[dict(chunk_bytes=c.chunk_bytes, max_kv_wait_s=c.max_kv_wait_s)
                                     for c in configs],
       target_inflation=target_inflation,
       note=("one device: the DE's loop with KV traffic of one kind kept going back to back "
@@ -208,17 +280,23 @@ def measure_decode_interference(
   def host_array(shape, fill: bool):
     nbytes = int(np.prod(shape)) * layout.np_dtype.itemsize
     array = pinned_memory.allocate(nbytes, host_memory, device)
-    if fill:  # finite values of any float dtype: every 16-bit word below 2**14
-      array.view(np.uint16)[...] = rng.integers(0, 1 << 14, nbytes // 2, np.uint16)
+    if fill:
+      array.view(layout.np_dtype)[...] = _random_kv(rng, (nbytes // layout.np_dtype.itemsize,),
+                                                    layout.np_dtype)
     return array.view(layout.np_dtype).reshape(shape)
 
   source = host_array(h2d_shape, fill=True)
   landing = host_array(d2h_shape, fill=False)
   with jax.default_device(device):
     model = weights.init_random(model_config, seed=seed)
-  persisted_host = rng.integers(0, 1 << 14, int(np.prod(d2h_shape)) * layout.np_dtype.itemsize
-                                // 2, np.uint16).view(layout.np_dtype).reshape(d2h_shape)
+  persisted_host = _random_kv(rng, d2h_shape, layout.np_dtype)
   persisted = jax.device_put(persisted_host, engine.replicated_sharding)
+  # The 'admit' kind's landed prompt KV and the pages it is written into / a turn is read from.
+  admit_pages = -(-admit_tokens // page_tokens)
+  persist_pages = np.arange(1, 1 + -(-d2h_tokens // page_tokens), dtype=np.int32)  # row 0's
+  landed = (jax.device_put(_random_kv(rng, (layout.num_layers, admit_tokens,
+                                             *layout.token_kv_shape), layout.np_dtype),
+                           engine.replicated_sharding) if "admit" in kinds else None)
   log(f"decode_interference: {model_config.name} {model_config.dtype} "
       f"({model_config.paged_attention}, kernel {model_config.pallas_kernel}) on {device}; "
       f"h2d moves of {result['h2d_move_bytes'] / 2**20:.0f} MiB ({host_memory}), d2h moves of "
@@ -236,6 +314,8 @@ def measure_decode_interference(
     if "d2h" in kind:
       streams.append(_Stream("d2h", lambda i: tm.d2h(persisted, out=landing),
                              result["d2h_move_bytes"], 1, stop))
+    admit = _Admissions(inputs, tm, landed, persist_pages, d2h_tokens, landing, admit_every,
+                        admit_pages) if kind == "admit" and alone_s is None else None
     threads = [threading.Thread(target=s.run, name=f"traffic-{s.direction}", daemon=True)
                for s in streams]
     for t in threads:
@@ -243,7 +323,9 @@ def measure_decode_interference(
     time.sleep(0.05 if streams else 0.0)  # the traffic is under way when the first step goes
     moved0 = [s.moved for s in streams]
     t0 = time.perf_counter()
-    if alone_s is None:
+    if admit is not None:
+      periods = _periods(inputs, model, steps, tm, admit.before_dispatch, admit.after_collect)
+    elif alone_s is None:
       periods = _periods(inputs, model, steps, tm)
     else:
       periods = []
@@ -254,6 +336,8 @@ def measure_decode_interference(
     for t in threads:
       t.join()
     out = dict(periods=periods, seconds=seconds, kv_wait_s=tm.kv_wait_s)
+    if admit is not None:
+      out.update(admit.finish())  # waits for the persists, checks the pages outside the clock
     for s, m in zip(streams, moved):
       if s.error is not None:
         raise RuntimeError(f"{s.direction} traffic failed: {s.error!r}") from s.error
@@ -274,7 +358,8 @@ def measure_decode_interference(
       result["rows"].append(dict(batch=batch, context=context, skipped="time budget"))
       update()
       continue
-    inputs = DecodeInputs(model_config, batch, context, page_tokens, seed)
+    inputs = DecodeInputs(model_config, batch, context, page_tokens, seed,
+                          spare_pages=admit_pages if "admit" in kinds else 0)
     try:
       # Compiles the step and the moves (their cuts and joins) before any clock.
       for kind, gate in conditions:
@@ -285,13 +370,16 @@ def measure_decode_interference(
         for kind, gate in conditions:
           got = run_condition(inputs, kind, gate)
           acc = by_condition[condition_name(kind, gate)]
+          first = len(acc["periods"])
           acc["periods"] += got.pop("periods")
           window_s = got.pop("seconds")
           acc["seconds"] += window_s
           acc["kv_wait_s"] += got.pop("kv_wait_s")
-          for key, value in got.items():  # bytes and moves of each direction
-            acc[key] = acc.get(key, 0) + value
-          if kind != "none":  # the same traffic for as long, no decode step running
+          for key, value in got.items():  # bytes and moves of each direction; admissions
+            if key == "admit_step_indices":
+              value = [first + i for i in value]  # into the condition's periods
+            acc[key] = acc[key] + value if key in acc else value
+          if kind not in ("none", "admit"):  # the same traffic for as long, no step running
             alone = run_condition(inputs, kind, gate, alone_s=window_s)
             acc["alone_seconds"] = acc.get("alone_seconds", 0.0) + alone["seconds"]
             for direction in ("h2d", "d2h"):
@@ -301,7 +389,12 @@ def measure_decode_interference(
       base = _stats(by_condition["none"]["periods"])
       conditions_out = []
       for name, acc in by_condition.items():
-        stats = _stats(acc.pop("periods"))
+        periods = acc.pop("periods")
+        stats = _stats(periods)
+        if "admit_step_indices" in acc:  # the periods of the steps behind an admission
+          admitted = _stats([periods[i] for i in acc.pop("admit_step_indices")])
+          acc.update(admission_steps=admitted,
+                     admission_step_inflation=admitted["median_s"] / base["median_s"] - 1.0)
         gate = acc.pop("gate")
         row = dict(condition=name, **acc, **stats,
                    **(dataclasses.asdict(configs[gate]) if gate is not None else {}),

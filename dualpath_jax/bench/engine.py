@@ -447,13 +447,18 @@ def _prefill_rows(model, config, tokens, new_len, context, append_tokens, varian
 
 class DecodeInputs:
   """A decode step's inputs on the device: a random pool whose `batch` rows hold `context`
-  tokens each in their own pages (one page of room past the context), their block tables,
-  lengths and tokens. `pool` is replaced by each step (it is donated)."""
+  tokens each in their own pages (one page of room past the context), `spare_pages` more pages
+  no row uses, the rows' block tables, lengths and tokens. `pool` is replaced by each step (it is
+  donated)."""
 
-  def __init__(self, config, batch: int, context: int, page_tokens: int, seed: int):
+  def __init__(self, config, batch: int, context: int, page_tokens: int, seed: int,
+               spare_pages: int = 0):
     from dualpath_jax.model.paged import PagedPool
     self.pages_per_seq = context // page_tokens + 1  # room for the new token's slot
     num_pages = 1 + batch * self.pages_per_seq
+    self.spare_page_ids = np.arange(num_pages, num_pages + spare_pages, dtype=np.int32)
+    """Pages no row uses (e.g. for an admission's page write: bench/decode_interference.py)."""
+    num_pages += spare_pages
     shape = (config.num_kv_heads, num_pages, page_tokens, config.head_dim)
     key = jax.random.key(seed + 7919 * batch)
     # Array by array (the pool's own layout): no pool-sized temporaries.

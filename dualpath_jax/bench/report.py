@@ -223,7 +223,9 @@ def rows(doc: Mapping) -> list[tuple[str, str, str, str, str]]:
                f"{base['median_s'] * 1e3:.2f} ms; mean {c['mean_inflation'] * 100:+.1f}%)"
                + "".join(f", {d} {c[f'{d}_gbps']:.1f} GB/s" + (
                    f" (alone {c[f'{d}_alone_gbps']:.1f})" if f"{d}_alone_gbps" in c else "")
-                   for d in ("h2d", "d2h") if f"{d}_gbps" in c))
+                   for d in ("h2d", "d2h") if f"{d}_gbps" in c)) + (
+                   f"; the {c['admissions']} steps behind an admission "
+                   f"{c['admission_step_inflation'] * 100:+.1f}%" if "admissions" in c else "")
       out.append(("decode_interference", f"DE step under {c['condition']}, {shape}", value,
                   f"<= {di.get('target_inflation', 0.05) * 100:.0f}%", _status(c.get("met"))))
 

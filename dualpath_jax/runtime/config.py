@@ -21,6 +21,7 @@ MOVERS = ("device_put", "shard_map")
 SCHEDULERS = ("roundrobin", "dualpath")
 BATCHINGS = ("token_budget", "quota")
 DE_READ_ROUTES = ("de_device", "pe_host_link")
+DE_PATH_H2D = ("forward", "per_layer")
 MODE_SWITCHES = {
     "basic": dict(layerwise=False, dual_path=False, scheduler="roundrobin",
                   batching="token_budget"),
@@ -59,6 +60,19 @@ class RuntimeConfig:
   of DESIGN.md) or 'pe_host_link', A DIAGNOSTIC THAT LEAVES THE DE'S GPU OUT: one H2D from the
   DE node's buffer straight onto the PE over the PE's own host link (not the paper's path; the
   store reads still run on the DE's storage link)."""
+  de_path_h2d: str = "forward"
+  """Layerwise prefill with de_read_route 'de_device': when the DE path's KV goes H2D onto the DE
+  device. 'forward': every layer of the forward's DE-side prefix at the forward's start, each
+  layer's D2D to the PE as the PE's loop loads it; 'per_layer' (up to 2026-11-29): each layer's
+  H2D as the loop loads it. An H2D onto a GPU waits for the work queued on that GPU's compute
+  stream when it is issued (PJRT's GPU client allocates device buffers compute-synchronized),
+  so on a decoding DE every per-layer H2D waited for the decode step in flight: 3 x 32 MiB in
+  flight moved 10.8 GB/s onto a decoding H200 against 54.7 GB/s with no step running; 28 in
+  flight (a forward's layers at once) 54.3 GB/s (docs/perf/gpu_bench.md record 11). 'forward'
+  holds the forward's DE-side prefix (every layer) on the DE device until each layer's D2D has
+  been issued. With the priority gate on (kv_max_wait_s > 0) the moves stay per layer: a gated
+  move's pieces are issued one after another on the PE's thread. Not yet measured end to end
+  (needs two GPUs)."""
   compute_quota_s: float = 0.3
   """Predicted forward time per shard that one PE batch may fill (the paper: 300 ms on GPU)."""
   token_budget: int = 8192
@@ -121,6 +135,9 @@ class RuntimeConfig:
     if self.de_read_route not in DE_READ_ROUTES:
       raise ValueError(f"runtime.de_read_route: expected one of {list(DE_READ_ROUTES)}, got "
                        f"{self.de_read_route!r}")
+    if self.de_path_h2d not in DE_PATH_H2D:
+      raise ValueError(f"runtime.de_path_h2d: expected one of {list(DE_PATH_H2D)}, got "
+                       f"{self.de_path_h2d!r}")
     if self.split_reads and not self.dual_path:
       raise ValueError("runtime.split_reads needs runtime.dual_path (a split read uses both sides)")
     rate = self.link_bytes_per_s

@@ -9,6 +9,9 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
     flight before layer l computes:
       PE path  PE node buffer --H2D--> PE device
       DE path  DE node buffer --H2D--> DE device --D2D--> PE device
+    (under runtime.de_path_h2d 'forward', the default, the DE path's H2D of every layer is
+    issued at the forward's start, and only its D2D layer by layer: an H2D onto a decoding GPU
+    waits for the step in flight);
     after layer l, each row's new KV goes D2H from the PE straight into its DE node buffer (and,
     on a first chunk, the PE-read part of its hit, which the DE buffer does not hold yet), on the
     shard's sender thread while this thread loads the next layers; the PE holds at most
@@ -84,6 +87,9 @@ class PrefillShard:
     """(rows, tp, tn) batch shapes this PE has compiled (precompiled or run)."""
     self.rounded_batches = 0
     """Batches run in a larger compiled shape than their own (batch_shape), not compiled anew."""
+    self._de_staged: dict | None = None
+    """In a layerwise forward under runtime.de_path_h2d 'forward': per DE-path region (request,
+    side), every layer's array on the DE device not yet sent on to this PE (_via_de)."""
 
   @contextlib.contextmanager
   def _stage(self, name: str):
@@ -251,15 +257,28 @@ class PrefillShard:
     de_engine = self.cluster.topology.decode_engines[request.decode_engine]
     return de_engine, self.cluster.traffic[de_engine.name]
 
-  def _via_de(self, request: TurnRequest, host: np.ndarray) -> jax.Array:
-    """Host array in the DE node buffer -> DE device -> this PE's device; with
-    runtime.de_read_route 'pe_host_link' (a diagnostic) straight onto this PE's device."""
+  def _via_de(self, request: TurnRequest, region, layers, key) -> jax.Array:
+    """region(layers): a host array in the DE node buffer -> DE device -> this PE's device;
+    with runtime.de_read_route 'pe_host_link' (a diagnostic) straight onto this PE's device.
+    In a layerwise forward under runtime.de_path_h2d 'forward', the first layer asked for of a
+    region (`key`) puts every layer of it on the DE device at once (their H2Ds then wait for
+    one decode step together), and each layer's D2D takes its staged array."""
+    host = region(layers)
     request.add_bytes("h2d", host.nbytes)
     if self.cluster.runtime_config.de_read_route == "pe_host_link":
       return self.tm.h2d(host)
     _, de_tm = self._de(request)
     request.add_bytes("d2d", host.nbytes)
-    return de_tm.d2d(de_tm.h2d(host), self.engine)
+    if self._de_staged is None or not isinstance(layers, int) or de_tm.gated:
+      # (gated, every piece waits on this thread for the one before: issued at once, the
+      # forward's first layer would wait for the whole DE-side prefix)
+      return de_tm.d2d(de_tm.h2d(host), self.engine)
+    staged = self._de_staged.get(key)
+    if staged is None:
+      staged = self._de_staged[key] = [de_tm.h2d(region(layer))
+                                       for layer in range(self.cluster.layout.num_layers)]
+    on_de, staged[layers] = staged[layers], None  # freed once its D2D has read it
+    return de_tm.d2d(on_de, self.engine)
 
   def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
               ) -> jax.Array | None:
@@ -271,7 +290,8 @@ class PrefillShard:
     one = isinstance(layers, int)
     if cached > request.hit_tokens:  # a later chunk: the prefix sits in the DE node buffer
       with self._stage("de_path"):
-        return self._via_de(request, request.prompt_kv[layers, :cached])
+        return self._via_de(request, lambda ls: request.prompt_kv[ls, :cached], layers,
+                            (request, "prompt_kv"))
     parts = []
     for side in ("pe", "de"):
       if side not in request.read_kv:
@@ -283,14 +303,15 @@ class PrefillShard:
       tokens = kv.shape[1]
       if len(request.read_kv) == 1:
         tokens = min(tokens, pow2_at_least(cached, layout.block_tokens))
-      host = kv[layers, :tokens]  # one layer: contiguous rows of the buffer, no copy
       if side == "pe":
+        host = kv[layers, :tokens]  # one layer: contiguous rows of the buffer, no copy
         request.add_bytes("h2d", host.nbytes)  # what moves, the bucket's padding included
         with self._stage("h2d"):
           parts.append(self.tm.h2d(host))
       else:
         with self._stage("de_path"):
-          parts.append(self._via_de(request, host))
+          parts.append(self._via_de(request, lambda ls, kv=kv, n=tokens: kv[ls, :n], layers,
+                                    (request, side)))
     if len(parts) == 1:
       return parts[0]
     with self._stage("stack"):
@@ -365,9 +386,10 @@ class PrefillShard:
     layers = self.model.layers
     with self._stage("compute"), self.tm.model_step():
       x = embed_tokens_jit(self.model, tokens)
-    current = self._load_layer(chunks, rows, tp, 0)
+    self._de_staged = {} if self.cluster.runtime_config.de_path_h2d == "forward" else None
     sends: dict[int, concurrent.futures.Future] = {}
     try:
+      current = self._load_layer(chunks, rows, tp, 0)
       for l, layer in enumerate(layers):
         # At most `in_flight` layers of prefix KV on the device: a layer's prefix leaves it
         # once its send is done (_send_layer), so layer l+1 waits for that of l+1-in_flight.
@@ -385,6 +407,7 @@ class PrefillShard:
           sends[l] = self._sender.submit(self._send_layer, chunks, current, new_kv, l)
         current = following
     finally:
+      self._de_staged = None  # the staged layers of a failed forward go with it
       if sends:
         with self._stage("send"):
           for l in sorted(sends):
