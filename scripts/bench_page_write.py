@@ -6,12 +6,12 @@ into the pool's pages); a finishing turn's new blocks are read back (paged.read_
 On an H200 the decode steps right behind a 16K-token admission took +45% (docs/perf/gpu_bench.md
 record 11). This times, each as the median of --repeats calls with outputs ready:
 
-  scatter          paged.write_kv_to_pages (the runtime's)
-  scatter_unique   the same scatters told their page ids are unique (XLA's unique_indices);
-                   A DIAGNOSTIC: an admission's padding ids all name the scratch page
+  scatter          paged.write_kv_to_pages (the runtime's; its scatters are told their page ids
+                   are unique, XLA's unique_indices, since 2026-11-29)
+  scatter_not_unique  the same scatters without unique_indices: the runtime's up to 2026-11-29
   transpose_only   the per-layer transposes alone, no scatter (A DIAGNOSTIC)
-  transpose_then_scatter  the transposes as one program, then the scatters of their
-                   materialized outputs as another (the same bytes land as 'scatter')
+  transpose_then_scatter  the transposes as one program, then 'scatter_not_unique''s scatters of
+                   their materialized outputs as another (A DIAGNOSTIC)
   copy             one device copy of the prompt's KV bytes: the HBM floor of any write
   read             paged.read_kv_from_pages of --read_tokens tokens (the persist's read)
 
@@ -39,7 +39,7 @@ _PAGE_TOKENS = flags.DEFINE_integer("page_tokens", 64, "Tokens a page.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per variant.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON.", required=True)
 
-VARIANTS = ("scatter", "scatter_unique", "transpose_only", "transpose_then_scatter", "copy",
+VARIANTS = ("scatter", "scatter_not_unique", "transpose_only", "transpose_then_scatter", "copy",
             "read")
 
 
@@ -74,12 +74,12 @@ def main(argv):
   page_ids = jnp.asarray(chosen[:n], jnp.int32)
   read_ids = jnp.asarray(chosen[n:n + -(-_READ_TOKENS.value // pt)], jnp.int32)
 
-  def scatter_unique(pages, kv, ids):
+  def scatter_not_unique(pages, kv, ids):
     new_k, new_v = [], []
     for layer in range(pages.num_layers):
       k, v = paged._layer_kv_to_pages(kv[layer], ids.shape[0])  # noqa: SLF001
-      new_k.append(pages.k[layer].at[:, ids].set(k, unique_indices=True))
-      new_v.append(pages.v[layer].at[:, ids].set(v, unique_indices=True))
+      new_k.append(pages.k[layer].at[:, ids].set(k))
+      new_v.append(pages.v[layer].at[:, ids].set(v))
     return paged.PagedPool(k=tuple(new_k), v=tuple(new_v))
 
   def transposes(kv, ids):
@@ -92,7 +92,7 @@ def main(argv):
 
   state = {"pool": pool}
   scatter_only_jit = jax.jit(scatter_only, donate_argnums=0)
-  unique_jit = jax.jit(scatter_unique, donate_argnums=0)
+  not_unique_jit = jax.jit(scatter_not_unique, donate_argnums=0)
   transpose_jit = jax.jit(transposes)
   copy_jit = jax.jit(lambda x: x + jnp.zeros((), x.dtype))
 
@@ -100,8 +100,8 @@ def main(argv):
     if variant == "scatter":
       state["pool"] = paged.write_kv_to_pages(state["pool"], kv, page_ids)
       return state["pool"]
-    if variant == "scatter_unique":
-      state["pool"] = unique_jit(state["pool"], kv, page_ids)
+    if variant == "scatter_not_unique":
+      state["pool"] = not_unique_jit(state["pool"], kv, page_ids)
       return state["pool"]
     if variant == "transpose_only":
       return transpose_jit(kv, page_ids)

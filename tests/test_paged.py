@@ -11,6 +11,7 @@ logits.
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -153,6 +154,16 @@ def test_pool_is_separate_per_layer_arrays_and_round_trips():
   np.testing.assert_array_equal(np.asarray(pool.k[1][:, 2, 4]), kv[1, 20, 0])
   np.testing.assert_array_equal(np.asarray(pool.v[0][:, 7, 15]), kv[0, 15, 1])
   np.testing.assert_array_equal(np.asarray(pool.k[0][:, paged.SCRATCH_PAGE]), 0)
+  # Padding ids name the scratch page: not written; the real pages are. A page named twice is
+  # refused (the scatters are told their ids are unique).
+  pool = M.write_kv_to_pages(pool, jnp.asarray(kv[:, :32] + 1), [4, paged.SCRATCH_PAGE])
+  pool = M.write_kv_to_pages(pool, jnp.asarray(kv[:, :16] + 2), [paged.SCRATCH_PAGE])
+  np.testing.assert_array_equal(np.asarray(M.read_kv_from_pages(pool, [4], 16)),
+                                kv[:, :16] + 1)
+  np.testing.assert_array_equal(np.asarray(pool.k[0][:, paged.SCRATCH_PAGE]), 0)
+  np.testing.assert_array_equal(np.asarray(M.read_kv_from_pages(pool, [7, 2, 5], 48)), kv)
+  with pytest.raises(ValueError, match="page_ids: a page named twice"):
+    M.write_kv_to_pages(pool, jnp.asarray(kv[:, :32]), [6, 6])
   with pytest.raises(ValueError, match="PagedPool"):
     M.read_kv_from_pages(pool.k[0], [7], 16)
   with pytest.raises(ValueError, match="blocks_typed"):
@@ -235,3 +246,29 @@ def test_pallas_blocking_is_not_a_weight_property(tmp_path):
   swapped = weights.with_config(model, blocked.replace(pallas_k_splits=32))
   assert swapped.config.pallas_k_splits == 32
   assert swapped.embed.embedding.get_value() is model.embed.embedding.get_value()  # no copy
+
+
+def test_bench_page_write_script(tmp_path):
+  """scripts/bench_page_write.py on the tiny preset: a row per variant, every write's pages hold
+  the prompt's KV, and a bad size is one 'error:' line."""
+  import json
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+  out = tmp_path / "page_write.json"
+  command = [sys.executable, os.path.join(repo, "scripts", "bench_page_write.py"),
+             "--preset=tiny", "--pool_tokens=2048", "--read_tokens=64", "--repeats=2"]
+  subprocess.run(command + ["--tokens=200", f"--out={out}"], cwd=repo, env=env, check=True,
+                 capture_output=True, timeout=300)
+  result = json.loads(out.read_text())
+  assert [r["variant"] for r in result["rows"]] == ["scatter", "scatter_not_unique",
+                                                    "transpose_only", "transpose_then_scatter",
+                                                    "copy", "read"]
+  assert all(r["median_s"] > 0 for r in result["rows"])
+  assert [r["pages_hold_kv"] for r in result["rows"] if "scatter" in r["variant"]] == [True] * 3
+  bad = subprocess.run(command + ["--tokens=4000", f"--out={out}"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error:")

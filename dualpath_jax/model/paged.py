@@ -241,12 +241,20 @@ def _layer_kv_to_pages(kv_layer, num_pages):
 
 
 def _set_pages(pool, page_ids, kv):
-  """kv [L, n * page_tokens, 2, H, D] into pages page_ids [n] of every layer."""
+  """kv [L, n * page_tokens, 2, H, D] into pages page_ids [n] of every layer; entries naming
+  SCRATCH_PAGE (the padding of a write: a sequence's own pages are distinct) are dropped.
+
+  The scatters are told their indices are unique (XLA's unique_indices): without it XLA's GPU
+  scatter wrote a 16K-token admission (940 MB of Qwen2.5-7B KV) in 4.4 ms, with it in 1.15 ms;
+  the decode steps right behind such an admission took +45% (1x H200, 2026-11-29,
+  docs/perf/gpu_bench.md record 11, scripts/bench_page_write.py). Scratch entries would repeat,
+  so they point past the pool and mode='drop' skips them."""
+  ids = jnp.where(page_ids == SCRATCH_PAGE, pool.num_pages, page_ids)
   new_k, new_v = [], []
   for layer in range(pool.num_layers):
     k, v = _layer_kv_to_pages(kv[layer].astype(pool.dtype), page_ids.shape[0])
-    new_k.append(pool.k[layer].at[:, page_ids].set(k))
-    new_v.append(pool.v[layer].at[:, page_ids].set(v))
+    new_k.append(pool.k[layer].at[:, ids].set(k, mode="drop", unique_indices=True))
+    new_v.append(pool.v[layer].at[:, ids].set(v, mode="drop", unique_indices=True))
   return PagedPool(k=tuple(new_k), v=tuple(new_v))
 
 
@@ -259,12 +267,24 @@ def _write_kv(pages, kv, page_ids):
 _write_kv_donated = jax.jit(_write_kv, donate_argnums=0)
 
 
+def _distinct_page_ids(page_ids) -> jax.Array:
+  """page_ids as int32; those not SCRATCH_PAGE must be distinct (the scatters rely on it)."""
+  if not isinstance(page_ids, jax.Array):  # host ids (every runtime caller): checked here
+    host = np.asarray(page_ids).reshape(-1)
+    real = host[host != SCRATCH_PAGE]
+    if len(np.unique(real)) != len(real):
+      raise ValueError(f"page_ids: a page named twice in {host.tolist()} (only SCRATCH_PAGE="
+                       f"{SCRATCH_PAGE}, the padding, may repeat)")
+  return jnp.asarray(page_ids, jnp.int32)
+
+
 def write_kv_to_pages(pages: PagedPool, kv: jax.Array, page_ids) -> PagedPool:
   """Writes a sequence's KV [L, T, 2, H, D] into its pages page_ids [ceil(T / page_tokens)].
 
-  T need not be page-aligned: the last page's tail slots get zeros. `pages` is donated.
+  T need not be page-aligned: the last page's tail slots get zeros. Page ids must be distinct;
+  SCRATCH_PAGE entries (padding) are not written. `pages` is donated.
   """
-  page_ids = jnp.asarray(page_ids, jnp.int32)
+  page_ids = _distinct_page_ids(page_ids)
   _check_pool(pages, kv.shape[-2:], "kv")
   if kv.ndim != 5 or kv.shape[0] != pages.num_layers or kv.shape[2] != 2:
     raise ValueError(f"kv: expected [L={pages.num_layers}, T, 2, H, D], got {list(kv.shape)}")
@@ -288,9 +308,10 @@ _write_blocks_donated = jax.jit(_write_blocks, donate_argnums=0)
 def write_full_blocks_to_pages(pages: PagedPool, blocks_typed, page_ids) -> PagedPool:
   """Full Blocks [n, L, B, 2, H, D] (KVLayout.full_blocks_as_kv) -> pages page_ids [n], one each.
 
-  Requires page_tokens == B. `pages` is donated.
+  Requires page_tokens == B. Page ids must be distinct; SCRATCH_PAGE entries are not written.
+  `pages` is donated.
   """
-  page_ids = jnp.asarray(page_ids, jnp.int32)
+  page_ids = _distinct_page_ids(page_ids)
   _check_pool(pages, tuple(blocks_typed.shape[-2:]), "blocks_typed")
   expected = (pages.num_layers, pages.page_tokens, 2, *pages.kv_tail)
   if blocks_typed.ndim != 6 or tuple(blocks_typed.shape[1:]) != expected:
