@@ -22,8 +22,9 @@ Variants:
 Sections run in the order ceilings, host_memory, data_plane, engine, decode_interference,
 end_to_end; pick some with e.g.
   --config.sections="('ceilings', 'data_plane')"
-decode_interference (off in h100x4; one GPU, ~2 min) is the DE's step time while its own KV
-traffic (H2D, D2H, both) runs on its device, gate off and on: --config.sections="('decode_interference',)"
+decode_interference (off in h100x4; one GPU, ~2.5 min a shape) is the DE's step time while its
+own KV traffic (H2D, D2H, both) or its own admissions run on its device, gate off and on:
+--config.sections="('decode_interference',)"
   e2e_h100x4  only the end-to-end jobs on 4 GPUs: Qwen2.5-7B geometry (random weights, bf16),
           1P3D and 2P2D, basic / dualpath / oracle, links capped at the paper's storage
           bandwidth per GPU (one 400 Gb/s storage NIC per 8-GPU node: 6.25 GB/s; our cards'

@@ -14,7 +14,7 @@
 # (scripts/bench_store.py --landing; STORE_INFLIGHT, default '1 2 4 8'; ~1-2 min);
 # 'decode_cmdbuf' = decode at batch 32 under XLA command buffers over custom calls (~1 min);
 # 'interference' = the DE's step time under its own KV traffic (bench/decode_interference.py;
-# one GPU, ~2-3 min);
+# one GPU, ~5 min at the defaults: INTERFERENCE_LIMIT_S, default 420);
 # 'e2e:<topology>:<link cap bytes/s, 0 = uncapped>' = one end-to-end job of
 # configs/gpu_bench.py:e2e_h100x4 ('e2e:<topology>:<cap>:<s>' also sets the traffic manager's
 # priority gate, runtime.kv_max_wait_s = s; the preset has it off; 'e2e:<topology>:<cap>:<s>:<kind>'
@@ -88,10 +88,11 @@ EOF
       grep -h "landing" "$RUN/store.log"
       ;;
     interference)
-      # The DE's step time while its own KV traffic (H2D, D2H, both; gate off and on) runs on
-      # its device: bench/decode_interference.py, one GPU (~2-3 min). INTERFERENCE_FLAGS: more
-      # flags, e.g. --config.decode_interference.shapes="((32,8192),)".
-      timeout "${INTERFERENCE_LIMIT_S:-240}" python3 experiments/gpu_bench.py \
+      # The DE's step time while its own KV traffic (H2D, D2H, both; gate off and on) or its
+      # own admissions run on its device: bench/decode_interference.py, one GPU (~2.5 min a
+      # shape at the defaults; 240 s cut the second shape). INTERFERENCE_FLAGS: more flags,
+      # e.g. --config.decode_interference.shapes="((32,8192),)".
+      timeout "${INTERFERENCE_LIMIT_S:-420}" python3 experiments/gpu_bench.py \
           --config=configs/gpu_bench.py:h100x4 --config.sections="('decode_interference',)" \
           ${INTERFERENCE_FLAGS:-} --out="$RUN/interference" > "$RUN/interference.log" 2>&1
       echo "interference: exit $?"
