@@ -38,8 +38,13 @@ so that the card's drift falls on all of them alike. A step's period is the DE's
 (DecodeWorker.step_records): from the previous step's collection to its own. Per condition:
 median, mean and p90 period over every round, inflation = median / the 'none' median - 1 (and
 the same of means), GB/s the traffic moved while the steps ran and, right after each window,
-for as long with no step running ('alone'), and the TrafficManager's seconds of KV waiting. Every moved array is checked against its source outside the clock (the
-first and last move of each condition).
+for as long with no step running ('alone'), and the TrafficManager's seconds of KV waiting.
+Moved bytes are checked outside the clock: the first and last H2D of each window against its
+source, the D2H's landing array against the device's, and the 'admit' pages against the prompt.
+
+On an H200 (docs/perf/gpu_bench.md record 11) the traffic cost the steps at most +3%, an H2D
+onto the decoding GPU waited for the step in flight, and the admission's page write cost the
+steps behind it +45% until its scatter was told its page ids are unique.
 """
 
 from __future__ import annotations
