@@ -124,7 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # (pallas_num_warps, pallas_num_stages), or 5-tuples adding pallas_kernel ('jax' or
       # 'dualpath', model/paged_kernel.py), under which 'pallas' decode is measured once more
       # at the largest decode batch (a compile and 2 x decode_steps steps each, ~5 s on an
-      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2, 'dualpath') only.
+      # H200), to pick the fastest kernel; () = the model's default (16, 128, 8, 2, 'dualpath')
+      # only.
       # h100x4 sweeps a few blockings around the default.
       pallas_blockings=(),
       # > 0: last of the section, one jax.profiler trace of this many DE-loop steps per decode
@@ -283,7 +284,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     peak_flops=1e12, hbm_bytes_per_s=1e11)  # CPU: no datasheet; nominal
     c.decode_interference.update(preset="tiny", dtype="float32", paged_attention="gather",
                                  shapes=((4, 256),), steps=8, rounds=1, h2d_tokens=256,
-                                 d2h_tokens=128, admit_every=3, admit_tokens=200, gates=((256 << 10, 0.0), (64 << 10, 0.02)),
+                                 d2h_tokens=128, admit_every=3, admit_tokens=200,
+                                 gates=((256 << 10, 0.0), (64 << 10, 0.02)),
                                  host_memory="numpy", h2d_staging="auto", d2h_staging="direct")
     c.end_to_end.update(preset="tiny", topologies=("2P2D",), link_caps=(0.0, 1e6), agents=2,
                         turns=2, first_append_tokens=200, append_tokens=64, gen_tokens=4,

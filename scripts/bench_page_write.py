@@ -56,7 +56,10 @@ def main(argv):
 
   from dualpath_jax.model import get_preset, paged
 
-  config = get_preset(_PRESET.value, dtype=_DTYPE.value)
+  try:
+    config = get_preset(_PRESET.value, dtype=_DTYPE.value)
+  except ValueError as e:
+    sys.exit(f"error: --preset / --dtype: {e}")
   pt = _PAGE_TOKENS.value
   num_pages = 1 + -(-_POOL_TOKENS.value // pt)
   n = -(-_TOKENS.value // pt)

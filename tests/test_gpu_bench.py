@@ -496,7 +496,8 @@ def test_decode_interference(smoke):
   [row] = di["rows"]
   assert (row["batch"], row["context"]) == (4, 256)
   names = [c["condition"] for c in row["conditions"]]
-  assert names == ["none"] + [f"{kind}, gate {gate}" for gate in ("off, 0.25 MiB", "0.02 s, 0.0625 MiB")
+  gates = ("off, 0.25 MiB", "0.02 s, 0.0625 MiB")
+  assert names == ["none"] + [f"{kind}, gate {gate}" for gate in gates
                               for kind in ("h2d", "d2h", "h2d+d2h", "admit")]
   base = row["conditions"][0]
   assert base["inflation"] == 0.0 and "met" not in base
@@ -512,7 +513,7 @@ def test_decode_interference(smoke):
             f"{direction}_move_bytes"] == 0
         # (a CPU window of a few ms may see no move land: rates may be 0)
         assert c[f"{direction}_alone_gbps"] >= 0 and c[f"{direction}_alone_bytes"] % di[
-            f"{direction}_move_bytes"] == 0 and c["alone_seconds"] >= c["seconds"] * 0.9
+            f"{direction}_move_bytes"] == 0 and c["alone_seconds"] >= c["seconds"]
       else:
         assert f"{direction}_moves" not in c
     if c["kind"] == "admit":  # steps 2 and 5 of 8 (admit_every 3), each with its turn's read

@@ -1,7 +1,7 @@
 """The paged pool and its two decode attentions on the tiny preset in float32.
 
-Either Pallas paged-attention kernel (JAX's or the project's, interpret mode on CPU) gives the gather path's logits and pool
-step after step, for rows of different lengths crossing page boundaries and a padding row; the
+Either Pallas paged-attention kernel (JAX's or the project's, interpret mode on CPU) gives the
+gather path's logits and pool step after step, for rows of different lengths crossing page boundaries and a padding row; the
 pool is 2L separate [H, pages, page_tokens, D] arrays that Full Blocks and KV round-trip through;
 `paged_attention` and the kernel's blocking (`pallas_k_splits`, `pallas_block_tokens`) are
 choices of computation, not of weights (checkpoints ignore them); another blocking gives the same
@@ -269,6 +269,8 @@ def test_bench_page_write_script(tmp_path):
                                                     "copy", "read"]
   assert all(r["median_s"] > 0 for r in result["rows"])
   assert [r["pages_hold_kv"] for r in result["rows"] if "scatter" in r["variant"]] == [True] * 3
-  bad = subprocess.run(command + ["--tokens=4000", f"--out={out}"], cwd=repo, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+  for flag in ("--tokens=4000", "--dtype=int3"):
+    bad = subprocess.run(command + [flag, f"--out={out}"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0, flag
+    assert bad.stderr.strip().splitlines()[-1].startswith("error:"), (flag, bad.stderr[-500:])

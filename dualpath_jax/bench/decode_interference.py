@@ -182,7 +182,10 @@ class _Admissions:
 
 
 def _random_kv(rng: np.random.Generator, shape, dtype: np.dtype) -> np.ndarray:
-  """Random finite values of any float dtype of 2 or 4 bytes: every 16-bit word below 2**14."""
+  """Random finite values of any float dtype of 2 or 4 bytes: every 16-bit word below 2**14.
+  Every byte drawn (hardware.random_normal_bits repeats a 16 MiB tile, so two 32 MiB layers
+  would be equal and a move of the wrong layer would pass the checks), with no float64
+  temporary (a GB-sized standard_normal draw would take eight times its bytes)."""
   words = int(np.prod(shape)) * dtype.itemsize // 2
   return rng.integers(0, 1 << 14, words, np.uint16).view(dtype).reshape(shape)
 
@@ -262,8 +265,8 @@ def measure_decode_interference(
       host_memory=host_memory, h2d_staging=h2d_staging, d2h_staging=d2h_staging,
       h2d_move_bytes=h2d_tokens * layout.token_layer_bytes,
       d2h_move_bytes=d2h_tokens * layout.kv_bytes_per_token, h2d_tokens=h2d_tokens,
-      d2h_tokens=d2h_tokens, admit_every=admit_every, admit_tokens=admit_tokens, gates=[dict(chunk_bytes=c.chunk_bytes, max_kv_wait_s=c.max_kv_wait_s)
-                                    for c in configs],
+      d2h_tokens=d2h_tokens, admit_every=admit_every, admit_tokens=admit_tokens,
+      gates=[dict(chunk_bytes=c.chunk_bytes, max_kv_wait_s=c.max_kv_wait_s) for c in configs],
       target_inflation=target_inflation,
       note=("one device: the DE's loop with KV traffic of one kind kept going back to back "
             "through a TrafficManager of the same engine (the link's worst case); the D2D "

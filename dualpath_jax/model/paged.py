@@ -4,8 +4,9 @@ Pool layout (KVLayout's paged pool): a `PagedPool` pytree of 2 * L separate arra
 every layer, each [H, num_pages, page_tokens, D] in the model dtype (the layout the Pallas GPU
 paged-attention kernels read in place, JAX's and model/paged_kernel.py; one array per layer and
 per K/V because slicing a layer out of a larger array for a pallas_call makes XLA copy it). Page
-p of every array together holds `page_tokens` consecutive tokens of one sequence in every layer, so with page_tokens equal to
-block_tokens a Full Block [L, B, 2, H, D] is exactly one page (`write_full_blocks_to_pages`).
+p of every array together holds `page_tokens` consecutive tokens of one sequence in every layer,
+so with page_tokens equal to block_tokens a Full Block [L, B, 2, H, D] is exactly one page
+(`write_full_blocks_to_pages`).
 Token t of a sequence lives at page block_table[t // page_tokens], slot t % page_tokens. The
 public inputs and outputs stay in the model's KV layout: KV [L, T, 2, H, D] in
 (`write_kv_to_pages`) and out (`read_kv_from_pages`), Full Blocks [n, L, B, 2, H, D] in.
@@ -366,8 +367,8 @@ def pallas_blocking(pages_per_seq: int, page_tokens: int, *,
   at most block_tokens / page_tokens pages (at least 1) and at most a partition's pages.
   The kernel needs padded % k_splits == 0 and (padded / k_splits) % pages_per_compute_block == 0;
   Triton loads need pages_per_compute_block * page_tokens * head_dim to be a power of 2, so
-  pages_per_compute_block is a power of 2. Padding pages (SCRATCH_PAGE) lie past every row's length: the
-  kernel masks them and skips partitions that start past it.
+  pages_per_compute_block is a power of 2. Padding pages (SCRATCH_PAGE) lie past every row's
+  length: the kernel masks them and skips partitions that start past it.
   """
   if pages_per_seq <= 0 or page_tokens <= 0:
     raise ValueError(f"pallas_blocking: pages_per_seq and page_tokens must be positive, got "
