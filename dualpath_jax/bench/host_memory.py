@@ -11,6 +11,7 @@ transfer.pinned_memory, issued back to back or with at most N in flight:
   jax_pinned_array the jax pinned_host arrays themselves, copied by device_put (XLA's own
                    pinned -> device copy: the ceilings' source)
   cuda_registered  numpy arrays page-locked by cudaHostRegister
+  dma_mapped       numpy arrays page-locked by the PJRT client's own dma_map
 
 and D2H of those layers from the device: into fresh numpy (np.asarray), into XLA's pinned host
 memory (device_put onto a pinned_host sharding), and into resident host arrays (the DE buffer's
@@ -31,7 +32,7 @@ from dualpath_jax.bench.hardware import device_sharding, pinned_host_sharding
 from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.transfer import pinned_memory
 
-SOURCES = ("numpy", "jax_pinned", "jax_pinned_array", "cuda_registered")
+SOURCES = ("numpy", "jax_pinned", "jax_pinned_array", "cuda_registered", "dma_mapped")
 
 
 def _delete(arrays) -> None:
