@@ -25,6 +25,10 @@ Copies:
                     into a device buffer allocated before the clock (no allocation in the
                     clock, no XLA in the copy): what the link gives the memory itself
 
+Dtypes: the pieces seen as 1-D arrays of that dtype (the data plane's are bfloat16 KV).
+Issuers: 'main' issues a run from the main thread; 'pool' from a worker thread of a
+ThreadPoolExecutor (the data plane's paths run that way), the main thread waiting for it.
+
 Bound: the most bytes unfinished at once (0: back to back); issuing a piece past it first waits
 for the piece that many bytes earlier (the runtime's layers-in-flight rule, in bytes: 3 layers
 of 64 MiB = 192 MiB). The first and last piece of every configuration are checked against the
@@ -45,6 +49,7 @@ from absl import app, flags
 
 SOURCES = ("jax_pinned_array", "jax_pinned", "cuda_registered", "dma_mapped", "numpy")
 COPIES = ("device_put", "engine", "cuda_memcpy")
+ISSUERS = ("main", "pool")
 
 _SOURCES = flags.DEFINE_list("sources", ["jax_pinned_array", "cuda_registered", "dma_mapped"],
                              f"Source memories, of {SOURCES}.")
@@ -54,6 +59,8 @@ _TOTAL_MIB = flags.DEFINE_list("total_mib", ["1024", "1792"], "Bytes moved a run
 _PIECE_MIB = flags.DEFINE_list("piece_mib", ["16", "32", "64", "128"], "Piece sizes, MiB.")
 _BOUND_MIB = flags.DEFINE_list("bound_mib", ["0", "192"],
                                "Most bytes unfinished at once, MiB (0: back to back).")
+_DTYPES = flags.DEFINE_list("dtypes", ["uint8"], "Dtypes the pieces are seen as (1-D).")
+_ISSUERS = flags.DEFINE_list("issuers", ["main"], f"Issuing threads, of {ISSUERS}.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs a configuration.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs a configuration first.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON.", required=True)
@@ -91,17 +98,29 @@ def main(argv):
   totals = _positive_ints("total_mib", _TOTAL_MIB.value)
   pieces = _positive_ints("piece_mib", _PIECE_MIB.value)
   bounds = _positive_ints("bound_mib", _BOUND_MIB.value, allow_zero=True)
+  issuers = _choices("issuers", _ISSUERS.value, ISSUERS)
   if _REPEATS.value <= 0 or _WARMUP.value < 0:
     sys.exit("error: --repeats must be positive and --warmup non-negative")
+  import concurrent.futures
   import ctypes
 
   import jax
+  import ml_dtypes  # noqa: F401  (bfloat16 and friends as numpy dtypes)
   import numpy as np
   from jax.sharding import SingleDeviceSharding
 
   from dualpath_jax.engines.topology import single_engine
   from dualpath_jax.transfer import host_to_device, pinned_memory
 
+  dtypes = []
+  for name in _DTYPES.value:
+    try:
+      dtypes.append(np.dtype(name))
+    except TypeError:
+      sys.exit(f"error: --dtypes: {name!r} is not a numpy dtype")
+  if not dtypes:
+    sys.exit("error: --dtypes: expected at least one dtype")
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   device = jax.devices()[0]
   sharding = SingleDeviceSharding(device)
   engine = single_engine(device, role="prefill")
@@ -167,18 +186,20 @@ def main(argv):
           by_piece = {}
           for piece_mib in pieces:
             n = total // (piece_mib * mib)
-            by_piece[piece_mib] = [
-                jax.device_put(data[i * piece_mib * mib:(i + 1) * piece_mib * mib],
-                               SingleDeviceSharding(device, memory_kind="pinned_host"))
-                for i in range(n)]
-            jax.block_until_ready(by_piece[piece_mib])
+            for dtype in dtypes:
+              by_piece[piece_mib, dtype] = [
+                  jax.device_put(data[i * piece_mib * mib:(i + 1) * piece_mib * mib].view(dtype),
+                                 SingleDeviceSharding(device, memory_kind="pinned_host"))
+                  for i in range(n)]
+              jax.block_until_ready(by_piece[piece_mib, dtype])
           held.append(by_piece)
         else:
           buffer = pinned_memory.allocate(total, source, device)
           buffer[:] = data
           held.append(buffer)
-          by_piece = {p: [buffer[i * p * mib:(i + 1) * p * mib] for i in range(total // (p * mib))]
-                      for p in pieces}
+          by_piece = {(p, dtype): [buffer[i * p * mib:(i + 1) * p * mib].view(dtype)
+                                   for i in range(total // (p * mib))]
+                      for p in pieces for dtype in dtypes}
       except Exception as e:  # noqa: BLE001  (a kind this backend does not have)
         result["unavailable"].append(dict(source=source, total_mib=total_mib,
                                           error=f"{type(e).__name__}: {e}"[:300]))
@@ -189,8 +210,7 @@ def main(argv):
           continue
         if copy == "engine" and source == "jax_pinned_array":
           continue  # transfer.host_to_device takes host (numpy) arrays
-        for piece_mib in pieces:
-          host_pieces = by_piece[piece_mib]
+        for (piece_mib, dtype), host_pieces in by_piece.items():
           if not host_pieces:
             continue
           for bound_mib in bounds:
@@ -203,9 +223,9 @@ def main(argv):
                                                      sharding) for _ in host_pieces]
                 jax.block_until_ready(targets[piece_mib])
               outs = targets[piece_mib]
-              fn = (lambda hp=host_pieces, outs=outs, b=bound_pieces: copier(hp, outs, b))
+              run = (lambda hp=host_pieces, outs=outs, b=bound_pieces: copier(hp, outs, b))
             else:
-              def fn(hp=host_pieces, b=bound_pieces, copy=copy):
+              def run(hp=host_pieces, b=bound_pieces, copy=copy):
                 moved = []
                 for h in hp:
                   if b and len(moved) >= b:
@@ -213,10 +233,13 @@ def main(argv):
                   moved.append(jax.device_put(h, sharding) if copy == "device_put" else
                                host_to_device(h, engine, copy=False, staging="direct"))
                 return moved
-            configs.append(dict(source=source, copy=copy, total_bytes=total,
-                                piece_bytes=piece_mib * mib, pieces=len(host_pieces),
-                                bound_bytes=bound_mib * mib, bound_pieces=bound_pieces,
-                                fn=fn, first=host_pieces[0], last=host_pieces[-1], times=[]))
+            for issuer in issuers:
+              fn = run if issuer == "main" else (lambda run=run: pool.submit(run).result())
+              configs.append(dict(source=source, copy=copy, dtype=dtype.name, issuer=issuer,
+                                  total_bytes=total, piece_bytes=piece_mib * mib,
+                                  pieces=len(host_pieces), bound_bytes=bound_mib * mib,
+                                  bound_pieces=bound_pieces, fn=fn, first=host_pieces[0],
+                                  last=host_pieces[-1], times=[]))
     print(f"bench_h2d: total {total_mib} MiB: {len(configs)} configurations, "
           f"{_WARMUP.value} + {_REPEATS.value} runs each", file=sys.stderr, flush=True)
     for r in range(_WARMUP.value + _REPEATS.value):
@@ -243,13 +266,15 @@ def main(argv):
                  best_gbps=total / min(c["times"]) / 1e9)
       result["rows"].append(row)
       print(f"bench_h2d: {total_mib:5d} MiB {row['source']:17s} {row['copy']:11s} piece "
-            f"{row['piece_bytes'] // mib:4d} MiB bound {row['bound_bytes'] // mib:4d} MiB: "
+            f"{row['piece_bytes'] // mib:4d} MiB bound {row['bound_bytes'] // mib:4d} MiB "
+            f"{row['dtype']} {row['issuer']}: "
             f"{row['gbps']:6.2f} GB/s (best {row['best_gbps']:6.2f})"
             + ("" if row["bytes_equal"] else "  WRONG BYTES"), file=sys.stderr, flush=True)
     del held, configs, targets
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(result, f, indent=1)
+  pool.shutdown()
   bad = [r for r in result["rows"] if not r["bytes_equal"]]
   if bad:
     sys.exit(f"error: {len(bad)} configuration(s) moved wrong bytes")

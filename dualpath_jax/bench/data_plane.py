@@ -237,7 +237,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
             checks.append(check(outs))
             _delete(outs)
 
-          s, _ = median_seconds(run, repeats, warmup, cleanup=cleanup)
+          s, times = median_seconds(run, repeats, warmup, cleanup=cleanup)
           bad = [c for c in checks if not (c["kv_equal"] and c["on_pe"]
                                            and c["loaded_bytes"] == total)]
           if bad:
@@ -250,7 +250,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
           update()
           continue
         gbps = total / s / 1e9
-        row = dict(k=k, paths=k + 1, variant=variant, gbps=gbps, median_s=s,
+        row = dict(k=k, paths=k + 1, variant=variant, gbps=gbps, median_s=s, times_s=times,
                    blocks_per_path=[len(p) for p in parts],
                    gather_buffers=("none: landed layer-major" if variant.startswith("layer_major")
                                    else "fresh" if variant == "transfer_fresh_buffers"
