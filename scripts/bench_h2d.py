@@ -25,7 +25,9 @@ Copies:
                     into a device buffer allocated before the clock (no allocation in the
                     clock, no XLA in the copy): what the link gives the memory itself
 
-Dtypes: the pieces seen as 1-D arrays of that dtype (the data plane's are bfloat16 KV).
+Dtypes: the pieces seen as arrays of that dtype (the data plane's are bfloat16 KV).
+Shapes: 'flat' (1-D) or 'kv' ([tokens, 2, 4, 128]: a layer part of Qwen2.5-7B's KV, as the data
+plane's pieces are shaped; tokens from the piece's bytes).
 Issuers: 'main' issues a run from the main thread; 'pool' from a worker thread of a
 ThreadPoolExecutor (the data plane's paths run that way), the main thread waiting for it.
 
@@ -50,6 +52,8 @@ from absl import app, flags
 SOURCES = ("jax_pinned_array", "jax_pinned", "cuda_registered", "dma_mapped", "numpy")
 COPIES = ("device_put", "engine", "cuda_memcpy")
 ISSUERS = ("main", "pool")
+SHAPES = ("flat", "kv")
+KV_ROW = (2, 4, 128)  # K/V, kv heads, head dim: Qwen2.5-7B's KV of one token
 
 _SOURCES = flags.DEFINE_list("sources", ["jax_pinned_array", "cuda_registered", "dma_mapped"],
                              f"Source memories, of {SOURCES}.")
@@ -60,6 +64,7 @@ _PIECE_MIB = flags.DEFINE_list("piece_mib", ["16", "32", "64", "128"], "Piece si
 _BOUND_MIB = flags.DEFINE_list("bound_mib", ["0", "192"],
                                "Most bytes unfinished at once, MiB (0: back to back).")
 _DTYPES = flags.DEFINE_list("dtypes", ["uint8"], "Dtypes the pieces are seen as (1-D).")
+_SHAPES = flags.DEFINE_list("shapes", ["flat"], f"Piece shapes, of {SHAPES}.")
 _ISSUERS = flags.DEFINE_list("issuers", ["main"], f"Issuing threads, of {ISSUERS}.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs a configuration.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs a configuration first.")
@@ -99,6 +104,7 @@ def main(argv):
   pieces = _positive_ints("piece_mib", _PIECE_MIB.value)
   bounds = _positive_ints("bound_mib", _BOUND_MIB.value, allow_zero=True)
   issuers = _choices("issuers", _ISSUERS.value, ISSUERS)
+  shapes = _choices("shapes", _SHAPES.value, SHAPES)
   if _REPEATS.value <= 0 or _WARMUP.value < 0:
     sys.exit("error: --repeats must be positive and --warmup non-negative")
   import concurrent.futures
@@ -120,6 +126,12 @@ def main(argv):
       sys.exit(f"error: --dtypes: {name!r} is not a numpy dtype")
   if not dtypes:
     sys.exit("error: --dtypes: expected at least one dtype")
+  kinds = [(dtype, shape) for dtype in dtypes for shape in shapes]
+
+  def shaped(piece, dtype, shape):
+    piece = piece.view(dtype)
+    return piece if shape == "flat" else piece.reshape(-1, *KV_ROW)
+
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   device = jax.devices()[0]
   sharding = SingleDeviceSharding(device)
@@ -186,20 +198,21 @@ def main(argv):
           by_piece = {}
           for piece_mib in pieces:
             n = total // (piece_mib * mib)
-            for dtype in dtypes:
-              by_piece[piece_mib, dtype] = [
-                  jax.device_put(data[i * piece_mib * mib:(i + 1) * piece_mib * mib].view(dtype),
+            for dtype, shape in kinds:
+              by_piece[piece_mib, dtype, shape] = [
+                  jax.device_put(shaped(data[i * piece_mib * mib:(i + 1) * piece_mib * mib],
+                                        dtype, shape),
                                  SingleDeviceSharding(device, memory_kind="pinned_host"))
                   for i in range(n)]
-              jax.block_until_ready(by_piece[piece_mib, dtype])
+              jax.block_until_ready(by_piece[piece_mib, dtype, shape])
           held.append(by_piece)
         else:
           buffer = pinned_memory.allocate(total, source, device)
           buffer[:] = data
           held.append(buffer)
-          by_piece = {(p, dtype): [buffer[i * p * mib:(i + 1) * p * mib].view(dtype)
-                                   for i in range(total // (p * mib))]
-                      for p in pieces for dtype in dtypes}
+          by_piece = {(p, dtype, shape): [shaped(buffer[i * p * mib:(i + 1) * p * mib], dtype,
+                                                 shape) for i in range(total // (p * mib))]
+                      for p in pieces for dtype, shape in kinds}
       except Exception as e:  # noqa: BLE001  (a kind this backend does not have)
         result["unavailable"].append(dict(source=source, total_mib=total_mib,
                                           error=f"{type(e).__name__}: {e}"[:300]))
@@ -210,7 +223,7 @@ def main(argv):
           continue
         if copy == "engine" and source == "jax_pinned_array":
           continue  # transfer.host_to_device takes host (numpy) arrays
-        for (piece_mib, dtype), host_pieces in by_piece.items():
+        for (piece_mib, dtype, shape), host_pieces in by_piece.items():
           if not host_pieces:
             continue
           for bound_mib in bounds:
@@ -235,7 +248,8 @@ def main(argv):
                 return moved
             for issuer in issuers:
               fn = run if issuer == "main" else (lambda run=run: pool.submit(run).result())
-              configs.append(dict(source=source, copy=copy, dtype=dtype.name, issuer=issuer,
+              configs.append(dict(source=source, copy=copy, dtype=dtype.name, shape=shape,
+                                  issuer=issuer,
                                   total_bytes=total, piece_bytes=piece_mib * mib,
                                   pieces=len(host_pieces), bound_bytes=bound_mib * mib,
                                   bound_pieces=bound_pieces, fn=fn, first=host_pieces[0],
@@ -267,7 +281,7 @@ def main(argv):
       result["rows"].append(row)
       print(f"bench_h2d: {total_mib:5d} MiB {row['source']:17s} {row['copy']:11s} piece "
             f"{row['piece_bytes'] // mib:4d} MiB bound {row['bound_bytes'] // mib:4d} MiB "
-            f"{row['dtype']} {row['issuer']}: "
+            f"{row['dtype']} {row['shape']} {row['issuer']}: "
             f"{row['gbps']:6.2f} GB/s (best {row['best_gbps']:6.2f})"
             + ("" if row["bytes_equal"] else "  WRONG BYTES"), file=sys.stderr, flush=True)
     del held, configs, targets
