@@ -31,6 +31,13 @@ plane's pieces are shaped; tokens from the piece's bytes).
 Issuers: 'main' issues a run from the main thread; 'pool' from a worker thread of a
 ThreadPoolExecutor (the data plane's paths run that way), the main thread waiting for it.
 
+Before: what runs outside the clock right before each timed run (A DIAGNOSTIC of the harness):
+  none          nothing
+  asarray       np.asarray of a fresh 64 MiB device array (a D2H into fresh host memory)
+  pinned        transfer.device_to_host(staging='pinned') of one into a resident numpy array
+  cuda_memcpy   transfer.device_to_host(staging='cuda_memcpy') of one into page-locked memory
+(the benchmarks' checks used np.asarray up to 2026-11-29, and it slowed the run after it).
+
 Bound: the most bytes unfinished at once (0: back to back); issuing a piece past it first waits
 for the piece that many bytes earlier (the runtime's layers-in-flight rule, in bytes: 3 layers
 of 64 MiB = 192 MiB). The first and last piece of every configuration are checked against the
@@ -52,6 +59,7 @@ from absl import app, flags
 SOURCES = ("jax_pinned_array", "jax_pinned", "cuda_registered", "dma_mapped", "numpy")
 COPIES = ("device_put", "engine", "cuda_memcpy")
 ISSUERS = ("main", "pool")
+BEFORE = ("none", "asarray", "pinned", "cuda_memcpy")
 SHAPES = ("flat", "kv")
 KV_ROW = (2, 4, 128)  # K/V, kv heads, head dim: Qwen2.5-7B's KV of one token
 
@@ -66,6 +74,7 @@ _BOUND_MIB = flags.DEFINE_list("bound_mib", ["0", "192"],
 _DTYPES = flags.DEFINE_list("dtypes", ["uint8"], "Dtypes the pieces are seen as (1-D).")
 _SHAPES = flags.DEFINE_list("shapes", ["flat"], f"Piece shapes, of {SHAPES}.")
 _ISSUERS = flags.DEFINE_list("issuers", ["main"], f"Issuing threads, of {ISSUERS}.")
+_BEFORE = flags.DEFINE_list("before", ["none"], f"D2H before each run, of {BEFORE}.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed runs a configuration.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed runs a configuration first.")
 _OUT = flags.DEFINE_string("out", None, "Output JSON.", required=True)
@@ -105,6 +114,7 @@ def main(argv):
   bounds = _positive_ints("bound_mib", _BOUND_MIB.value, allow_zero=True)
   issuers = _choices("issuers", _ISSUERS.value, ISSUERS)
   shapes = _choices("shapes", _SHAPES.value, SHAPES)
+  befores = _choices("before", _BEFORE.value, BEFORE)
   if _REPEATS.value <= 0 or _WARMUP.value < 0:
     sys.exit("error: --repeats must be positive and --warmup non-negative")
   import concurrent.futures
@@ -116,7 +126,7 @@ def main(argv):
   from jax.sharding import SingleDeviceSharding
 
   from dualpath_jax.engines.topology import single_engine
-  from dualpath_jax.transfer import host_to_device, pinned_memory
+  from dualpath_jax.transfer import device_to_host, host_to_device, pinned_memory
 
   dtypes = []
   for name in _DTYPES.value:
@@ -186,6 +196,29 @@ def main(argv):
     return run
 
   copier = None
+  probe_host = rng.integers(0, 256, 64 * mib, np.uint8)
+  probe = jax.device_put(probe_host, sharding)
+  fresh_copy = jax.jit(lambda x: x + np.uint8(0))  # a new device array: np.asarray caches
+  resident = np.zeros_like(probe_host)
+  locked = pinned_memory.allocate(probe_host.nbytes, "cuda_registered") if (
+      "cuda_memcpy" in befores and on_gpu) else None
+
+  def d2h_before(kind):
+    if kind == "none":
+      return
+    x = fresh_copy(probe)
+    x.block_until_ready()
+    if kind == "asarray":
+      got = np.asarray(x)
+    elif kind == "pinned":
+      got = device_to_host(x, resident, staging="pinned")
+    elif locked is None:
+      raise SystemExit("error: --before=cuda_memcpy needs a CUDA GPU")
+    else:
+      got = device_to_host(x, locked, staging="cuda_memcpy")
+    if not np.array_equal(got, probe_host):
+      raise SystemExit(f"error: --before={kind}: the D2H landed wrong bytes")
+    x.delete()
   for total_mib in totals:
     total = total_mib * mib
     data = rng.integers(0, 256, total, np.uint8)
@@ -246,10 +279,10 @@ def main(argv):
                   moved.append(jax.device_put(h, sharding) if copy == "device_put" else
                                host_to_device(h, engine, copy=False, staging="direct"))
                 return moved
-            for issuer in issuers:
+            for issuer, before in ((i, b) for i in issuers for b in befores):
               fn = run if issuer == "main" else (lambda run=run: pool.submit(run).result())
               configs.append(dict(source=source, copy=copy, dtype=dtype.name, shape=shape,
-                                  issuer=issuer,
+                                  issuer=issuer, before=before,
                                   total_bytes=total, piece_bytes=piece_mib * mib,
                                   pieces=len(host_pieces), bound_bytes=bound_mib * mib,
                                   bound_pieces=bound_pieces, fn=fn, first=host_pieces[0],
@@ -258,6 +291,7 @@ def main(argv):
           f"{_WARMUP.value} + {_REPEATS.value} runs each", file=sys.stderr, flush=True)
     for r in range(_WARMUP.value + _REPEATS.value):
       for c in configs:
+        d2h_before(c["before"])
         t0 = time.perf_counter()
         out = c["fn"]()
         jax.block_until_ready(out)
@@ -281,7 +315,7 @@ def main(argv):
       result["rows"].append(row)
       print(f"bench_h2d: {total_mib:5d} MiB {row['source']:17s} {row['copy']:11s} piece "
             f"{row['piece_bytes'] // mib:4d} MiB bound {row['bound_bytes'] // mib:4d} MiB "
-            f"{row['dtype']} {row['shape']} {row['issuer']}: "
+            f"{row['dtype']} {row['shape']} {row['issuer']} before {row['before']}: "
             f"{row['gbps']:6.2f} GB/s (best {row['best_gbps']:6.2f})"
             + ("" if row["bytes_equal"] else "  WRONG BYTES"), file=sys.stderr, flush=True)
     del held, configs, targets

@@ -80,6 +80,26 @@ def test_host_memory(smoke):
   assert "H2D of" in md and "from jax_pinned_array" in md
 
 
+def test_host_memory_catches_wrong_bytes(monkeypatch):
+  """A copy that lands the last layer where the first belongs makes its rows bytes_equal False
+  (checked on the device, bench/verify.py)."""
+  import jax
+
+  from dualpath_jax.bench import host_memory
+  issue = host_memory._issue
+
+  def swapping(sources, device, bound):
+    moved = issue(sources, device, bound)
+    moved[0], moved[-1] = moved[-1], moved[0]
+    return moved
+
+  monkeypatch.setattr(host_memory, "_issue", swapping)
+  h = host_memory.measure_host_memory(jax.devices()[0], layer_bytes=4096, num_layers=3,
+                                      bounds=(None,), sources=("numpy",), repeats=1, warmup=0,
+                                      log=lambda line: None)
+  assert [r["bytes_equal"] for r in h["h2d"]] == [False]
+
+
 def test_data_plane(smoke):
   doc, md, _ = smoke
   d = doc["data_plane"]

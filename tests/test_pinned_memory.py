@@ -211,3 +211,12 @@ def test_host_memory_bench_flags_wrong_bytes(monkeypatch):
   with pytest.raises(ValueError, match="host_memory.sources"):
     host_memory.measure_host_memory(jax.devices()[0], layer_bytes=4096, num_layers=1,
                                     sources=("hugepages",), repeats=1, warmup=0)
+
+
+def test_dma_mapped_names_the_kind_where_the_client_cannot_map():
+  """'dma_mapped' asks the PJRT client to map the memory; the CPU client cannot, and says so."""
+  if jax.devices()[0].platform != "cpu":
+    pytest.skip("the CPU client's answer")
+  assert "dma_mapped" in pinned_memory.HOST_MEMORY_KINDS
+  with pytest.raises(RuntimeError, match="host_memory 'dma_mapped'.*cpu client"):
+    pinned_memory.allocate(4096, "dma_mapped")

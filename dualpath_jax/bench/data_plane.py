@@ -46,7 +46,9 @@ The 'layer_major' variants land the read in host memory of the section's `host_m
 node buffers do under runtime.host_memory.
 Every run's PE arrays are checked outside the clock: their bytes add up to the prefix's, they
 sit on the PE, and layers 0 and L - 1 equal layout.layer_kv of the host blocks (layer 0's buffer
-is reused by layer 3, so a premature reuse shows there).
+is reused by layer 3, so a premature reuse shows there), compared on the PE (bench/verify.py:
+from e2e4254 to 2026-11-29 the check copied the layers to the host, which slowed the next timed
+run; the k = 0 rows of records 6 and 11 read 80-88% of the ceiling for that reason).
 Achieved GB/s = all L layers' bytes over the time until every layer has landed on the PE; its
 ratio to the raw ingest ceiling with the same k (ceilings.py) says how much of the hardware the
 data plane uses. Components (gather alone, H2D alone, D2D alone, single thread, all layers)
@@ -62,7 +64,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from dualpath_jax.bench import hardware
+from dualpath_jax.bench import hardware, verify
 from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
@@ -184,7 +186,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
             "max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig. Every "
             "timed and warm-up run is checked outside the clock: loaded_bytes = the PE "
             "arrays' bytes, which sit on the PE, and check_layers equal the host's "
-            "layout.layer_kv"),
+            "layout.layer_kv, compared on the PE (no D2H between timed runs)"),
       h2d_staging=traffic_config.h2d_staging, rows=[])
   log(f"data_plane: {num_blocks} Full Blocks ({result['prefix_tokens']} tokens, "
       f"{total / 2**30:.2f} GiB, {result['layer_bytes'] / 2**20:.1f} MiB a layer), {n} device(s)"
@@ -194,16 +196,19 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
     if on_update:
       on_update(result)
 
+  on_pe = {}  # layer -> its expected bytes on the PE, placed at the first check
+
   def check(outs) -> dict:
-    """What one run left on the PE, against the host blocks (outside the clock)."""
+    """What one run left on the PE, against the host blocks (outside the clock; compared on the
+    PE: a D2H of the layers here slowed the next timed run, bench/verify.py)."""
     arrays = [x for path in outs for x in path]
-    equal = all(
-        np.array_equal(np.concatenate([np.asarray(path[layer]).reshape(-1).view(np.uint8)
-                                       for path in outs]), want)
-        for layer, want in expected.items())
-    return dict(loaded_bytes=sum(x.nbytes for x in arrays),
-                on_pe=all(x.sharding.device_set == pe_devices for x in arrays),
-                kv_equal=bool(equal))
+    where = all(x.sharding.device_set == pe_devices for x in arrays)
+    for layer, want in expected.items():
+      if layer not in on_pe and where:
+        on_pe[layer] = verify.expected_bytes(want, outs[0][layer])
+    equal = where and all(verify.device_bytes_equal([path[layer] for path in outs], on_pe[layer])
+                          for layer in expected)
+    return dict(loaded_bytes=sum(x.nbytes for x in arrays), on_pe=where, kv_equal=bool(equal))
 
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(n, 1))
   try:

@@ -18,7 +18,9 @@ memory (device_put onto a pinned_host sharding), and into resident host arrays (
 reused blocks, what the PE's handoff does) through transfer.device_to_host 'direct' or 'pinned',
 and on GPUs into page-locked arrays ('cuda_registered') through 'pinned' or 'cuda_memcpy' (one
 DMA by the CUDA runtime; its bytes are checked). Every moved
-layer is checked against its source outside the clock (first and last layer).
+layer is checked against its source outside the clock (first and last layer), compared on the
+device (bench/verify.py: a D2H of them between runs slowed the next H2D run; up to 2026-11-29 the
+H2D rows of page-locked sources read 43-47 GB/s for that reason, record 6).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from dualpath_jax.bench import verify
 from dualpath_jax.bench.hardware import device_sharding, pinned_host_sharding
 from dualpath_jax.bench.timing import median_seconds
 from dualpath_jax.transfer import pinned_memory
@@ -85,6 +88,7 @@ def measure_host_memory(device: jax.Device, *, layer_bytes: int, num_layers: int
                 note=("one thread; bound = most copies unfinished at once (None: back to back); "
                       "GB/s = 1e9 bytes/s of the median run; layers "
                       f"{check} checked after every run"))
+  want = {}  # layer -> its bytes on the device, placed at the first check
   for kind in sources:
     if out_of_time():
       result["h2d"].append(dict(source=kind, skipped="time budget"))
@@ -98,9 +102,11 @@ def measure_host_memory(device: jax.Device, *, layer_bytes: int, num_layers: int
     for bound in bounds:
       bad = []
 
-      def cleanup(out, bad=bad):
+      def cleanup(out, bad=bad):  # compared on the device: a D2H here slows the next run
         for i in check:
-          if not np.array_equal(np.asarray(out[i]).reshape(-1), layers[i]):
+          if i not in want:
+            want[i] = verify.expected_bytes(layers[i], out[i])
+          if not verify.device_bytes_equal([out[i]], want[i]):
             bad.append(i)
         _delete(out)
 
