@@ -1,12 +1,13 @@
 r"""Host-to-device copies onto one device, by source memory, piece size, total and bound.
 
 The data plane's PE path (layers landed layer-major in page-locked memory, each layer moved by
-jax.device_put with at most 3 layers in flight) moved 42-46 GB/s on an H200 where the ceilings'
+jax.device_put with at most 3 layers in flight) read 42-46 GB/s on an H200 where the ceilings'
 H2D moved 53 (docs/perf/gpu_bench.md record 11). The two differ in the source (numpy arrays in
 page-locked memory against jax arrays in XLA's pinned_host memory), the piece (64 MiB layers
 against 32 MiB chunks), the total (1.75 GiB against 1 GiB) and the bound (3 layers in flight
 against none). This sweeps each of them, interleaving every configuration's repeats so that a
-drift of the host shows in all of them alike.
+drift of the host shows in all of them alike. Record 12: every configuration moved 52-55 GB/s;
+what slowed the data plane was its own check between runs (see --before).
 
 Sources (what a piece's bytes sit in):
   jax_pinned_array  jax arrays in XLA's pinned_host memory, one a piece (the ceilings' source)

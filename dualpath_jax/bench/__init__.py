@@ -10,6 +10,7 @@
   decode_interference.py  the DE's step time while its own KV traffic runs on its device
   end_to_end.py  offline jobs (basic / dualpath / oracle) per topology and link cap
   report.py      the JSON and markdown that a run leaves behind
+  verify.py      moved bytes compared on the device (a D2H between timed runs slows the next)
 
 Nothing here reads a config file or parses flags: the experiment script does, and passes plain
 keyword arguments. Every section returns a JSON-ready dict.

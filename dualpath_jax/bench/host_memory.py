@@ -20,7 +20,7 @@ and on GPUs into page-locked arrays ('cuda_registered') through 'pinned' or 'cud
 DMA by the CUDA runtime; its bytes are checked). Every moved
 layer is checked against its source outside the clock (first and last layer), compared on the
 device (bench/verify.py: a D2H of them between runs slowed the next H2D run; up to 2026-11-29 the
-H2D rows of page-locked sources read 43-47 GB/s for that reason, record 6).
+H2D rows of page-locked sources read 43-47 GB/s for that reason, records 6 and 12).
 """
 
 from __future__ import annotations

@@ -130,6 +130,8 @@ def device_to_host(x: jax.Array, out: np.ndarray | None = None, *,
   'direct' measured 1.3 GB/s for 64 MiB layers into fresh arrays, 'pinned' 53.8 GB/s into pinned
   memory and 15.8 GB/s on into resident arrays (2x H200, docs/perf/gpu_bench.md record 6).
   'cuda_memcpy': the CUDA runtime copies into `out` directly (GPUs only; D2H_STAGING_MODES).
+  A 'direct' D2H of 64 MiB also slowed the next run of H2Ds by 2-8 ms on an H200; 'pinned' and
+  'cuda_memcpy' did not (docs/perf/gpu_bench.md record 12).
   x may already sit in pinned host memory (start_device_to_host).
   The result never aliases device memory the runtime may later reuse.
   """
