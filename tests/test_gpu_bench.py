@@ -116,7 +116,10 @@ def test_data_plane(smoke):
     assert "error" not in r, r
     # On CPU a "device" is host RAM and host_to_device may alias numpy, so the data plane can
     # beat the pinned-copy "ceiling": only the ratio's sign and rough size are checked here.
-    assert positive(r["gbps"]) and 0 < r["ratio"] < 10 and isinstance(r["met"], bool)
+    assert positive(r["gbps"]) and 0 < r["ratio"] < 10
+    # the target judges the runtime's variant only; the others are diagnostics
+    assert isinstance(r["met"], bool) if r["variant"] == data_plane.RUNTIME_VARIANT \
+        else "met" not in r
     assert sum(r["blocks_per_path"]) == d["num_blocks"]
     # Every variant landed the whole prefix on the PE, and every run's layers 0 and L-1 equal
     # the host's layer_kv (else the row would be an error): reused buffers corrupt nothing.
@@ -133,6 +136,7 @@ def test_data_plane(smoke):
       assert "chunk_bytes" not in r
   assert "| data_plane | k=1 traffic (0.25 MiB pieces, KV wait <= 0 s): 1024-token prefix |" in md
   assert "| data_plane | k=3 transfer_fresh_buffers: 1024-token prefix |" in md
+  assert md.count("info (not the runtime's path)") == 4 * (len(data_plane.VARIANTS) - 1)
   assert all(positive(d["components"][k])
              for k in ("gather_gbps", "h2d_gbps", "h2d_direct_gbps", "d2d_gbps"))
   by_source = d["components"]["h2d_direct_by_source"]

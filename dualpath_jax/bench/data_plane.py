@@ -51,7 +51,8 @@ from e2e4254 to 2026-11-29 the check copied the layers to the host, which slowed
 run; the k = 0 rows of records 6 and 11 read 80-88% of the ceiling for that reason).
 Achieved GB/s = all L layers' bytes over the time until every layer has landed on the PE; its
 ratio to the raw ingest ceiling with the same k (ceilings.py) says how much of the hardware the
-data plane uses. Components (gather alone, H2D alone, D2D alone, single thread, all layers)
+data plane uses; the target judges the runtime's variant ('layer_major') only, the others
+report their ratios as diagnostics. Components (gather alone, H2D alone, D2D alone, single thread, all layers)
 show where the time goes.
 """
 
@@ -71,6 +72,9 @@ from dualpath_jax.runtime.prefill_shard import LAYERS_IN_FLIGHT
 from dualpath_jax.runtime.traffic import row_slices
 from dualpath_jax.transfer import pinned_memory
 
+RUNTIME_VARIANT = "layer_major"
+"""The variant that moves KV as the runtime does; the target (target_ratio of the ceiling) judges
+its rows only: the others are diagnostics and older paths, reported with their ratios."""
 VARIANTS = ("layer_major", "layer_major_direct", "transfer", "transfer_direct", "traffic",
             "transfer_fresh_buffers")
 VARIANT_NOTES = {
@@ -268,8 +272,9 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                      h2d_staging=traffic_config.h2d_staging)
         ceiling = (ceiling_gbps or {}).get(k)
         if ceiling:
-          row.update(ceiling_gbps=ceiling, ratio=gbps / ceiling,
-                     met=bool(gbps / ceiling >= target_ratio))
+          row.update(ceiling_gbps=ceiling, ratio=gbps / ceiling)
+          if variant == RUNTIME_VARIANT:
+            row["met"] = bool(gbps / ceiling >= target_ratio)
         result["rows"].append(row)
         log(f"data_plane: k={k} {variant:22s} {gbps:7.2f} GB/s"
             + (f"  ratio {row['ratio']:.3f} of {ceiling:.2f}" if ceiling else ""))
