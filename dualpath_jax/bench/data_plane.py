@@ -52,8 +52,8 @@ run; the k = 0 rows of records 6 and 11 read 80-88% of the ceiling for that reas
 Achieved GB/s = all L layers' bytes over the time until every layer has landed on the PE; its
 ratio to the raw ingest ceiling with the same k (ceilings.py) says how much of the hardware the
 data plane uses; the target judges the runtime's variant ('layer_major') only, the others
-report their ratios as diagnostics. Components (gather alone, H2D alone, D2D alone, single thread, all layers)
-show where the time goes.
+report their ratios as diagnostics. Components (gather alone, H2D alone, D2D alone, single
+thread, all layers) show where the time goes.
 """
 
 from __future__ import annotations
