@@ -325,24 +325,76 @@ def test_de_path_h2d_forward_stages_every_layer_before_the_first_d2d(four_layers
 
   monkeypatch.setattr(TrafficManager, "h2d", h2d)
   monkeypatch.setattr(TrafficManager, "d2d", d2d)
-  generated = {}
-  for how in ("forward", "per_layer"):
+  generated, staged = {}, {}
+  # (de_path_h2d, de_path_stage_bytes): 1 byte bounds 'forward' to the layer the loop needs
+  for how, bound in (("forward", 0), ("per_layer", 0), ("forward", 1)):
     events.clear()
     rc = RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], max_context_tokens=512,
                        host_buffer_bytes=64 << 20, link_bytes_per_s=LINK_BYTES_PER_S,
-                       de_path_h2d=how, kv_max_wait_s=0.0)  # gated, moves stay per layer
+                       de_path_h2d=how, de_path_stage_bytes=bound,
+                       kv_max_wait_s=0.0)  # gated, moves stay per layer
     run = run_offline(rc, model4, store4, layout4, small, cost_model=COST,
-                      namespace_prefix=f"l4-de-path-{how}-")
-    generated[how] = run.generated
+                      namespace_prefix=f"l4-de-path-{how}-{bound}-")
+    generated[how, bound], staged[how, bound] = run.generated, run.max_de_staged_bytes
     assert "d2d" in events and run.bytes["d2d"] > 0, how
     first = events.index("d2d")
     # every DE-path layer goes H2D once and on once, in either mode
     assert events.count("d2d") == events.count("de_path_h2d"), how
-    if how == "forward":
+    if (how, bound) == ("forward", 0):
       assert first >= layout4.num_layers  # the region's 4 layers all staged first
     else:
       assert first == 1
-  assert generated["forward"] == generated["per_layer"]
+  assert generated["forward", 0] == generated["per_layer", 0] == generated["forward", 1]
+  assert staged["per_layer", 0] == 0 < staged["forward", 1] < staged["forward", 0]
+
+
+def test_de_path_staging_keeps_within_its_bound():
+  """PrefillShard._stage_on_de: with runtime.de_path_stage_bytes, a DE holds at most that many
+  staged bytes for a forward (the layer needed now always staged), shared by the regions on it,
+  topped up as layers are sent on; 0 stages every layer at once."""
+  from types import SimpleNamespace
+
+  from dualpath_jax.runtime.prefill_shard import PrefillShard, _StagedRegion
+
+  def shard(bound):
+    return SimpleNamespace(cluster=SimpleNamespace(
+        runtime_config=SimpleNamespace(de_path_stage_bytes=bound)), _de_staged_bytes={},
+        max_de_staged_bytes=0)
+
+  issued = []
+  de_tm = SimpleNamespace(engine=SimpleNamespace(name="de0"),
+                          h2d=lambda host: issued.append(host) or host)
+
+  def send(s, region, layer):  # what _via_de does around the staging
+    PrefillShard._stage_on_de(s, region, de_tm, need=layer)
+    assert region.arrays[layer] is not None
+    region.arrays[layer] = None
+    s._de_staged_bytes["de0"] -= region.layer_bytes
+
+  unbounded = shard(0)
+  region = _StagedRegion(lambda layer: ("a", layer), 10, 6)
+  send(unbounded, region, 0)
+  assert region.next == 6 and unbounded.max_de_staged_bytes == 60 and len(issued) == 6
+  # 25 bytes: two 10-byte layers ahead at most, shared by two regions on the same DE
+  issued.clear()
+  bounded = shard(25)
+  a = _StagedRegion(lambda layer: ("a", layer), 10, 6)
+  b = _StagedRegion(lambda layer: ("b", layer), 10, 6)
+  for layer in range(6):
+    for region in (a, b):
+      send(bounded, region, layer)
+      assert bounded._de_staged_bytes["de0"] <= 25
+  assert bounded.max_de_staged_bytes <= 25
+  assert sorted(issued) == sorted([("a", l) for l in range(6)] + [("b", l) for l in range(6)])
+  assert issued[:2] == [("a", 0), ("a", 1)]  # a staged ahead within the bound, b waited
+  # a bound below one layer still stages the layer needed now
+  tiny = shard(1)
+  c = _StagedRegion(lambda layer: ("c", layer), 10, 3)
+  for layer in range(3):
+    send(tiny, c, layer)
+  assert tiny.max_de_staged_bytes == 10
+  with pytest.raises(ValueError, match="runtime.de_path_stage_bytes"):
+    RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["1P1D"], de_path_stage_bytes=-1)
 
 
 def test_host_buffers_in_jax_pinned_memory_give_the_same_outputs(four_layer_runs):

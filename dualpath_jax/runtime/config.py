@@ -70,9 +70,16 @@ class RuntimeConfig:
   flight moved 10.8 GB/s onto a decoding H200 against 54.7 GB/s with no step running; 28 in
   flight (a forward's layers at once) 54.3 GB/s (docs/perf/gpu_bench.md record 11). 'forward'
   holds the forward's DE-side prefix (every layer) on the DE device until each layer's D2D has
-  been issued. With the priority gate on (kv_max_wait_s > 0) the moves stay per layer: a gated
-  move's pieces are issued one after another on the PE's thread. Not yet measured end to end
-  (needs two GPUs)."""
+  been issued (bounded by de_path_stage_bytes). With the priority gate on (kv_max_wait_s > 0)
+  the moves stay per layer: a gated move's pieces are issued one after another on the PE's
+  thread. Not yet measured end to end (needs two GPUs)."""
+  de_path_stage_bytes: int = 0
+  """Under de_path_h2d 'forward': most bytes of one forward's DE-path layers staged on a DE and
+  not yet sent on to the PE (0: no bound, every layer of every region at its first use). With a
+  bound, a region stages ahead only while the DE's staged bytes fit, and tops up as the PE's loop
+  sends layers on; the layer the loop needs now is always staged. Smaller bounds issue the H2Ds
+  in smaller groups, each waiting for the DE's step in flight (record 11: 3 x 32 MiB moved
+  10.8 GB/s onto a decoding H200, 28 x 32 MiB 54.3). Summaries report max_de_staged_bytes."""
   compute_quota_s: float = 0.3
   """Predicted forward time per shard that one PE batch may fill (the paper: 300 ms on GPU)."""
   token_budget: int = 8192
@@ -138,6 +145,10 @@ class RuntimeConfig:
     if self.de_path_h2d not in DE_PATH_H2D:
       raise ValueError(f"runtime.de_path_h2d: expected one of {list(DE_PATH_H2D)}, got "
                        f"{self.de_path_h2d!r}")
+    stage = self.de_path_stage_bytes
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
+      raise ValueError(f"runtime.de_path_stage_bytes: expected a non-negative int (0: no bound), "
+                       f"got {stage!r}")
     if self.split_reads and not self.dual_path:
       raise ValueError("runtime.split_reads needs runtime.dual_path (a split read uses both sides)")
     rate = self.link_bytes_per_s

@@ -51,6 +51,9 @@ class OfflineRun:
   """Generated tokens per (agent, turn)."""
   max_prefix_layers_on_pe: int
   """Most layers of prefix KV any PE held on its device at once."""
+  max_de_staged_bytes: int
+  """Most bytes of DE-path layers one PE's forward held staged on one DE at once
+  (runtime.de_path_h2d 'forward', bounded by runtime.de_path_stage_bytes)."""
   rounded_prefill_batches: int
   """Timed PE batches run in a larger compiled shape than their own (PrefillShard.batch_shape)."""
   decode_step_s: list[float]
@@ -287,6 +290,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       mode=runtime_config.mode, jct_s=jct_s, turns=records, generated=generated,
       bytes={k: v - marks["bytes"].get(k, 0) for k, v in cluster.bytes_by_path().items()},
       max_prefix_layers_on_pe=max(s.max_resident_layers for s in cluster.prefill_shards),
+      max_de_staged_bytes=max(s.max_de_staged_bytes for s in cluster.prefill_shards),
       rounded_prefill_batches=sum(s.rounded_batches - marks["rounded"][s.engine.name]
                                   for s in cluster.prefill_shards),
       decode_step_s=[t1 - t0 for records in steps.values() for t0, t1, _ in records],

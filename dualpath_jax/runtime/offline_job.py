@@ -348,6 +348,7 @@ def summarize(run: OfflineRun, reference: dict | None, *, snic_window_s: float =
       engine_time_s={role: dict(total=_stage_totals(engines), per_engine=engines)
                      for role, engines in run.engine_stage_s.items()},
       max_prefix_layers_on_pe=run.max_prefix_layers_on_pe,
+      max_de_staged_bytes=run.max_de_staged_bytes,
       rounded_prefill_batches=run.rounded_prefill_batches,
       read_side_counts={side: sum(t["read_side"] == side for t in run.turns)
                         for side in ("pe", "de", "split", "none")},

@@ -65,6 +65,17 @@ while layer l+1 loads and layer l-1's KV goes to the DE (on the shard's sender t
 most three layers of prefix KV sit on the PE."""
 
 
+class _StagedRegion:
+  """One DE-path region of a layerwise forward (runtime.de_path_h2d 'forward'): region(layer) is
+  its host array of that layer; arrays[layer] its copy on the DE, until sent on to the PE."""
+
+  def __init__(self, region, layer_bytes: int, num_layers: int):
+    self.region = region
+    self.layer_bytes = layer_bytes
+    self.arrays: list = [None] * num_layers
+    self.next = 0  # the first layer not yet staged
+
+
 class PrefillShard:
   """One PE: executes the batches its group leader selects for it (no thread of its own)."""
 
@@ -89,7 +100,13 @@ class PrefillShard:
     """Batches run in a larger compiled shape than their own (batch_shape), not compiled anew."""
     self._de_staged: dict | None = None
     """In a layerwise forward under runtime.de_path_h2d 'forward': per DE-path region (request,
-    side), every layer's array on the DE device not yet sent on to this PE (_via_de)."""
+    side), its layers staged on the DE device and not yet sent on to this PE (_via_de)."""
+    self._de_staged_bytes: dict[str, int] = {}
+    """Per DE: bytes of this forward's staged layers not yet sent on (runtime.de_path_stage_bytes
+    bounds it)."""
+    self.max_de_staged_bytes = 0
+    """Most bytes of staged DE-path layers one DE held for this PE at once (the cost of 'forward';
+    the layer being sent on is not counted once its D2D is issued)."""
 
   @contextlib.contextmanager
   def _stage(self, name: str):
@@ -275,10 +292,28 @@ class PrefillShard:
       return de_tm.d2d(de_tm.h2d(host), self.engine)
     staged = self._de_staged.get(key)
     if staged is None:
-      staged = self._de_staged[key] = [de_tm.h2d(region(layer))
-                                       for layer in range(self.cluster.layout.num_layers)]
-    on_de, staged[layers] = staged[layers], None  # freed once its D2D has read it
+      staged = self._de_staged[key] = _StagedRegion(region, host.nbytes,
+                                                    self.cluster.layout.num_layers)
+    self._stage_on_de(staged, de_tm, need=layers)
+    on_de, staged.arrays[layers] = staged.arrays[layers], None  # freed once its D2D has read it
+    self._de_staged_bytes[de_tm.engine.name] -= staged.layer_bytes
     return de_tm.d2d(on_de, self.engine)
+
+  def _stage_on_de(self, staged: _StagedRegion, de_tm, need: int) -> None:
+    """H2Ds of `staged`'s next layers onto its DE: up to layer `need` always, and further ahead
+    while the DE's staged bytes stay within runtime.de_path_stage_bytes (0: every layer, at the
+    region's first use). Issued together, they wait for the DE's step in flight together."""
+    budget = self.cluster.runtime_config.de_path_stage_bytes
+    de_name = de_tm.engine.name
+    held = self._de_staged_bytes.get(de_name, 0)
+    while staged.next < len(staged.arrays):
+      if staged.next > need and budget and held + staged.layer_bytes > budget:
+        break
+      staged.arrays[staged.next] = de_tm.h2d(staged.region(staged.next))
+      held += staged.layer_bytes
+      staged.next += 1
+    self._de_staged_bytes[de_name] = held
+    self.max_de_staged_bytes = max(self.max_de_staged_bytes, held)
 
   def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
               ) -> jax.Array | None:
@@ -387,6 +422,7 @@ class PrefillShard:
     with self._stage("compute"), self.tm.model_step():
       x = embed_tokens_jit(self.model, tokens)
     self._de_staged = {} if self.cluster.runtime_config.de_path_h2d == "forward" else None
+    self._de_staged_bytes = {}
     sends: dict[int, concurrent.futures.Future] = {}
     try:
       current = self._load_layer(chunks, rows, tp, 0)
@@ -408,6 +444,7 @@ class PrefillShard:
         current = following
     finally:
       self._de_staged = None  # the staged layers of a failed forward go with it
+      self._de_staged_bytes = {}
       if sends:
         with self._stage("send"):
           for l in sorted(sends):
