@@ -34,6 +34,9 @@ def test_device_bytes_equal_compares_every_byte_in_order():
                                 expected_bytes(zeros, jax.device_put(zeros, d0)))
   with pytest.raises(ValueError, match="parts"):
     device_bytes_equal([], want)
+  # expected bytes from a device array (no D2H) equal those from its host copy
+  on_device = jax.device_put(host, d0)
+  assert device_bytes_equal(parts, expected_bytes(on_device, parts[0]))
 
 
 def test_device_bytes_equal_rejects_a_part_on_another_device():

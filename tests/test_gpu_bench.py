@@ -594,3 +594,21 @@ def test_decode_interference_catches_wrong_bytes(monkeypatch):
           paged_attention="gather"), shapes=((2, 64),), page_tokens=16, steps=3, rounds=1,
       kinds=("none", "h2d"), h2d_tokens=16, d2h_tokens=16, log=lambda line: None)
   assert "landed different bytes" in got["rows"][0]["error"]
+
+
+def test_decode_interference_catches_a_wrong_page_write(monkeypatch):
+  """The 'admit' kind checks, on the device, that its page writes hold the landed KV."""
+  import jax
+
+  from dualpath_jax.bench import decode_interference
+  from dualpath_jax.model import paged
+  from dualpath_jax.model.config import get_preset
+  real_write = paged.write_kv_to_pages
+  monkeypatch.setattr(paged, "write_kv_to_pages",
+                      lambda pool, kv, ids: real_write(pool, kv + 1, ids))
+  got = decode_interference.measure_decode_interference(
+      jax.devices()[0], model_config=get_preset("tiny", dtype="float32").replace(
+          paged_attention="gather"), shapes=((2, 64),), page_tokens=16, steps=4, rounds=1,
+      kinds=("none", "admit"), h2d_tokens=16, d2h_tokens=16, admit_every=2, admit_tokens=32,
+      log=lambda line: None)
+  assert "pages written differ" in got["rows"][0]["error"]

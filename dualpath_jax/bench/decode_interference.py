@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from dualpath_jax.bench import verify
 from dualpath_jax.bench.engine import DecodeInputs
 from dualpath_jax.kvstore.layout import KVLayout
 from dualpath_jax.model import paged
@@ -172,10 +173,13 @@ class _Admissions:
     # Outside the clock: the page write and the page read moved the right bytes.
     written = paged.read_kv_from_pages(self.inputs.pool, self.admit_page_ids,
                                        self.landed.shape[1])
-    if not _same_bytes(np.asarray(written), np.asarray(self.landed)):
+    # (compared on the device: a D2H here would slow the next window's H2Ds, bench/verify.py)
+    if written.shape != self.landed.shape or not verify.device_bytes_equal(
+        [written], verify.expected_bytes(self.landed, written)):
       raise RuntimeError("admit: the pages written differ from the landed KV")
-    if self.persists and not _same_bytes(self.landing, np.asarray(paged.read_kv_from_pages(
-        self.inputs.pool, self.persist_pages, self.persist_tokens))):
+    read = paged.read_kv_from_pages(self.inputs.pool, self.persist_pages, self.persist_tokens)
+    if self.persists and (read.shape != self.landing.shape or not verify.device_bytes_equal(
+        [read], verify.expected_bytes(self.landing, read))):
       raise RuntimeError("admit: the persisted pages differ from the pool's")
     return dict(admissions=len(steps), persists=len(self.persists),
                 admit_step_indices=[s - 1 for s in steps])  # their periods' indices
@@ -354,7 +358,9 @@ def measure_decode_interference(
       # Outside the clock: what landed is what was sent.
       if s.direction == "h2d":
         for i, x in ((0, s.first), (s.issued - 1, s.last)):
-          if x is not None and not _same_bytes(np.asarray(x), source[i % layout.num_layers]):
+          want = source[i % layout.num_layers]
+          if x is not None and (x.shape != want.shape or not verify.device_bytes_equal(
+              [x], verify.expected_bytes(want, x))):  # on the device (bench/verify.py)
             raise RuntimeError(f"h2d traffic: move {i} landed different bytes")
       elif not _same_bytes(landing, persisted_host):
         raise RuntimeError("d2h traffic: the landing array differs from the device's")

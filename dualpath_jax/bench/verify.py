@@ -33,9 +33,14 @@ def _bytes_equal(parts: Sequence[jax.Array], want: jax.Array) -> jax.Array:
   return jnp.array_equal(got, want)
 
 
-def expected_bytes(host: np.ndarray, like: jax.Array) -> jax.Array:
-  """`host`'s bytes placed where `like` lies (once, before the runs it checks)."""
-  flat = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+_bytes_jit = jax.jit(_bytes)
+
+
+def expected_bytes(source: np.ndarray | jax.Array, like: jax.Array) -> jax.Array:
+  """`source`'s bytes (a host array, or a device array: no D2H) placed where `like` lies."""
+  if isinstance(source, jax.Array):
+    return jax.device_put(_bytes_jit(source), like.sharding)
+  flat = np.ascontiguousarray(source).reshape(-1).view(np.uint8)
   return jax.device_put(flat, like.sharding)
 
 
