@@ -30,9 +30,10 @@ RUNS = {  # run name -> RuntimeConfig switches
     "split": dict(mode="dualpath", split_reads=True),
     # A quota below one first-turn prompt's predicted time: chunked prefill.
     "chunked": dict(mode="dualpath", compute_quota_s=1.5e-3),
-    # The same with the priority gate off: the DE path stages a forward's layers at its start
-    # (runtime.de_path_h2d 'forward'; gated, moves stay per layer).
-    "chunked-ungated": dict(mode="dualpath", compute_quota_s=1.5e-3, kv_max_wait_s=0.0),
+    # The same with the priority gate off and the DE path staging a forward's layers at its
+    # start (runtime.de_path_h2d 'forward'; gated, moves stay per layer).
+    "chunked-ungated": dict(mode="dualpath", compute_quota_s=1.5e-3, kv_max_wait_s=0.0,
+                            de_path_h2d="forward"),
     # Whole-prompt loading with chunks: later chunks reload the prefix from the DE buffer.
     "basic-chunked": dict(mode="basic", token_budget=128),
     "basic-dualpath-scheduler": dict(mode="basic", scheduler="dualpath"),

@@ -60,19 +60,22 @@ class RuntimeConfig:
   of DESIGN.md) or 'pe_host_link', A DIAGNOSTIC THAT LEAVES THE DE'S GPU OUT: one H2D from the
   DE node's buffer straight onto the PE over the PE's own host link (not the paper's path; the
   store reads still run on the DE's storage link)."""
-  de_path_h2d: str = "forward"
+  de_path_h2d: str = "per_layer"
   """Layerwise prefill with de_read_route 'de_device': when the DE path's KV goes H2D onto the DE
-  device. 'forward': every layer of the forward's DE-side prefix at the forward's start, each
-  layer's D2D to the PE as the PE's loop loads it; 'per_layer' (up to 2026-11-29): each layer's
-  H2D as the loop loads it. An H2D onto a GPU waits for the work queued on that GPU's compute
-  stream when it is issued (PJRT's GPU client allocates device buffers compute-synchronized),
-  so on a decoding DE every per-layer H2D waited for the decode step in flight: 3 x 32 MiB in
-  flight moved 10.8 GB/s onto a decoding H200 against 54.7 GB/s with no step running; 28 in
-  flight (a forward's layers at once) 54.3 GB/s (docs/perf/gpu_bench.md record 11). 'forward'
-  holds the forward's DE-side prefix (every layer) on the DE device until each layer's D2D has
-  been issued (bounded by de_path_stage_bytes). With the priority gate on (kv_max_wait_s > 0)
-  the moves stay per layer: a gated move's pieces are issued one after another on the PE's
-  thread. Not yet measured end to end (needs two GPUs)."""
+  device. 'per_layer' (the default): each layer's H2D as the PE's loop loads it, then its D2D.
+  'forward': every layer of the forward's DE-side prefix at the forward's start, each layer's D2D
+  to the PE as the loop loads it. An H2D onto a GPU waits for the work queued on that GPU's
+  compute stream when it is issued (PJRT's GPU client allocates device buffers
+  compute-synchronized), so on a decoding DE per-layer H2Ds wait for the decode step in flight:
+  3 x 32 MiB in flight moved 10.8 GB/s onto a decoding H200 against 54.7 GB/s with no step
+  running; 28 in flight (a forward's layers at once) 54.3 GB/s (docs/perf/gpu_bench.md record
+  11). 'forward' was the default from 2026-11-29 for that reason, until 1P1D end to end (2x H200,
+  links capped at 6.25 GB/s, record 13) ran it 5% slower than 'per_layer' (JCT medians 7.06 s
+  against 6.72 s in one call) with more decode inflation (+43-45% against +15-17%), holding
+  2.2-3.1 GB staged on the DE: there the DE path's rate is not what bounds the job. 'forward'
+  holds the forward's DE-side prefix on the DE device until each layer's D2D has been issued
+  (bounded by de_path_stage_bytes). With the priority gate on (kv_max_wait_s > 0) the moves
+  stay per layer: a gated move's pieces are issued one after another on the PE's thread."""
   de_path_stage_bytes: int = 0
   """Under de_path_h2d 'forward': most bytes of one forward's DE-path layers staged on a DE and
   not yet sent on to the PE (0: no bound, every layer of every region at its first use). With a

@@ -9,7 +9,7 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
     flight before layer l computes:
       PE path  PE node buffer --H2D--> PE device
       DE path  DE node buffer --H2D--> DE device --D2D--> PE device
-    (under runtime.de_path_h2d 'forward', the default, the DE path's H2D of every layer is
+    (under runtime.de_path_h2d 'forward', not the default, the DE path's H2D of every layer is
     issued at the forward's start, and only its D2D layer by layer: an H2D onto a decoding GPU
     waits for the step in flight);
     after layer l, each row's new KV goes D2H from the PE straight into its DE node buffer (and,
