@@ -107,6 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # where the 'layer_major' variants' reads land (runtime.host_memory; pinned_memory kinds):
       # the GPU end-to-end preset's ('numpy' up to 2026-11-29; the GPU records passed this)
       host_memory="cuda_registered",
+      # the 'traffic' and 'layer_major' variants' H2D staging: the GPU preset's ('' up to
+      # 2026-11-29: 'direct' where the components showed it faster, else 'auto'; record 13's
+      # k = 1 rows ran 'auto' with the components off)
+      h2d_staging="direct",
       components=True,
       repeats=3, warmup=1,
       target_ratio=0.90))
@@ -275,7 +279,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ceilings.update(total_mib=32, chunk_mib=4, d2d_mib=8, repeats=3, warmup=1)
     # 2 MiB a layer: 256 KiB pieces make the 'traffic' moves chunked and joined on the PE
     c.data_plane.update(prefix_tokens=1024, repeats=2, warmup=1, chunk_bytes=256 << 10,
-                        host_memory="numpy")  # no CUDA on a CPU host
+                        host_memory="numpy", h2d_staging="")  # no CUDA on a CPU host
     # no CUDA runtime on a CPU host: 'cuda_registered' would only report its error
     c.host_memory.update(preset="tiny", dtype="float32", prefix_tokens=1024, bounds=(0, 2),
                          sources=("numpy", "jax_pinned", "jax_pinned_array"), repeats=2, warmup=1)

@@ -110,6 +110,7 @@ def main(argv):
       warmup=d.warmup, ceiling_gbps=ceiling_gbps, target_ratio=d.target_ratio,
       components=d.components, chunk_bytes=d.chunk_bytes, max_kv_wait_s=d.max_kv_wait_s,
       layers_in_flight=d.layers_in_flight, host_memory=d.host_memory,
+      h2d_staging=d.h2d_staging,
       seed=config.seed, log=log, out_of_time=log.out_of_time,
       on_update=update))
 

@@ -394,9 +394,15 @@ def test_data_plane_on_one_and_two_devices():
     with pytest.raises(ValueError, match="data_plane.layers_in_flight"):
       data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
                                     repeats=1, warmup=0, layers_in_flight=bad)
+  with pytest.raises(ValueError, match="data_plane.h2d_staging"):
+    data_plane.measure_data_plane(jax.devices()[:1], layout=layout, prefix_tokens=32,
+                                  repeats=1, warmup=0, h2d_staging="dma")
   two = data_plane.measure_data_plane(jax.devices()[:2], layout=layout, prefix_tokens=32,
                                       repeats=1, warmup=0, components=False,
-                                      log=lambda line: None)
+                                      h2d_staging="direct", log=lambda line: None)
+  # the TrafficManager variants run the given staging (the runtime's), components or not
+  assert two["h2d_staging"] == "direct"
+  assert {r["h2d_staging"] for r in two["rows"] if "h2d_staging" in r} == {"direct"}
   assert [(r["k"], r["variant"]) for r in two["rows"]] == [
       (k, v) for k in (0, 1) for v in data_plane.VARIANTS]
   assert all(positive(r["gbps"]) and "ratio" not in r for r in two["rows"])

@@ -134,7 +134,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                        target_ratio: float = 0.9, components: bool = True, seed: int = 0,
                        chunk_bytes: int = 32 << 20, max_kv_wait_s: float = 0.0,
                        layers_in_flight: int = LAYERS_IN_FLIGHT,
-                       host_memory: str = "numpy",
+                       host_memory: str = "numpy", h2d_staging: str = "",
                        log: Callable[[str], None] = print,
                        out_of_time: Callable[[], bool] = lambda: False,
                        on_update: Callable[[dict], None] | None = None) -> dict:
@@ -144,6 +144,8 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   prefill_layers_in_flight; the note strings describe the default, LAYERS_IN_FLIGHT).
   chunk_bytes, max_kv_wait_s: the 'traffic' and 'layer_major' variants' TrafficConfig (the runtime's
   kv_chunk_bytes and kv_max_wait_s).
+  h2d_staging: the TrafficManager variants' TrafficConfig.h2d_staging (the runtime's
+  h2d_staging); '' picks 'direct' where the components show it faster, else the default.
   """
   from dualpath_jax.runtime.traffic import TrafficConfig
   from dualpath_jax.transfer import make_mover
@@ -159,7 +161,12 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
   if host_memory not in pinned_memory.HOST_MEMORY_KINDS:
     raise ValueError(f"data_plane.host_memory: expected one of "
                      f"{list(pinned_memory.HOST_MEMORY_KINDS)}, got {host_memory!r}")
-  traffic_config = TrafficConfig(chunk_bytes=chunk_bytes, max_kv_wait_s=float(max_kv_wait_s))
+  from dualpath_jax.transfer.host_device import STAGING_MODES
+  if h2d_staging and h2d_staging not in STAGING_MODES:
+    raise ValueError(f"data_plane.h2d_staging: expected '' or one of {list(STAGING_MODES)}, got "
+                     f"{h2d_staging!r}")
+  traffic_config = TrafficConfig(chunk_bytes=chunk_bytes, max_kv_wait_s=float(max_kv_wait_s),
+                                 **({"h2d_staging": h2d_staging} if h2d_staging else {}))
   devices = tuple(devices)
   n = len(devices)
   num_blocks = layout.num_full_blocks(prefix_tokens)
@@ -221,7 +228,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                                                 warmup, log, chunk_bytes, layers_in_flight)
       # The TrafficManager variants stage H2D the faster way, as the end-to-end runs do
       # (scripts/gpu_bench_call.sh picks their runtime.h2d_staging from these components).
-      if comp.get("h2d_direct_gbps", 0) > comp.get("h2d_gbps", 0):
+      if not h2d_staging and comp.get("h2d_direct_gbps", 0) > comp.get("h2d_gbps", 0):
         traffic_config = dataclasses.replace(traffic_config, h2d_staging="direct")
       result["h2d_staging"] = traffic_config.h2d_staging
       update()
