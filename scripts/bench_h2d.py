@@ -170,7 +170,8 @@ def main(argv):
       raise RuntimeError("cudaStreamCreateWithFlags failed")
 
     def run(host_pieces, outs, bound_pieces):
-      lib.cudaSetDevice(ctypes.c_int(ordinal))
+      if lib.cudaSetDevice(ctypes.c_int(ordinal)) != 0:
+        raise RuntimeError("cudaSetDevice failed")
       events = []
       for i, (h, out) in enumerate(zip(host_pieces, outs)):
         if bound_pieces and i >= bound_pieces:
@@ -185,8 +186,10 @@ def main(argv):
           raise RuntimeError(f"cudaMemcpyAsync: CUDA error {status}")
         if bound_pieces:
           event = ctypes.c_void_p()
-          lib.cudaEventCreateWithFlags(ctypes.byref(event), ctypes.c_uint(2))  # no timing
-          lib.cudaEventRecord(event, stream)
+          status = (lib.cudaEventCreateWithFlags(ctypes.byref(event), ctypes.c_uint(2))  # no timing
+                    or lib.cudaEventRecord(event, stream))
+          if status:
+            raise RuntimeError(f"cudaEventCreateWithFlags / cudaEventRecord: CUDA error {status}")
           events.append(event)
       status = lib.cudaStreamSynchronize(stream)
       for event in events:

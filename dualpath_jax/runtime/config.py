@@ -96,8 +96,9 @@ class RuntimeConfig:
   host_memory: str = "numpy"
   """What the host buffers' pool blocks are (transfer.pinned_memory): 'numpy' (pageable),
   'jax_pinned' (views of jax pinned_host arrays), 'cuda_registered' (numpy page-locked by
-  cudaHostRegister) or 'dma_mapped' (numpy page-locked by the PJRT client's dma_map). On GPUs a copy from page-locked memory needs no staging copy; the GPU bench's
-  host_memory section measures what each kind gives."""
+  cudaHostRegister) or 'dma_mapped' (numpy page-locked by the PJRT client's dma_map). On GPUs a
+  copy from page-locked memory needs no staging copy; the GPU bench's host_memory section
+  measures what each kind gives."""
   mover: str = "device_put"
   """Device-to-device implementation: 'device_put' or 'shard_map'."""
   decode_batch_size: int = 8

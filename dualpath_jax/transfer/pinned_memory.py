@@ -17,7 +17,8 @@ pool blocks from one of these kinds:
   'dma_mapped'       np.empty, page-locked in place by the PJRT client itself (`client.dma_map`,
                      unmapped when the array is collected): XLA then knows the memory is mapped
                      and may copy from it without staging it first (PjRtClient::DmaMap). GPUs
-                     only; scripts/bench_h2d.py measures it against the other kinds.
+                     only. On an H200 with jax 0.11.2 it moved no faster than 'cuda_registered'
+                     (scripts/bench_h2d.py, docs/perf/gpu_bench.md record 12).
 
 From either page-locked kind one 64 MiB jax.device_put took 1.8-1.9 ms against 14.5 ms from
 numpy, and 3 in flight moved 41-46 GB/s against 11.8 (4x H100, the GPU bench's host_memory
