@@ -197,6 +197,9 @@ def test_gc_freeze_reaches_the_runs_and_their_collections_are_reported(tmp_path)
     (run,) = json.load(f)["runs"]
   assert run["gc_pauses"]["freeze"] and run["gc_pauses"]["frozen_objects"] > 0
   assert run["gc_pauses"]["seconds"] >= 0
+  compiles = run["compiles_in_timed_part"]  # every run reports them (runtime/compile_events.py)
+  assert compiles["compiles"] == sum(t["compiles"] for t in compiles["by_thread"].values())
+  assert compiles["compiles"] == sum(f["compiles"] for f in compiles["by_function"].values())
   bad = dict(config.to_dict(), gc_freeze="yes")  # a ConfigDict would refuse the str itself
   with pytest.raises(ValueError, match="gc_freeze: expected True or False"):
     OfflineJob.from_config(bad, str(tmp_path))

@@ -173,7 +173,10 @@ def _per_mode(summary: Mapping, job_dir: str) -> dict:
              snic_balance_mean={r["mode"]: (r.get("snic_balance") or {}).get("mean")
                                 for r in summary["runs"]},
              gc_pause_s={r["mode"]: (r.get("gc_pauses") or {}).get("seconds")
-                         for r in summary["runs"]})
+                         for r in summary["runs"]},
+             compiles_in_timed_part={r["mode"]: {k: (r.get("compiles_in_timed_part") or {})
+                                                 .get(k) for k in ("compiles", "seconds")}
+                                     for r in summary["runs"]})
   turns_path = os.path.join(job_dir, "turns.jsonl")
   if os.path.exists(turns_path):
     with open(turns_path) as f:

@@ -30,6 +30,7 @@ from dualpath_jax.runtime.cluster import Cluster
 from dualpath_jax.runtime.colocated import ColocatedEngine
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.request import TurnRequest
+from dualpath_jax.runtime.compile_events import CompileEvents
 from dualpath_jax.runtime.gc_pauses import GcPauses
 from dualpath_jax.runtime.profile_window import ProfileWindow
 from dualpath_jax.runtime.thread_samples import ThreadSampler
@@ -83,6 +84,9 @@ class OfflineRun:
   """The profiled window of the timed part, if one was asked for (ProfileWindow.end)."""
   gc_pauses: dict | None = None
   """Python's garbage collections over the timed part (runtime/gc_pauses.py)."""
+  compiles: dict | None = None
+  """JAX compilations inside the timed part, per thread group and function
+  (runtime/compile_events.py): shapes the precompile did not cover."""
   decode_input_placements: dict[str, int] | None = None
   """Over the timed part, all DEs: decode inputs placed from the host ('tokens', ...) and
   reused on the device ('tokens_reused', ...) (DecodeWorker.input_placements)."""
@@ -191,8 +195,9 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   start = time.perf_counter()
   marks = None  # counters when the clock starts (after the primed turns)
   sampler = ThreadSampler(thread_sample_hz) if thread_sample_hz else None
-  thread_samples = precompiled = trace = gc_stats = None
+  thread_samples = precompiled = trace = gc_stats = compile_stats = None
   pauses = GcPauses(freeze=gc_freeze)
+  compiles = CompileEvents()
 
   def submit(agent_id: str, turn: int) -> None:
     cluster.submit(turn_request(store, runtime_config.mode, namespace_prefix, by_agent[agent_id],
@@ -205,6 +210,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
     if device_trace is not None:
       device_trace.begin()
     pauses.start()
+    compiles.start()
     if progress is not None:
       progress(f"[{name}] clock started: the timed turns")
     start = time.perf_counter()
@@ -275,12 +281,14 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       trace = device_trace.end()
     if marks is not None:
       gc_stats = pauses.stop()
+      compile_stats = compiles.stop()
     cluster.close()
   if marks is None:  # no turn was timed (every turn primed)
     sampler = device_trace = None
     pauses = GcPauses()
     start_clock()
     gc_stats = pauses.stop()
+    compile_stats = compiles.stop()
   since = lambda records: [(r.t_start - start, r.t_end - start, r.nbytes)  # noqa: E731
                            for r in records if r.t_start >= start]
   first = marks["forwards"]
@@ -309,7 +317,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
                                                       group.loaded[first[node]:]) if loaded]
                        for node, group in cluster.prefill_groups.items()},
       describe=cluster.describe(), thread_samples=thread_samples, precompiled=precompiled,
-      device_trace=trace, gc_pauses=gc_stats,
+      device_trace=trace, gc_pauses=gc_stats, compiles=compile_stats,
       decode_input_placements={k: v - marks["placements"].get(k, 0)
                                for k, v in _placements(cluster).items()},
       host_buffers=cluster.host_buffer_stats())

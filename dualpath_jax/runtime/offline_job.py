@@ -262,6 +262,8 @@ class OfflineJob:
           runs[-1]["device_trace"] = run.device_trace
         if run.gc_pauses is not None:
           runs[-1]["gc_pauses"] = run.gc_pauses
+        if run.compiles is not None:
+          runs[-1]["compiles_in_timed_part"] = run.compiles
         turn_lines += [json.dumps(dict(mode=name, **t)) for t in run.turns]
         link_runs.append(dict(mode=name, link_bytes_per_s=runtime.link_bytes_per_s, nodes={
             str(node): dict(role=self._node_role(runtime, node), reads=run.link_records[node],

@@ -31,7 +31,7 @@ def _where(frame) -> str:
   return f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"
 
 
-def _group(name: str) -> str:
+def thread_group(name: str) -> str:
   return re.sub(r"\d+", "#", name)
 
 
@@ -67,7 +67,7 @@ class ThreadSampler:
       for ident, frame in sys._current_frames().items():
         if ident == me:
           continue
-        group = _group(names.get(ident, "?"))
+        group = thread_group(names.get(ident, "?"))
         self._samples[group] += 1
         self._leaf[(group, _where(frame))] += 1
         ours = []
