@@ -124,6 +124,11 @@ def test_data_plane(smoke):
     # Every variant landed the whole prefix on the PE, and every run's layers 0 and L-1 equal
     # the host's layer_kv (else the row would be an error): reused buffers corrupt nothing.
     assert r["loaded_bytes"] == d["bytes"] and r["kv_checked_runs"] == d["repeats"] + d["warmup"]
+    # where each path's thread spent the median run: one entry a path, parts within the whole
+    assert len(r["path_host_s"]) == r["paths"]
+    for host in r["path_host_s"]:
+      assert 0 <= host["issue_max_s"] <= host["issue_s"]
+      assert host["issue_s"] + host["wait_s"] <= host["thread_s"] <= max(r["times_s"])
     assert r["gather_buffers"] == {"transfer_fresh_buffers": "fresh",
                                    "layer_major": "none: landed layer-major",
                                    "layer_major_direct": "none: landed layer-major"}.get(

@@ -203,3 +203,19 @@ def test_gc_freeze_reaches_the_runs_and_their_collections_are_reported(tmp_path)
   bad = dict(config.to_dict(), gc_freeze="yes")  # a ConfigDict would refuse the str itself
   with pytest.raises(ValueError, match="gc_freeze: expected True or False"):
     OfflineJob.from_config(bad, str(tmp_path))
+
+
+def test_the_precompile_leaves_nothing_to_compile_in_the_timed_part(tmp_path):
+  # Compiled inside the timed runs until 2026-11-29: the oracle's prefix zeros, and the DE's read
+  # of a finished turn's pages (persist). First turns (no hit) are outside prefill_shapes: they
+  # are primed, untimed, as on the GPU.
+  config = small("smoke", modes=("basic", "dualpath", "oracle"))
+  config.primed_turns = 1
+  OfflineJob.from_config(config, str(tmp_path)).run()
+  with open(tmp_path / "summary.json") as f:
+    runs = json.load(f)["runs"]
+  assert [run["mode"] for run in runs] == ["basic", "dualpath", "oracle"]
+  for run in runs:
+    compiles = run["compiles_in_timed_part"]
+    assert compiles["compiles"] == 0, (run["mode"], {
+        name: f["compiles"] for name, f in compiles["by_function"].items()})

@@ -22,6 +22,24 @@ def test_prefill_shapes_cover_the_timed_turns_batches():
                         block_tokens=64, max_batch_requests=4) == []
 
 
+def test_persisted_block_counts_follow_the_decode_workers_arithmetic():
+  from dualpath_jax.runtime.offline import persisted_block_counts
+  from dualpath_jax.workload.synthetic import AgentTrajectory, Turn
+
+  def turn(append, gen):
+    return Turn(append_ids=np.zeros(append, np.int32), gen_tokens=gen)
+
+  # Turn 0: prompt 1000 + 150 generated: 1149 tokens with KV, 17 blocks of 64, no hit -> 32.
+  # Turn 1: prompt 1250 (hit 1088: 17 blocks) + 10 generated: 1259 with KV, 19 blocks, 2 new;
+  # turn 2: prompt 1260 + 300 = 1560 (hit 1216: 19 blocks) + 5: 1564, 24 blocks, 5 new -> 8.
+  agent = AgentTrajectory(agent_id="a", turns=(turn(1000, 150), turn(100, 10), turn(300, 5)))
+  assert persisted_block_counts([agent], first_turn=1, block_tokens=64) == [2, 8]
+  assert persisted_block_counts([agent], first_turn=0, block_tokens=64) == [2, 8, 32]
+  # a turn that completes no new block persists nothing
+  short = AgentTrajectory(agent_id="b", turns=(turn(10, 2),))
+  assert persisted_block_counts([short], first_turn=0, block_tokens=64) == []
+
+
 def test_precompiled_shapes_cover_every_hit_batch_of_a_run(tmp_path, monkeypatch):
   """Every PE batch with a hit in a timed run has a shape prefill_shapes listed (so nothing of
   the forward compiles on the clock), under both batchings: basic's token budget and

@@ -52,14 +52,19 @@ run; the k = 0 rows of records 6 and 11 read 80-88% of the ceiling for that reas
 Achieved GB/s = all L layers' bytes over the time until every layer has landed on the PE; its
 ratio to the raw ingest ceiling with the same k (ceilings.py) says how much of the hardware the
 data plane uses; the target judges the runtime's variant ('layer_major') only, the others
-report their ratios as diagnostics. Components (gather alone, H2D alone, D2D alone, single
-thread, all layers) show where the time goes.
+report their ratios as diagnostics. Each row's path_host_s says, per path of its median run,
+where the path's thread spent it: issue_s inside the load calls (dispatching the H2D / D2D,
+the TrafficManager's own work included), issue_max_s the longest one, wait_s waiting for layer
+l - bound to land, thread_s all of it (record 13: the TrafficManager path was 4 ms slower a run
+at k = 1; this tells host-side dispatch from device time). Components (gather alone, H2D
+alone, D2D alone, single thread, all layers) show where the time goes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -249,8 +254,10 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
             futures = [pool.submit(run_path, p, part) for p, part in enumerate(parts)]
             return [f.result() for f in futures]
 
-          def cleanup(outs, checks=checks):
+          def cleanup(outs, checks=checks, run_path=run_path):
             checks.append(check(outs))
+            host_s = getattr(run_path, "host_s", None)  # a wrapped runner (tests) has none
+            checks[-1]["path_host_s"] = host_s and [host_s.get(p) for p in range(len(outs))]
             _delete(outs)
 
           s, times = median_seconds(run, repeats, warmup, cleanup=cleanup)
@@ -272,6 +279,8 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
                                    else "fresh" if variant == "transfer_fresh_buffers"
                                    else f"reused, {layers_in_flight} a path"),
                    loaded_bytes=checks[-1]["loaded_bytes"], kv_checked_runs=len(checks),
+                   path_host_s=checks[warmup + times.index(min(
+                       times, key=lambda t: abs(t - s)))]["path_host_s"],
                    note=VARIANT_NOTES[variant])
         if variant in ("traffic", "layer_major"):
           row.update(chunk_bytes=traffic_config.chunk_bytes,
@@ -339,7 +348,10 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
 
   def run_path(p, part):
     out = []
+    began = time.perf_counter()
+    issue_s, issue_max_s, wait_s = 0.0, 0.0, 0.0
     for layer in range(layout.num_layers):
+      t0 = time.perf_counter()
       if landed is not None:
         if layer >= in_flight:  # the runtime's bound on layers in flight
           jax.block_until_ready(out[layer - in_flight])
@@ -350,8 +362,16 @@ def _path_runner(variant, layout, parts, pe, des, mover, engines, traffic_config
         if layer >= in_flight:  # the buffer's last layer must have landed on the PE
           jax.block_until_ready(out[layer - in_flight])
         host = layout.layer_kv(part, layer, out=buffers[p][layer % in_flight])
+      t1 = time.perf_counter()
       out.append(load(p, host))
+      t2 = time.perf_counter()
+      wait_s += t1 - t0
+      issue_s += t2 - t1
+      issue_max_s = max(issue_max_s, t2 - t1)
+    run_path.host_s[p] = dict(thread_s=time.perf_counter() - began, issue_s=issue_s,
+                              issue_max_s=issue_max_s, wait_s=wait_s)
     return out
+  run_path.host_s = {}
   return run_path
 
 

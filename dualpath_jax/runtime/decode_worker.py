@@ -142,10 +142,12 @@ class DecodeWorker(threading.Thread):
     self._persister.shutdown(wait=True)
     self.pool = self.model = None
 
-  def precompile(self, token_counts) -> int:
+  def precompile(self, token_counts, persist_blocks=()) -> int:
     """Compiles the admission's H2D join and page write for each prompt KV length
-    (Cluster.admit_tokens) by writing zeros to the scratch page, the steps' token merge, and the
-    decode step itself over
+    (Cluster.admit_tokens) by writing zeros to the scratch page, the read of a finished turn's
+    pages for each padded block count in `persist_blocks` (runtime/offline.py
+    persisted_block_counts; from the scratch page), the steps' token merge, and the decode step
+    itself over
     padding rows only (their KV goes to the scratch page), before the clock starts: otherwise
     the first admission of a new length compiles on this thread, between decode steps, and a DE
     that the warm-up pass left idle compiles its step in the timed part (the oracle of the CPU
@@ -166,6 +168,9 @@ class DecodeWorker(threading.Thread):
       kv = jax.device_put(np.zeros(shape, layout.np_dtype), self.engine.replicated_sharding)
       page_ids = np.full((-(-tokens // self.block_tokens),), paged.SCRATCH_PAGE, np.int32)
       self.pool = paged.write_kv_to_pages(self.pool, kv, page_ids)
+    for blocks in persist_blocks:  # _read_persisted_pages, from the scratch page
+      paged.read_kv_from_pages(self.pool, np.full((blocks,), paged.SCRATCH_PAGE, np.int32),
+                               blocks * self.block_tokens).delete()
     jax.block_until_ready(self.pool)
     return len(token_counts)
 

@@ -112,16 +112,29 @@ def timed_turn_lengths(trajectories: Sequence[AgentTrajectory], *, first_turn: i
   turn's prompt is the previous context plus its append, its hit the whole blocks of the
   previous context that have KV (all but the last generated token), as _hit_blocks finds them
   once the previous turn is stored."""
-  lengths = []
+  return [(prompt, hit) for prompt, hit, _ in _timed_turns(trajectories, first_turn, block_tokens)]
+
+
+def _timed_turns(trajectories: Sequence[AgentTrajectory], first_turn: int, block_tokens: int):
+  """(prompt tokens, hit tokens, generated tokens) of every turn from `first_turn` on."""
   for trajectory in trajectories:
     with_kv = 0
     for turn, spec in enumerate(trajectory.turns):
       prompt = with_kv + (1 if turn else 0) + len(spec.append_ids)  # context + append
       hit = min(with_kv // block_tokens, (prompt - 1) // block_tokens) * block_tokens
       if turn >= first_turn:
-        lengths.append((prompt, hit))
+        yield prompt, hit, spec.gen_tokens
       with_kv = prompt + spec.gen_tokens - 1
-  return lengths
+
+
+def persisted_block_counts(trajectories: Sequence[AgentTrajectory], *, first_turn: int,
+                           block_tokens: int) -> list[int]:
+  """The padded block counts (powers of 2) that the DEs read back from their pools to persist
+  the turns from `first_turn` on (DecodeWorker._read_persisted_pages: the completed blocks of
+  the prompt and every generated token but the last, less the hit's)."""
+  counts = {(prompt + gen - 1) // block_tokens - hit // block_tokens
+            for prompt, hit, gen in _timed_turns(trajectories, first_turn, block_tokens)}
+  return sorted({pow2_at_least(n) for n in counts if n > 0})
 
 
 def prefill_shapes(trajectories: Sequence[AgentTrajectory], *, first_turn: int, block_tokens: int,
@@ -233,13 +246,17 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
           trajectories, first_turn=primed_turns, block_tokens=bt)})
       skipped = [(list(shape), error) for shard in cluster.prefill_shards
                  for shape, error in shard.precompile(shapes)]
+      persists = [] if runtime_config.skips_kv_io else persisted_block_counts(
+          trajectories, first_turn=primed_turns, block_tokens=bt)
       for worker in cluster.decode_workers:  # the oracle admits no KV, but decodes
-        worker.precompile([] if runtime_config.skips_kv_io else admits)
+        worker.precompile([] if runtime_config.skips_kv_io else admits, persists)
       precompiled = dict(shapes=[list(s) for s in shapes], admit_tokens=admits,
-                         skipped=skipped, seconds=time.perf_counter() - t0)
+                         persist_blocks=persists, skipped=skipped,
+                         seconds=time.perf_counter() - t0)
       if progress is not None:
-        progress(f"[{name}] precompiled {len(shapes)} PE batch shapes (rows, tp, tn) and "
-                 f"{len(admits)} DE admission lengths in {precompiled['seconds']:.1f} s, untimed")
+        progress(f"[{name}] precompiled {len(shapes)} PE batch shapes (rows, tp, tn), "
+                 f"{len(admits)} DE admission lengths and {len(persists)} persist reads in "
+                 f"{precompiled['seconds']:.1f} s, untimed")
     primed_done = 0
     if total_primed:
       if progress is not None:
