@@ -6,9 +6,15 @@ the reads (the leading `pe` blocks on the PE's node, the rest on the DE's node);
 (chunked prefill) finds its whole prefix in the DE node buffer, where every earlier chunk sent it.
 
   layerwise (dualpath, oracle): for each layer l, layer l+1's prefix KV of every row is put in
-    flight before layer l computes:
+    flight before layer l is dispatched, and joined, padded and stacked after it:
       PE path  PE node buffer --H2D--> PE device
       DE path  DE node buffer --H2D--> DE device --D2D--> PE device
+    (a copy onto a device waits for the work queued on that device's compute stream when it is
+    issued: XLA's GPU client runs its devices compute-synchronized. Until 2026-11-29 layer
+    l+1's pads and stack were queued before layer l, so layer l waited for layer l+1's copy
+    and the loads and the layers ran one after the other: one 18K-token row of Qwen2.5-7B took
+    49 ms a forward where its layers alone took 27 and its H2D ~20, 1x H200,
+    scripts/bench_pe_layer.py, docs/perf/gpu_bench.md record 14);
     (under runtime.de_path_h2d 'forward', not the default, the DE path's H2D of every layer is
     issued at the forward's start, and only its D2D layer by layer: an H2D onto a decoding GPU
     waits for the step in flight);
@@ -317,18 +323,17 @@ class PrefillShard:
     self._de_staged_bytes[de_name] = held
     self.max_de_staged_bytes = max(self.max_de_staged_bytes, held)
 
-  def _prefix(self, request: TurnRequest, cached: int, layers, row: int = 0
-              ) -> jax.Array | None:
-    """The row's prefix KV on this PE: [cached, 2, H, D] for one layer (int) or
-    [L, cached, 2, H, D] for all (slice(None)); None when there is none."""
+  def _prefix_parts(self, request: TurnRequest, cached: int, layers) -> list[jax.Array]:
+    """The moves of the row's prefix KV onto this PE, issued: its parts in token order, each
+    [tokens, 2, H, D] for one layer (int) or [L, tokens, 2, H, D] for all (slice(None)); none
+    when there is no prefix. _stack_rows joins and pads them."""
     layout = self.cluster.layout
     if not cached:
-      return None
-    one = isinstance(layers, int)
+      return []
     if cached > request.hit_tokens:  # a later chunk: the prefix sits in the DE node buffer
       with self._stage("de_path"):
-        return self._via_de(request, lambda ls: request.prompt_kv[ls, :cached], layers,
-                            (request, "prompt_kv"))
+        return [self._via_de(request, lambda ls: request.prompt_kv[ls, :cached], layers,
+                             (request, "prompt_kv"))]
     parts = []
     for side in ("pe", "de"):
       if side not in request.read_kv:
@@ -349,10 +354,7 @@ class PrefillShard:
         with self._stage("de_path"):
           parts.append(self._via_de(request, lambda ls, kv=kv, n=tokens: kv[ls, :n], layers,
                                     (request, side)))
-    if len(parts) == 1:
-      return parts[0]
-    with self._stage("stack"):
-      return jnp.concatenate(parts, axis=0 if one else 1)
+    return parts
 
   def _send_rows(self, chunks, prefix, new_kv, batch_axis: int, layers) -> list:
     """Each row's new KV into its request's prompt KV in the DE node buffer; on a first chunk
@@ -395,27 +397,36 @@ class PrefillShard:
     self.resident_layers -= 1
 
   def _stack_rows(self, prefixes, rows: int, tp: int, axis: int, layers: int | None):
-    """Row prefixes padded to tp and stacked along the batch axis (zeros for missing rows)."""
+    """Each row's prefix parts (_prefix_parts) joined, padded to tp and the rows stacked along
+    the batch axis (zeros for rows without a prefix and padding rows)."""
     layout = self.cluster.layout
     lead = () if layers is None else (layers,)
     empty = self.cluster.zeros_on(self.engine, (*lead, tp, *layout.token_kv_shape))
     with self._stage("stack"):
-      padded = [empty if p is None else _pad_to(p, tp, axis) for p in prefixes]
+      padded = [empty if not parts else _pad_to(
+          parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis), tp, axis)
+          for parts in prefixes]
       padded += [empty] * (rows - len(padded))
       return jnp.stack(padded, axis=axis)
 
   # --- one forward -------------------------------------------------------------------------------
 
-  def _load_layer(self, chunks, rows: int, tp: int, layer: int) -> jax.Array:
-    layout = self.cluster.layout
+  def _issue_layer(self, chunks, layer: int) -> list[list[jax.Array]] | None:
+    """Issues the moves of layer `layer`'s prefix KV of every row onto this PE (None for the
+    oracle, which moves nothing); _assemble_layer stacks them once they are issued."""
     self.resident_layers += 1
     self.max_resident_layers = max(self.max_resident_layers, self.resident_layers)
     if self.cluster.runtime_config.skips_kv_io:
+      return None
+    return [self._prefix_parts(request, cached, layer) for request, cached, _ in chunks]
+
+  def _assemble_layer(self, issued, rows: int, tp: int) -> jax.Array:
+    """[rows, tp, 2, H, D]: the issued rows' parts joined, padded and stacked on this PE (the
+    oracle's zeros)."""
+    if issued is None:
       with self._stage("stack"):
-        return self.cluster.zeros_on(self.engine, (rows, tp, *layout.token_kv_shape))
-    prefixes = [self._prefix(request, cached, layer, row)
-                for row, (request, cached, _) in enumerate(chunks)]
-    return self._stack_rows(prefixes, rows, tp, axis=0, layers=None)
+        return self.cluster.zeros_on(self.engine, (rows, tp, *self.cluster.layout.token_kv_shape))
+    return self._stack_rows(issued, rows, tp, axis=0, layers=None)
 
   def _layerwise(self, chunks, rows, tp, tokens, prefix_len, new_len):
     skip_io = self.cluster.runtime_config.skips_kv_io
@@ -427,23 +438,23 @@ class PrefillShard:
     self._de_staged_bytes = {}
     sends: dict[int, concurrent.futures.Future] = {}
     try:
-      current = self._load_layer(chunks, rows, tp, 0)
+      current = self._assemble_layer(self._issue_layer(chunks, 0), rows, tp)
       for l, layer in enumerate(layers):
         # At most `in_flight` layers of prefix KV on the device: a layer's prefix leaves it
         # once its send is done (_send_layer), so layer l+1 waits for that of l+1-in_flight.
         if (done := l + 1 - in_flight) in sends:
           with self._stage("send"):
             self._finish_send(sends.pop(done))
-        # Put layer l+1 in flight before layer l computes (dispatch is asynchronous).
-        following = (self._load_layer(chunks, rows, tp, l + 1) if l + 1 < len(layers)
-                     else None)
+        # Layer l+1's moves are issued before layer l is dispatched, and joined, padded and
+        # stacked after it (module docstring: queued before layer l, they serialized the two).
+        issued = self._issue_layer(chunks, l + 1) if l + 1 < len(layers) else None
         with self._stage("compute"), self.tm.model_step():
           x, new_kv = prefill_layer_jit(layer, x, current, prefix_len, new_len)
         if skip_io:
           self.resident_layers -= 1
         else:  # layer l's D2H runs on the sender while this thread loads the next layers
           sends[l] = self._sender.submit(self._send_layer, chunks, current, new_kv, l)
-        current = following
+        current = (self._assemble_layer(issued, rows, tp) if l + 1 < len(layers) else None)
     finally:
       self._de_staged = None  # the staged layers of a failed forward go with it
       self._de_staged_bytes = {}
@@ -461,8 +472,8 @@ class PrefillShard:
       prefix = self.cluster.zeros_on(
           self.engine, (layout.num_layers, rows, tp, *layout.token_kv_shape))
     else:
-      prefixes = [self._prefix(request, cached, slice(None), row)
-                  for row, (request, cached, _) in enumerate(chunks)]
+      prefixes = [self._prefix_parts(request, cached, slice(None))
+                  for request, cached, _ in chunks]
       prefix = self._stack_rows(prefixes, rows, tp, axis=1, layers=layout.num_layers)
     # Layer by layer over the resident prefix: the same compiled layer as the layerwise path
     # (one whole-model program per shape would compile for minutes on large models).
