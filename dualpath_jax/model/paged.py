@@ -33,15 +33,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-import weakref
 from collections.abc import Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dualpath_jax.model.config import ModelConfig
+from dualpath_jax.model.flat import split_module
 from dualpath_jax.model.transformer import Transformer
 
 SCRATCH_PAGE = 0
@@ -470,56 +469,29 @@ def decode_step(model: Transformer, pages: PagedPool, tokens: jax.Array, block_t
   return model.logits(x[:, 0]), PagedPool(k=tuple(new_k), v=tuple(new_v))
 
 
-# The pool is donated: XLA updates it in place instead of copying all of it every step.
-class _ModelStructure:
-  """A model's graphdef and parameter treedef as one static jit argument, hashed by identity
-  (hashing the graphdef itself walks it on every call)."""
-
-  def __init__(self, graphdef, treedef):
-    self.graphdef, self.treedef = graphdef, treedef
-
-
+# The pool is donated: XLA updates it in place instead of copying all of it every step. The model
+# goes in as its parameter arrays (model/flat.py).
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _decode_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens):
-  model = nnx.merge(structure.graphdef, jax.tree_util.tree_unflatten(structure.treedef, leaves))
-  return decode_step(model, pages, tokens, block_tables, seq_lens)
+  return decode_step(structure.merge(leaves), pages, tokens, block_tables, seq_lens)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _greedy_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens):
-  model = nnx.merge(structure.graphdef, jax.tree_util.tree_unflatten(structure.treedef, leaves))
-  logits, pages = decode_step(model, pages, tokens, block_tables, seq_lens)
+  logits, pages = decode_step(structure.merge(leaves), pages, tokens, block_tables, seq_lens)
   next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   # The next step's lengths if every row goes on: one more token; padding rows (length 0) stay.
   return next_tokens, jnp.where(seq_lens > 0, seq_lens + 1, 0), pages
-
-
-_FLAT_MODELS: dict[int, tuple] = {}
-
-
-def _flat_model(model: Transformer) -> tuple:
-  """(_ModelStructure, parameter leaves) of `model`, split once per model object."""
-  entry = _FLAT_MODELS.get(id(model))
-  if entry is None or entry[0]() is not model:
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-    entry = (weakref.ref(model), _ModelStructure(graphdef, treedef), leaves)
-    _FLAT_MODELS[id(model)] = entry
-    weakref.finalize(model, _FLAT_MODELS.pop, id(model), None)
-  return entry[1:]
 
 
 def decode_step_jit(model: Transformer, pages: PagedPool, tokens: jax.Array,
                     block_tables: jax.Array, seq_lens: jax.Array) -> tuple[jax.Array, PagedPool]:
   """`decode_step` compiled, with the pool donated.
 
-  The model goes in as its parameter arrays, split from the module once per model object:
-  flattening an NNX module on every call walks its graph in Python (1.1 ms a call for a
-  28-layer model on the 2-core sandbox, 2026-11-27; dispatch per step 1.9 -> 0.37 ms), which
-  a decode step of a few milliseconds cannot hide. A model
-  whose parameters are replaced in place after its first step would keep its old arrays here.
+  The model goes in as its parameter arrays, split from the module once per model object
+  (model/flat.py: dispatch per step 1.9 -> 0.37 ms on the 2-core sandbox, 2026-11-27).
   """
-  structure, leaves = _flat_model(model)
+  structure, leaves = split_module(model)
   return _decode_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens)
 
 
@@ -529,5 +501,5 @@ def greedy_decode_step_jit(model: Transformer, pages: PagedPool, tokens: jax.Arr
   """`decode_step_jit` with the greedy choice in the same program: returns (next tokens [B]
   int32, the next step's seq_lens if the batch goes on unchanged [B] int32, updated pages). A
   DE feeds both back to the next step without a host round trip (runtime/decode_worker.py)."""
-  structure, leaves = _flat_model(model)
+  structure, leaves = split_module(model)
   return _greedy_step_flat(structure, leaves, pages, tokens, block_tables, seq_lens)

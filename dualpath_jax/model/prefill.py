@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dualpath_jax.model.flat import module_jit
 from dualpath_jax.model.transformer import DecoderLayer, Transformer
 
 
@@ -147,10 +148,11 @@ def pad_axis(array, length: int, axis: int):
   return pad(array, widths)
 
 
-# Jitted entry points. An NNX Module is a pytree in flax 0.12, so plain jax.jit takes it as an
-# argument (~3x faster dispatch than nnx.jit, DESIGN.md); its static config is part of the treedef.
-embed_tokens_jit = jax.jit(embed_tokens)
-prefill_layer_jit = jax.jit(prefill_layer)
-final_logits_jit = jax.jit(final_logits)
-last_token_logits_jit = jax.jit(last_token_logits)
-prefill_jit = jax.jit(prefill, static_argnames=("all_logits",))
+# Jitted entry points. The module goes in as its parameter arrays, split from it once per module
+# object (model/flat.py): flattening an NNX module on every call walked its graph in Python,
+# ~3.6 ms a call for the whole model on an H200 host (docs/perf/gpu_bench.md record 14).
+embed_tokens_jit = module_jit(embed_tokens)
+prefill_layer_jit = module_jit(prefill_layer)
+final_logits_jit = module_jit(final_logits)
+last_token_logits_jit = module_jit(last_token_logits)
+prefill_jit = module_jit(prefill, static_argnames=("all_logits",))
