@@ -1,8 +1,9 @@
 r"""Profiles a PE's forward time on this device kind and writes the batch selector's cost model.
 
   python scripts/profile_prefill.py --preset=tiny --dtype=float32          # CPU, ~1 min
-  python scripts/profile_prefill.py --preset=qwen2.5-7b --dtype=bfloat16 \
-      --cached=0,4096,16384,32768 --new=128,512,2048 --batches=1,2          # one GPU
+  python scripts/profile_prefill.py --platform=default --preset=qwen2.5-7b --dtype=bfloat16 \
+      --attention=cudnn --kv_splits=4 --cached=0,4096,16384,32768 --new=128,512,2048 \
+      --batches=1,2 --reps=3                                               # one GPU
 
 Writes configs/cost_models/<device>-<preset>-<dtype>.json (or --out): the fitted coefficients,
 the fit's error on the samples (mean and max relative error) and every timed sample. Random
@@ -20,6 +21,8 @@ _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Model dtype.")
 _ATTENTION = flags.DEFINE_enum("attention", "einsum", ["einsum", "xla", "cudnn"],
                                "Attention implementation (ModelConfig.attention).")
+_KV_SPLITS = flags.DEFINE_integer("kv_splits", 0, "ModelConfig.prefill_kv_splits (0: one "
+                                  "attention call; the GPU end-to-end preset's is 4).")
 _CACHED = flags.DEFINE_list("cached", ["0", "256", "1024"], "Cached (prefix) lengths to time.")
 _NEW = flags.DEFINE_list("new", ["64", "256", "512"], "New-token counts to time.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "2", "4"], "Rows per forward to time.")
@@ -41,7 +44,7 @@ def main(argv):
   from dualpath_jax.runtime import cost_profile  # noqa: E402
 
   config = model_config.get_preset(_PRESET.value, dtype=_DTYPE.value,
-                                   attention=_ATTENTION.value)
+                                   attention=_ATTENTION.value, prefill_kv_splits=_KV_SPLITS.value)
   device = jax.devices()[0]
   model = jax.device_put(weights.init_random(config, seed=0), device)
   layout = KVLayout.for_model(config)
@@ -51,7 +54,8 @@ def main(argv):
       reps=_REPS.value, progress=lambda line: print(line, file=sys.stderr, flush=True))
   path = _OUT.value or cost_profile.default_path(config.name, config.dtype, device)
   about = dict(device_kind=device.device_kind, platform=device.platform, preset=config.name,
-               dtype=config.dtype, attention=config.attention, jax=jax.__version__,
+               dtype=config.dtype, attention=config.attention,
+               prefill_kv_splits=config.prefill_kv_splits, jax=jax.__version__,
                date=datetime.date.today().isoformat(),
                command="python " + " ".join(sys.argv),
                what=("median wall time of one PE forward (embedding, every layer's prefill_layer "
