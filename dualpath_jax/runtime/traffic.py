@@ -139,7 +139,7 @@ class TrafficManager:
     self._bytes_by_path = collections.Counter({p: 0 for p in PATHS})
     self._bytes_by_link: collections.Counter = collections.Counter()
     self._kv_wait_s = 0.0
-    self._kv_chunks = 0
+    self._names: dict = {}  # sharding -> _name's answer
     self.move_records: list[tuple[float, float, str, str, str]] = []
     """(t_start, t_end, path, source, destination) per device move; perf_counter seconds; the
     ends are engine names (or 'host', or 'dev<ids>' for a bare sharding)."""
@@ -162,7 +162,7 @@ class TrafficManager:
         self._cond.notify_all()
 
   def _wait_for_gap(self) -> None:
-    if getattr(self._local, "depth", 0):
+    if not self.gated or getattr(self._local, "depth", 0):
       return
     t0 = time.perf_counter()
     deadline = t0 + self.config.max_kv_wait_s
@@ -172,7 +172,6 @@ class TrafficManager:
       while self._ended_steps < target and (remaining := deadline - time.perf_counter()) > 0:
         self._cond.wait(remaining)
       self._kv_wait_s += time.perf_counter() - t0
-      self._kv_chunks += 1
 
   # --- device moves ----------------------------------------------------------------------------
 
@@ -191,9 +190,7 @@ class TrafficManager:
       self._wait_for_gap()
       previous = issue(rows)
       pieces.append(previous)
-    self._count(path, link, nbytes)
-    with self._cond:
-      self.move_records.append((t_start, time.perf_counter(), path, *ends))
+    self._count(path, link, nbytes, (t_start, time.perf_counter(), path, *ends))
     return pieces
 
   def h2d(self, host_array: np.ndarray, dst: device_move.Destination | None = None) -> jax.Array:
@@ -206,7 +203,8 @@ class TrafficManager:
     whole = not self.gated and pinned_memory.is_page_locked(host_array)
     pieces = self._chunked(host_array.shape, host_array.itemsize,
                            lambda rows: host_device.host_to_device(
-                               host_array[rows], dst, staging=self.config.h2d_staging),
+                               host_array if whole else host_array[rows], dst,
+                               staging=self.config.h2d_staging),
                            "h2d", f"host:{self._name(dst)}", host_array.nbytes,
                            ("host", self._name(dst)), [slice(None)] if whole else None)
     return pieces[0] if len(pieces) == 1 else _concatenate(pieces)
@@ -255,10 +253,8 @@ class TrafficManager:
     self._wait_for_gap()
     pinned_memory.cuda_copy_rows_to_host(x, copies, batch_axis)
     moved = [out.nbytes for _, out in copies]
-    self._count("d2h", f"host:{self._name(x.sharding)}", sum(moved))
-    with self._cond:
-      self.move_records.append((t_start, time.perf_counter(), "d2h", self._name(x.sharding),
-                                "host"))
+    self._count("d2h", f"host:{self._name(x.sharding)}", sum(moved),
+                (t_start, time.perf_counter(), "d2h", self._name(x.sharding), "host"))
     return moved
 
   def precompile_d2h_rows(self, x: jax.Array, batch_axis: int) -> None:
@@ -325,18 +321,24 @@ class TrafficManager:
 
   # --- counters --------------------------------------------------------------------------------
 
-  def _count(self, path: str, link: str, nbytes: int) -> None:
+  def _count(self, path: str, link: str, nbytes: int, record: tuple | None = None) -> None:
+    """Adds a move's bytes (and its move record, if given) under one lock."""
     with self._cond:
       self._bytes_by_path[path] += nbytes
       self._bytes_by_link[link] += nbytes
+      if record is not None:
+        self.move_records.append(record)
 
   def _name(self, where) -> str:
     if isinstance(where, Engine):
       return where.name
-    devices = device_move.ordered_devices(where)
-    if set(devices) == set(self.engine.devices):
-      return self.engine.name
-    return "dev" + "+".join(str(d.id) for d in devices)
+    name = self._names.get(where)
+    if name is None:
+      devices = device_move.ordered_devices(where)
+      name = (self.engine.name if set(devices) == set(self.engine.devices)
+              else "dev" + "+".join(str(d.id) for d in devices))
+      self._names[where] = name
+    return name
 
   @property
   def bytes_by_path(self) -> dict[str, int]:
