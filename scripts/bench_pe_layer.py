@@ -13,7 +13,7 @@ contention), per (rows, prefix tokens), with the GPU end-to-end preset's model a
            layer l+1's prefix part of each row goes H2D from page-locked host memory (its
            landed read, transfer.host_to_device staging 'direct'); after it, each part is
            padded to tp (prefill_shard's _pad_to) and the rows are stacked (padding rows:
-           zeros); no sends (the runtime runs them on another thread) and no bound on layers
+           zeros; one row: _pad_one_row, pad and batch axis in one program); no sends (the runtime runs them on another thread) and no bound on layers
            in flight
   loads_first  the runtime up to 2026-11-29: layer l+1's H2D, pads and stack all before layer
            l is dispatched (on a GPU the pads, queued before layer l, wait for the H2D, and the
@@ -84,7 +84,7 @@ def measure(device, config, rows: int, prefix_tokens: int, append: int, block_to
   from dualpath_jax.model import weights
   from dualpath_jax.model.prefill import (embed_tokens_jit, last_token_logits_jit, pow2_at_least,
                                           prefill_layer_jit)
-  from dualpath_jax.runtime.prefill_shard import _pad_to
+  from dualpath_jax.runtime.prefill_shard import _pad_one_row, _pad_to
   from dualpath_jax.transfer import host_to_device, pinned_memory
 
   engine = single_engine(device, role="prefill")
@@ -123,6 +123,8 @@ def measure(device, config, rows: int, prefix_tokens: int, append: int, block_to
                   staging="direct") for row in range(rows)]
 
   def assemble(parts):
+    if padded_rows == 1:  # the runtime's one-row batch: pad and batch axis in one program
+      return timed("pad", _pad_one_row, parts[0], tp, 0)
     padded = [timed("pad", _pad_to, part, tp, 0) for part in parts]
     return timed("stack", jnp.stack, padded + [empty] * (padded_rows - rows))
 
@@ -173,7 +175,7 @@ def measure(device, config, rows: int, prefix_tokens: int, append: int, block_to
     if variant != "layers":
       row.update(h2d_dispatch_ms=1e3 * median_run["h2d"] / (layers * rows),
                  pad_dispatch_ms=1e3 * median_run["pad"] / (layers * rows),
-                 stack_dispatch_ms=1e3 * median_run["stack"] / layers)
+                 stack_dispatch_ms=1e3 * median_run.get("stack", 0.0) / layers)
     out.append(row)
     log(f"pe_layer: rows {rows} prefix {prefix_tokens} (tp {tp}) {variant:8s} "
         f"{median_s * 1e3:8.2f} ms, host {host_total * 1e3:8.2f} ms "

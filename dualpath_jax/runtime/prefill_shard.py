@@ -65,6 +65,13 @@ def _pad_to(x, length: int, axis: int):
   return jnp.pad(x, widths)
 
 
+@functools.partial(jax.jit, static_argnames=("length", "axis"))
+def _pad_one_row(x, length: int, axis: int):
+  """A batch of one row: x padded to `length` along `axis`, the batch axis added there (one
+  program where a pad and a stack were two dispatches, docs/perf/gpu_bench.md record 14)."""
+  return jnp.expand_dims(_pad_to(x, length, axis), axis)
+
+
 LAYERS_IN_FLIGHT = RuntimeConfig.prefill_layers_in_flight
 """Layerwise prefill's default bound (RuntimeConfig.prefill_layers_in_flight): layer l computes
 while layer l+1 loads and layer l-1's KV goes to the DE (on the shard's sender thread), so at
@@ -218,7 +225,8 @@ class PrefillShard:
 
   def _precompile_moves(self, shapes) -> list[tuple[tuple[int, int, int], str]]:
     """Compiles the small programs around the forward for each batch shape: padding a row's
-    prefix to tp (_pad_to, for every one-sided read length up to tp) and stacking the rows,
+    prefix to tp (_pad_to, for every one-sided read length up to tp; _pad_one_row for a
+    one-row batch) and stacking the rows,
     the row cut for each send (TrafficManager.precompile_d2h_rows), the cuts and joins of a
     move's pieces (on zeros, moving no bytes: TrafficManager.precompile_moves), and in
     whole-prefix prefill
@@ -239,7 +247,7 @@ class PrefillShard:
     de_tms = ([self.cluster.traffic[e.name] for e in self.cluster.topology.decode_engines]
               if self.cluster.runtime_config.dual_path else [])
     page_locked = self.cluster.runtime_config.host_memory != "numpy"
-    skipped, moved, padded = [], set(), set()
+    skipped, moved, padded, padded_one = [], set(), set(), set()
     for rows, tp, tn in shapes:
       try:
         # a prefix read on one side lands Cluster.read_rows long: an admit_tokens bucket
@@ -256,6 +264,9 @@ class PrefillShard:
           if (length, tp) not in padded:
             padded.add((length, tp))
             _pad_to(zeros(shape), tp, axis).delete()
+          if rows == 1 and (length, tp) not in padded_one:
+            padded_one.add((length, tp))
+            _pad_one_row(zeros(shape), tp, axis).delete()
         prefix = jnp.stack([self.cluster.zeros_on(self.engine, (*lead, tp, *kv_shape))] * rows,
                            axis=axis)
         new_kv = zeros((*lead, rows, tn, *kv_shape))
@@ -403,9 +414,12 @@ class PrefillShard:
     lead = () if layers is None else (layers,)
     empty = self.cluster.zeros_on(self.engine, (*lead, tp, *layout.token_kv_shape))
     with self._stage("stack"):
-      padded = [empty if not parts else _pad_to(
-          parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis), tp, axis)
-          for parts in prefixes]
+      joined = [parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+                for parts in prefixes if parts]
+      if rows == 1 and joined:
+        return _pad_one_row(joined[0], tp, axis)
+      joined = iter(joined)
+      padded = [_pad_to(next(joined), tp, axis) if parts else empty for parts in prefixes]
       padded += [empty] * (rows - len(padded))
       return jnp.stack(padded, axis=axis)
 
