@@ -13,16 +13,17 @@ contention), per (rows, prefix tokens), with the GPU end-to-end preset's model a
            layer l+1's prefix part of each row goes H2D from page-locked host memory (its
            landed read, transfer.host_to_device staging 'direct'); after it, each part is
            padded to tp (prefill_shard's _pad_to) and the rows are stacked (padding rows:
-           zeros; one row: _pad_one_row, pad and batch axis in one program); no sends (the runtime runs them on another thread) and no bound on layers
-           in flight
+           zeros; one row: _pad_one_row, pad and batch axis in one program); no sends (the
+           runtime runs them on another thread) and no bound on layers in flight
   loads_first  the runtime up to 2026-11-29: layer l+1's H2D, pads and stack all before layer
            l is dispatched (on a GPU the pads, queued before layer l, wait for the H2D, and the
            H2D for the work queued before it: loads and layers ran one after the other)
 
 Each run: wall seconds until the last token's logits are ready, and the host seconds inside each
 kind of call (a call returns once dispatched, before the device is done). When the host seconds
-add up to the wall, the layers wait on the host, not on the GPU. Both variants' logits are
-compared: the same host bytes, so a pad or stack that moves the wrong bytes shows.
+add up to the wall, the layers wait on the host, not on the GPU. The loading variants' logits
+are compared with the 'layers' ones (the same host bytes, padded and stacked on the host), so
+a pad or stack that moves the wrong bytes shows.
 Run it once per XLA_FLAGS setting to compare, e.g. command buffers off:
 XLA_FLAGS=--xla_gpu_enable_command_buffer= (the JSON records XLA_FLAGS).
 

@@ -414,12 +414,15 @@ class PrefillShard:
     lead = () if layers is None else (layers,)
     empty = self.cluster.zeros_on(self.engine, (*lead, tp, *layout.token_kv_shape))
     with self._stage("stack"):
-      joined = [parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
-                for parts in prefixes if parts]
-      if rows == 1 and joined:
-        return _pad_one_row(joined[0], tp, axis)
-      joined = iter(joined)
-      padded = [_pad_to(next(joined), tp, axis) if parts else empty for parts in prefixes]
+      padded = []
+      for parts in prefixes:
+        if not parts:
+          padded.append(empty)
+          continue
+        row = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+        if rows == 1:  # pad and batch axis in one program
+          return _pad_one_row(row, tp, axis)
+        padded.append(_pad_to(row, tp, axis))
       padded += [empty] * (rows - len(padded))
       return jnp.stack(padded, axis=axis)
 
