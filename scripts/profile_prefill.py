@@ -43,8 +43,12 @@ def main(argv):
   from dualpath_jax.model import weights  # noqa: E402
   from dualpath_jax.runtime import cost_profile  # noqa: E402
 
-  config = model_config.get_preset(_PRESET.value, dtype=_DTYPE.value,
-                                   attention=_ATTENTION.value, prefill_kv_splits=_KV_SPLITS.value)
+  try:
+    config = model_config.get_preset(_PRESET.value, dtype=_DTYPE.value,
+                                     attention=_ATTENTION.value,
+                                     prefill_kv_splits=_KV_SPLITS.value)
+  except (TypeError, ValueError) as e:
+    sys.exit(f"error: --preset/--dtype/--attention/--kv_splits: {e}")
   device = jax.devices()[0]
   model = jax.device_put(weights.init_random(config, seed=0), device)
   layout = KVLayout.for_model(config)

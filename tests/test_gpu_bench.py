@@ -454,6 +454,7 @@ def test_data_plane_reuses_gather_buffers_and_catches_wrong_kv(monkeypatch):
       out = run_path(p, part)
       out[0], out[-1] = out[-1], out[0]  # layers 0 and L-1 landed in each other's place
       return out
+    run.host_s = run_path.host_s  # where each path's thread spent the run
     return run
 
   monkeypatch.setattr(data_plane, "_path_runner", swapping_runner)

@@ -256,8 +256,7 @@ def measure_data_plane(devices: Sequence[jax.Device], *, layout: KVLayout, prefi
 
           def cleanup(outs, checks=checks, run_path=run_path):
             checks.append(check(outs))
-            host_s = getattr(run_path, "host_s", None)  # a wrapped runner (tests) has none
-            checks[-1]["path_host_s"] = host_s and [host_s.get(p) for p in range(len(outs))]
+            checks[-1]["path_host_s"] = [run_path.host_s[p] for p in range(len(outs))]
             _delete(outs)
 
           s, times = median_seconds(run, repeats, warmup, cleanup=cleanup)
