@@ -82,9 +82,14 @@ def test_overlapped_decode_matches_full_recompute_while_slots_turn_over(monkeypa
   assert len(worker.table.free_pages) == worker.table.num_pages - 1
   # Steps tile the DE's time: each one starts where the one before it was read, or later.
   records = worker.step_records
-  assert records and all(t0 < t1 for t0, t1, _ in records)
-  assert all(b[0] >= a[1] for a, b in itertools.pairwise(records))
-  assert all(1 <= rows <= rc.decode_batch_size for _, _, rows in records)
+  assert records and all(r.start < r.end for r in records)
+  assert all(b.start >= a.end for a, b in itertools.pairwise(records))
+  assert all(1 <= r.active <= rc.decode_batch_size for r in records)
+  # Its parts are host seconds inside the period; most periods dispatch the next step (not
+  # those whose rows all ended).
+  assert all(r.dispatch_s + r.wait_s + r.admit_s <= r.end - r.start for r in records)
+  assert sum(r.dispatch_s > 0 for r in records) > len(records) // 2
+  assert all(r.wait_s > 0 for r in records) and sum(r.admit_s > 0 for r in records) > 0
   placements = worker.input_placements
   assert placements["tokens_reused"] > 0 and placements["tokens"] > 0
 

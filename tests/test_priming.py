@@ -163,3 +163,26 @@ def test_decode_inflation_counts_a_step_with_kv_iff_a_move_overlaps_it(steps, mo
   kv = [(m0, m0 + d, "d2d", "pe0", "de0") for m0, d in moves]
   expected = sum(any(m0 < t1 and m1 > t0 for m0, m1, *_ in kv) for t0, t1, _ in records["de0"])
   assert decode_inflation(records, kv)["steps_with_kv"] == expected
+
+
+def test_decode_inflation_splits_the_excess_by_the_step_parts():
+  """Records with parts (decode_worker.StepRecord): the steps with KV are 4 ms longer, 3 ms of
+  it in the dispatch call and 1 ms nowhere named ('other')."""
+  from dualpath_jax.runtime.decode_worker import StepRecord
+  clean = [StepRecord(t, t + 0.010, 4, dispatch_s=0.002, wait_s=0.007, admit_s=0.0)
+           for t in (0.0, 0.1, 0.2)]
+  loaded = [StepRecord(t, t + 0.014, 4, dispatch_s=0.005, wait_s=0.007, admit_s=0.0)
+            for t in (0.3, 0.4)]
+  moves = [(0.305, 0.306, "h2d", "host", "de0"), (0.405, 0.406, "d2d", "de0", "pe0")]
+  result = decode_inflation({"de0": clean + loaded}, moves)
+  assert result["inflation"] == pytest.approx(0.4)
+  excess = result["excess_s_by_part"]
+  assert excess["period"] == pytest.approx(0.004) and excess["dispatch_s"] == pytest.approx(0.003)
+  assert excess["wait_s"] == pytest.approx(0.0) and excess["admit_s"] == pytest.approx(0.0)
+  assert excess["other"] == pytest.approx(0.001)
+  assert result["median_part_s"]["with_kv"]["dispatch_s"] == pytest.approx(0.005)
+  assert result["median_part_s"]["without"]["wait_s"] == pytest.approx(0.007)
+  # Plain (start, end, active) records carry no parts.
+  plain = decode_inflation({"de0": [tuple(r[:3]) for r in clean + loaded]}, moves)
+  assert plain["excess_s_by_part"] is None and plain["median_part_s"] is None
+  assert plain["inflation"] == pytest.approx(0.4)

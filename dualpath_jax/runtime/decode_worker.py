@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,27 @@ def _merge_tokens(host_tokens: jax.Array, previous: jax.Array) -> jax.Array:
   """A step's tokens [B]: the host's where it holds one (>= 0: rows admitted since the last
   step), else the last step's output (rows that go on)."""
   return jnp.where(host_tokens >= 0, host_tokens, previous)
+
+
+class StepRecord(NamedTuple):
+  """One decode step's period as the DE saw it (perf_counter seconds) and where its thread spent
+  it (runtime/metrics.py decode_inflation splits the inflation by these parts)."""
+
+  start: float
+  """The later of the step's dispatch and the end of the previous step's collection."""
+  end: float
+  """Its tokens read and appended."""
+  active: int
+  """Sequences it decoded."""
+  dispatch_s: float = 0.0
+  """Host seconds inside the decode program's dispatch call in the period (the next step's:
+  one step stays in flight). XLA launches the step's kernels in it, and the thread takes the
+  GIL back when it returns."""
+  wait_s: float = 0.0
+  """Host seconds reading its tokens: waiting for the device, then for the GIL."""
+  admit_s: float = 0.0
+  """Host seconds admitting requests in the period (issuing a prompt's H2D, writing landed
+  prompts into their pages)."""
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -114,15 +136,16 @@ class DecodeWorker(threading.Thread):
     fails them all)."""
     self._last_collect_s = 0.0
     """perf_counter when the last step's tokens had been read and appended."""
+    self._period_s: collections.Counter = collections.Counter()
+    """Host seconds per StepRecord part ('dispatch_s', 'admit_s') since the last collection."""
     self.stage_s: collections.Counter = collections.Counter()
     """Seconds of this DE's thread per stage: 'admit' (issuing a prompt's KV H2D; writing it
     into its pages once landed),
     'step' (dispatching decode steps and reading their tokens), 'persist' (a finished turn's new
     blocks D2H and handed to the link)."""
-    self.step_records: list[tuple[float, float, int]] = []
-    """(t_start, t_end, active sequences) of every decode step, perf_counter seconds (for the
-    step-time inflation under KV traffic, runtime/metrics.py decode_inflation). With a step in
-    flight, step n spans from the later of its dispatch and the end of step n-1's collection to
+    self.step_records: list[StepRecord] = []
+    """Every decode step's period and its parts (for the step-time inflation under KV traffic,
+    runtime/metrics.py decode_inflation). With a step in flight, step n spans from the later of its dispatch and the end of step n-1's collection to
     the end of its own collection: the step period the DE sees, back-to-back steps tiling it.
     A period holds whatever this thread did in it, admissions and persists included, so their
     H2D and D2H count as KV moves overlapping it (synced steps never overlapped them)."""
@@ -210,7 +233,11 @@ class DecodeWorker(threading.Thread):
       start = time.perf_counter()
       with profile_window.span(f"{self.engine.name} admit"):
         self._admit(request, kv)
-      self.stage_s["admit"] += time.perf_counter() - start
+      self._add_admit_s(time.perf_counter() - start)
+
+  def _add_admit_s(self, seconds: float) -> None:
+    self.stage_s["admit"] += seconds
+    self._period_s["admit_s"] += seconds
 
   def _drop_arriving(self) -> None:
     """Waits for the H2D of every arriving request (it reads the DE buffer) and returns their
@@ -246,7 +273,7 @@ class DecodeWorker(threading.Thread):
             start = time.perf_counter()
             with profile_window.span(f"{self.engine.name} admit"):
               self._start_admission(request)
-            self.stage_s["admit"] += time.perf_counter() - start
+            self._add_admit_s(time.perf_counter() - start)
           # With nothing to step, wait for the first copy to land rather than spin.
           self._admit_landed(wait=not (self._occupied() or self._in_flight))
           # One step stays in flight while rows decode; with none left, the last one is read.
@@ -295,17 +322,21 @@ class DecodeWorker(threading.Thread):
     """Issues the next step over the occupied slots, then frees the slots of the rows whose
     last token it produces (their requests stay in the step's record until it is read)."""
     start = time.perf_counter()
+    if not self._in_flight:  # this step's period starts now: what came before is not in it
+      self._period_s.clear()
     batch = len(self._slots)
     self.table, block_tables, seq_lens = self.table.prepare_decode(
         self._slots, batch_size=batch, max_pages=self.max_pages)
     inputs = self._inputs(block_tables, seq_lens)
     gate = contextlib.ExitStack()
     gate.enter_context(self.tm.model_step())
+    call = time.perf_counter()
     try:
       next_dev, lens_dev, self.pool = paged.greedy_decode_step_jit(self.model, self.pool, *inputs)
     except BaseException:
       gate.close()
       raise
+    self._period_s["dispatch_s"] += time.perf_counter() - call
     self._in_flight.append(_Step(rows=list(self._slots), next_tokens=next_dev,
                                  dispatched_s=start, gate=gate))
     self._device_inputs = dict(
@@ -326,6 +357,7 @@ class DecodeWorker(threading.Thread):
     start = time.perf_counter()
     step = self._in_flight[0]
     tokens = np.asarray(step.next_tokens)
+    wait_s = time.perf_counter() - start
     self._in_flight.pop(0)
     step.gate.close()
     now = time.perf_counter()
@@ -340,8 +372,11 @@ class DecodeWorker(threading.Thread):
         request.times["last_token"] = now
         done.append(request)
     end = time.perf_counter()
-    self.step_records.append((max(step.dispatched_s, self._last_collect_s), end,
-                              sum(request is not None for request in step.rows)))
+    self.step_records.append(StepRecord(
+        max(step.dispatched_s, self._last_collect_s), end,
+        sum(request is not None for request in step.rows), wait_s=wait_s,
+        dispatch_s=self._period_s["dispatch_s"], admit_s=self._period_s["admit_s"]))
+    self._period_s.clear()
     self._last_collect_s = end
     self.stage_s["step"] += end - start
     for request in done:
@@ -353,6 +388,7 @@ class DecodeWorker(threading.Thread):
     for step in self._in_flight:
       step.gate.close()
     self._in_flight = []
+    self._period_s.clear()
     self._drop_arriving()
     self._slots = [None] * len(self._slots)
     self._admitted_rows.clear()

@@ -163,17 +163,28 @@ def attn_balance(forwards: Sequence[Sequence[tuple[float, float] | None]]) -> di
   }
 
 
-def decode_inflation(decode_steps: Mapping[str, Sequence[tuple[float, float, int]]],
-                     kv_moves: Sequence[tuple]) -> dict:
+STEP_PARTS = ("dispatch_s", "wait_s", "admit_s")
+"""The parts of a DE's step period its records carry after (start, end, active): decode_worker
+StepRecord."""
+
+
+def decode_inflation(decode_steps: Mapping[str, Sequence[tuple]], kv_moves: Sequence[tuple]
+                     ) -> dict:
   """Decode step-time inflation from KV traffic on the DEs' devices.
 
-  decode_steps: per DE (engine name), its steps as (t_start, t_end, active sequences).
+  decode_steps: per DE (engine name), its steps as (t_start, t_end, active sequences), or
+  decode_worker.StepRecords, which add the host seconds of the period's parts (STEP_PARTS).
   kv_moves: device-side KV moves as (t_start, t_end, path, source, destination), the ends being
   engine names. A step is "with KV" if a move with the DE at either end overlaps it in time.
   Steps are compared within the same DE and active-sequence count (their work is the same up to
   context lengths): per (DE, count) with both kinds, median with KV / median without - 1;
   `inflation` is their mean weighted by the steps with KV (None where no pair exists).
   `inflation_by_path` repeats it counting only moves of one path (h2d, d2h, d2d).
+  `excess_s_by_part` (StepRecords only): the same pairs and weights, the median with KV minus
+  the median without, in seconds, of the period and of each part; 'other' is the period less
+  its parts (this thread's other work, taking the GIL back between calls). Medians do not add
+  up, so the parts only roughly sum to the period's excess. `median_part_s`: each part's median
+  over all steps with KV and all without (StepRecords only).
   """
   def overlapping(de: str, paths=None) -> list[bool]:
     moves = sorted((float(m[0]), float(m[1])) for m in kv_moves if de in (m[3], m[4])
@@ -183,30 +194,58 @@ def decode_inflation(decode_steps: Mapping[str, Sequence[tuple[float, float, int
     starts = np.array([m0 for m0, _ in moves])
     latest_end = np.maximum.accumulate(np.array([m1 for _, m1 in moves]))
     out = []
-    for t0, t1, _ in decode_steps[de]:  # some move starting before t1 ends after t0
+    for t0, t1, *_ in decode_steps[de]:  # some move starting before t1 ends after t0
       before = int(np.searchsorted(starts, t1, side="left"))
       out.append(bool(before and latest_end[before - 1] > t0))
     return out
 
+  def pairs(paths=None):
+    """(steps with KV, steps without) per DE and active-sequence count, where both exist."""
+    for de, steps in decode_steps.items():
+      groups: dict[int, tuple[list, list]] = {}
+      for step, with_kv in zip(steps, overlapping(de, paths)):
+        groups.setdefault(step[2], ([], []))[with_kv].append(step)
+      yield from ((loaded, clean) for clean, loaded in groups.values() if clean and loaded)
+
+  def period(step) -> float:
+    return step[1] - step[0]
+
   def inflation(paths=None) -> tuple[float | None, int, int]:
     weighted, weight, clean_steps = 0.0, 0, 0
-    for de, steps in decode_steps.items():
-      flags = overlapping(de, paths)
-      groups: dict[int, tuple[list, list]] = {}
-      for (t0, t1, active), with_kv in zip(steps, flags):
-        groups.setdefault(active, ([], []))[with_kv].append(t1 - t0)
-      for clean, loaded in groups.values():
-        if clean and loaded:
-          weighted += (float(np.median(loaded)) / float(np.median(clean)) - 1.0) * len(loaded)
-          weight += len(loaded)
-          clean_steps += len(clean)
+    for loaded, clean in pairs(paths):
+      ratio = np.median([period(s) for s in loaded]) / np.median([period(s) for s in clean])
+      weighted += (float(ratio) - 1.0) * len(loaded)
+      weight += len(loaded)
+      clean_steps += len(clean)
     return (weighted / weight if weight else None), weight, clean_steps
 
-  all_steps = [t1 - t0 for steps in decode_steps.values() for t0, t1, _ in steps]
+  def excess_by_part() -> dict[str, float] | None:
+    parts = {"period": period, "other": lambda s: period(s) - sum(s[3:3 + len(STEP_PARTS)])}
+    parts.update({name: (lambda s, i=i: s[3 + i]) for i, name in enumerate(STEP_PARTS)})
+    weighted, weight = dict.fromkeys(parts, 0.0), 0
+    for loaded, clean in pairs():
+      for name, part in parts.items():
+        weighted[name] += len(loaded) * float(np.median([part(s) for s in loaded])
+                                               - np.median([part(s) for s in clean]))
+      weight += len(loaded)
+    return {name: w / weight for name, w in weighted.items()} if weight else None
+
+  def median_parts(flags: list[bool]) -> dict:
+    records = [s for steps in decode_steps.values() for s in steps]
+    out = {}
+    for kind, wanted in (("with_kv", True), ("without", False)):
+      chosen = [s for s, f in zip(records, flags) if f == wanted]
+      out[kind] = {name: float(np.median([s[3 + i] for s in chosen])) if chosen else None
+                   for i, name in enumerate(STEP_PARTS)}
+    return out
+
+  all_steps = [period(s) for steps in decode_steps.values() for s in steps]
   flags = [f for de in decode_steps for f in overlapping(de)]
   with_kv = [d for d, f in zip(all_steps, flags) if f]
   without = [d for d, f in zip(all_steps, flags) if not f]
   value, compared_kv, compared_clean = inflation()
+  has_parts = all(len(s) >= 3 + len(STEP_PARTS) for steps in decode_steps.values()
+                  for s in steps)
   return {
       "inflation": value,
       "steps": len(all_steps), "steps_with_kv": len(with_kv),
@@ -214,6 +253,8 @@ def decode_inflation(decode_steps: Mapping[str, Sequence[tuple[float, float, int
       "median_step_s_with_kv": float(np.median(with_kv)) if with_kv else None,
       "median_step_s_without": float(np.median(without)) if without else None,
       "inflation_by_path": {path: inflation({path})[0] for path in ("h2d", "d2h", "d2d")},
+      "excess_s_by_part": excess_by_part() if has_parts and all_steps else None,
+      "median_part_s": median_parts(flags) if has_parts and all_steps else None,
       "method": "per DE and active-sequence count: median step with a KV move touching the DE "
                 "/ median without - 1, weighted by steps with KV",
   }

@@ -60,7 +60,7 @@ class OfflineRun:
   decode_step_s: list[float]
   """Every decode step's wall time, all DEs."""
   decode_steps: dict[str, list]
-  """Per DE: (t_start, t_end, active sequences) of every decode step, relative to the start."""
+  """Per DE: every decode step's decode_worker.StepRecord, its times relative to the start."""
   engine_stage_s: dict[str, dict[str, dict[str, float]]]
   """{'prefill' | 'decode': {engine: {stage: seconds}}}: where each engine's thread spent the
   run (PrefillShard.stage_s, DecodeWorker.stage_s)."""
@@ -309,8 +309,9 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
   since = lambda records: [(r.t_start - start, r.t_end - start, r.nbytes)  # noqa: E731
                            for r in records if r.t_start >= start]
   first = marks["forwards"]
-  steps = {w.engine.name: [(t0 - start, t1 - start, n) for t0, t1, n in w.step_records
-                           if t0 >= start] for w in cluster.decode_workers}
+  steps = {w.engine.name: [r._replace(start=r.start - start, end=r.end - start)
+                           for r in w.step_records if r.start >= start]
+           for w in cluster.decode_workers}
   return OfflineRun(
       mode=runtime_config.mode, jct_s=jct_s, turns=records, generated=generated,
       bytes={k: v - marks["bytes"].get(k, 0) for k, v in cluster.bytes_by_path().items()},
@@ -318,7 +319,7 @@ def run_offline(runtime_config: RuntimeConfig, model, store: KVBlockStore, layou
       max_de_staged_bytes=max(s.max_de_staged_bytes for s in cluster.prefill_shards),
       rounded_prefill_batches=sum(s.rounded_batches - marks["rounded"][s.engine.name]
                                   for s in cluster.prefill_shards),
-      decode_step_s=[t1 - t0 for records in steps.values() for t0, t1, _ in records],
+      decode_step_s=[r.end - r.start for records in steps.values() for r in records],
       decode_steps=steps,
       engine_stage_s={role: {e.engine.name: {k: v - marks["stages"][e.engine.name].get(k, 0.0)
                                              for k, v in e.stage_s.items()} for e in engines}

@@ -1,0 +1,233 @@
+r"""The DE's host work per decode step, alone and beside another thread that holds the GIL.
+
+Record 8's profiled window (1P1D dualpath, 2x H200, docs/perf/gpu_bench.md) had the DE's thread
+spend ~10 ms a step inside the decode program's dispatch call (XLA's Execute 4.5 ms of it,
+~870 kernels a step), against ~7.5 ms of device time; end to end (record 15) the DE's steps that
+overlap KV moves are 60-70% longer than those that do not, while the decode_interference
+section moves the same bytes beside the DE's loop at +0.5-3% (record 11). Its traffic threads
+sit in C calls; a job's other threads (the PE's, its sender, the links', the copy threads) also
+run Python, and a thread that wants the GIL back after a C call waits until the holder releases
+it: at its next C call or after sys.getswitchinterval() (5 ms by default).
+
+This runs the DE's loop (bench/engine.DecodeInputs: one step in flight, the last step's tokens
+read once the next is dispatched) on one device with the GPU end-to-end preset's model (random
+weights, our Pallas kernel) and measures per step:
+
+  period_s    wall between two steps' token reads (what the runtime's step records hold)
+  dispatch_s  host seconds inside the decode program's dispatch call (XLA launches the
+              step's kernels, then the thread takes the GIL back)
+  wait_s      host seconds reading the step's tokens (the device, then the GIL)
+
+under each contender: a thread that runs Python bytecode for `chunk_us` microseconds, then makes
+one call that releases the GIL (time.sleep(0)), over and over ('none': no such thread), and each
+GIL switch interval. Conditions are interleaved over `rounds`. Run once per XLA_FLAGS setting to
+compare (the JSON records XLA_FLAGS), e.g. command buffers off: XLA_FLAGS=--xla_gpu_enable_command_buffer=
+
+  python scripts/bench_decode_host.py --out=/tmp/decode_host.json                  # GPU defaults
+  python scripts/bench_decode_host.py --preset=tiny --dtype=float32 --paged_attention=gather \
+      --shapes=4x256 --steps=20 --out=/tmp/decode_host.json                        # CPU
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_PRESET = flags.DEFINE_string("preset", "qwen2.5-7b", "Model preset (random weights).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Model and KV dtype.")
+_PAGED = flags.DEFINE_string("paged_attention", "pallas", "ModelConfig.paged_attention.")
+_SHAPES = flags.DEFINE_list("shapes", ["16x32768", "32x8192"],
+                            "Decode batches as BATCHxCONTEXT (the end-to-end job: 16 agents at "
+                            "16K-64K contexts).")
+_CHUNKS = flags.DEFINE_list("chunks_us", ["0", "100", "1000", "100000"],
+                            "Contenders: microseconds of Python between the contender's "
+                            "GIL-releasing calls (0: no contender; longer than the switch "
+                            "interval: the interpreter's switch decides).")
+_SWITCH = flags.DEFINE_list("switch_intervals_s", ["0.005", "0.0005"],
+                            "sys.setswitchinterval values (Python's default is 0.005).")
+_STEPS = flags.DEFINE_integer("steps", 100, "Timed steps a condition and round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds over the conditions (interleaved).")
+_PAGE_TOKENS = flags.DEFINE_integer("page_tokens", 64, "Tokens a KV page.")
+_SEED = flags.DEFINE_integer("seed", 0, "Weights and KV seed.")
+_OUT = flags.DEFINE_string("out", None, "JSON output path.", required=True)
+
+
+def _numbers(flag: str, values, kind, minimum) -> list:
+  try:
+    out = [kind(v) for v in values]
+  except ValueError:
+    out = []
+  if not out or min(out) < minimum:
+    sys.exit(f"error: --{flag}: expected numbers >= {minimum}, got {','.join(values)}")
+  return out
+
+
+def _shapes(values) -> list[tuple[int, int]]:
+  out = []
+  for value in values:
+    try:
+      batch, context = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+      batch = context = 0
+    if batch <= 0 or context <= 0:
+      sys.exit(f"error: --shapes: expected BATCHxCONTEXT of positive integers, got {value!r}")
+    out.append((batch, context))
+  return out
+
+
+class Contender(threading.Thread):
+  """Runs Python for `chunk_s`, then time.sleep(0) (releases the GIL), until stopped."""
+
+  def __init__(self, chunk_s: float):
+    super().__init__(name="gil-contender", daemon=True)
+    self.chunk_s = chunk_s
+    self.stopping = threading.Event()
+    self.chunks = 0
+
+  def run(self) -> None:
+    clock = time.perf_counter
+    while not self.stopping.is_set():
+      end, x = clock() + self.chunk_s, 0
+      while clock() < end:
+        for i in range(50):
+          x += i * i
+      self.chunks += 1
+      time.sleep(0)
+
+
+def timed_loop(model, inputs, steps: int) -> list[tuple[float, float, float]]:
+  """DecodeInputs.de_loop with each step's (period, dispatch, wait) host seconds."""
+  import numpy as np
+
+  from dualpath_jax.model.paged import greedy_decode_step_jit
+  clock = time.perf_counter
+  records, previous = [], None
+  next_tokens, lens = inputs.tokens, inputs.seq_lens
+  last = clock()
+  for i in range(steps + 1):
+    if i % inputs.room == 0:
+      lens = inputs.seq_lens
+    t0 = clock()
+    next_tokens, lens, inputs.pool = greedy_decode_step_jit(
+        model, inputs.pool, next_tokens, inputs.block_tables, lens)
+    dispatch = clock() - t0
+    if previous is not None:
+      t1 = clock()
+      np.asarray(previous)
+      end = clock()
+      records.append((end - last, dispatch, end - t1))
+      last = end
+    else:
+      last = clock()
+    previous = next_tokens
+  np.asarray(previous)
+  return records
+
+
+def summarize(records) -> dict:
+  period, dispatch, wait = ([r[i] for r in records] for i in range(3))
+  return dict(steps=len(records), period_median_s=statistics.median(period),
+              period_mean_s=statistics.fmean(period), period_p90_s=sorted(period)[
+                  int(0.9 * (len(period) - 1))],
+              dispatch_median_s=statistics.median(dispatch),
+              dispatch_mean_s=statistics.fmean(dispatch), wait_median_s=statistics.median(wait),
+              wait_mean_s=statistics.fmean(wait))
+
+
+def measure(device, config, batch: int, context: int, chunks_us, switch_intervals, steps: int,
+            rounds: int, page_tokens: int, seed: int, log=print) -> list[dict]:
+  import jax
+
+  from dualpath_jax.bench.engine import DecodeInputs
+  from dualpath_jax.model import weights
+  with jax.default_device(device):
+    model = jax.device_put(weights.init_random(config, seed=seed), device)
+    inputs = DecodeInputs(config, batch, context, page_tokens, seed)
+  try:
+    timed_loop(model, inputs, 3)  # compiles and warms
+    conditions = [(c, s) for c in chunks_us for s in (switch_intervals if c else
+                                                       switch_intervals[:1])]
+    records = {condition: [] for condition in conditions}
+    contended = {condition: 0 for condition in conditions}
+    interval = sys.getswitchinterval()
+    for _ in range(rounds):
+      for chunk_us, switch in conditions:
+        sys.setswitchinterval(switch)
+        contender = Contender(chunk_us * 1e-6) if chunk_us else None
+        try:
+          if contender:
+            contender.start()
+            time.sleep(0.01)
+          records[chunk_us, switch] += timed_loop(model, inputs, steps)
+        finally:
+          if contender:
+            contender.stopping.set()
+            contender.join()
+            contended[chunk_us, switch] += contender.chunks
+          sys.setswitchinterval(interval)
+  finally:
+    inputs.delete()
+  rows = []
+  base = summarize(records[conditions[0]])
+  for (chunk_us, switch), recs in records.items():
+    row = dict(batch=batch, context=context, contender_chunk_us=chunk_us,
+               switch_interval_s=switch, contender_chunks=contended[chunk_us, switch],
+               **summarize(recs))
+    row["period_inflation"] = row["period_median_s"] / base["period_median_s"] - 1
+    row["period_mean_inflation"] = row["period_mean_s"] / base["period_mean_s"] - 1
+    rows.append(row)
+    log(f"decode_host: batch {batch} ctx {context} chunk {chunk_us:>6} us switch "
+        f"{switch * 1e3:.2f} ms: period {row['period_median_s'] * 1e3:7.3f} ms "
+        f"(mean {row['period_mean_s'] * 1e3:7.3f}, {row['period_inflation'] * 100:+6.1f}%), "
+        f"dispatch {row['dispatch_median_s'] * 1e3:6.3f} ms, wait "
+        f"{row['wait_median_s'] * 1e3:6.3f} ms")
+  return rows
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from dualpath_jax.model.config import get_preset
+  shapes = _shapes(_SHAPES.value)
+  chunks = _numbers("chunks_us", _CHUNKS.value, int, 0)
+  switches = _numbers("switch_intervals_s", _SWITCH.value, float, 1e-6)
+  if chunks[0] != 0:
+    sys.exit(f"error: --chunks_us: the first must be 0 (no contender: the baseline), got "
+             f"{','.join(_CHUNKS.value)}")
+  for name, flag in (("steps", _STEPS), ("rounds", _ROUNDS), ("page_tokens", _PAGE_TOKENS)):
+    if flag.value <= 0:
+      sys.exit(f"error: --{name}: expected a positive integer, got {flag.value}")
+  try:
+    config = get_preset(_PRESET.value, dtype=_DTYPE.value, paged_attention=_PAGED.value)
+  except (TypeError, ValueError) as e:
+    sys.exit(f"error: --preset/--dtype/--paged_attention: {e}")
+  device = jax.devices()[0]
+  result = dict(
+      meta=dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=str(device),
+                device_kind=device.device_kind, jax=jax.__version__,
+                python=platform.python_version(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                preset=config.name, dtype=config.dtype, paged_attention=config.paged_attention,
+                steps=_STEPS.value, rounds=_ROUNDS.value, cpu_count=os.cpu_count(),
+                note="per step of the DE's loop (one step in flight): period = wall between "
+                     "token reads, dispatch = host seconds inside the decode program's call, "
+                     "wait = host seconds reading the tokens; contender: a thread running "
+                     "Python for chunk_us between GIL-releasing calls"),
+      rows=[])
+  for batch, context in shapes:
+    result["rows"] += measure(device, config, batch, context, chunks, switches, _STEPS.value,
+                              _ROUNDS.value, _PAGE_TOKENS.value, _SEED.value)
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
