@@ -238,6 +238,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 host_buffer_bytes=16 << 30, decode_batch_size=16,
                                 max_context_tokens=24576, kv_chunk_bytes=32 << 20,
                                 prefill_layers_in_flight=3,
+                                # 1 up to record 15 (runtime/config.py says why 2)
+                                decode_steps_in_flight=2,
                                 # the node buffers' memory: 'numpy' (pageable) up to record 5;
                                 # page-locked since record 6 (1P1D capped, 2x H200: basic 11.3 ->
                                 # 8.2 s, dualpath 8.9 -> 7.5 s with the D2H below), H2D from it

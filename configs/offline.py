@@ -105,6 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kv_max_wait_s=0.05, h2d_staging="auto", d2h_staging="direct",
       # layerwise prefill: most layers of prefix KV on a PE at once (>= 2)
       prefill_layers_in_flight=3,
+      # decode steps a DE keeps dispatched ahead of the one it reads (>= 1)
+      decode_steps_in_flight=2,
       # the node buffers' host memory: 'numpy' (pageable) or, on CUDA GPUs, page-locked
       # ('cuda_registered' | 'jax_pinned'; then d2h_staging='cuda_memcpy' copies straight in)
       host_memory="numpy",

@@ -9,8 +9,9 @@ sit in C calls; a job's other threads (the PE's, its sender, the links', the cop
 run Python, and a thread that wants the GIL back after a C call waits until the holder releases
 it: at its next C call or after sys.getswitchinterval() (5 ms by default).
 
-This runs the DE's loop (bench/engine.DecodeInputs: one step in flight, the last step's tokens
-read once the next is dispatched) on one device with the GPU end-to-end preset's model (random
+This runs the DE's loop (bench/engine.DecodeInputs' steps, each step's tokens the last one's
+output on the device; `in_flight` steps dispatched ahead of the one whose tokens are read, as
+runtime.decode_steps_in_flight) on one device with the GPU end-to-end preset's model (random
 weights, our Pallas kernel) and measures per step:
 
   period_s    wall between two steps' token reads (what the runtime's step records hold)
@@ -18,9 +19,9 @@ weights, our Pallas kernel) and measures per step:
               step's kernels, then the thread takes the GIL back)
   wait_s      host seconds reading the step's tokens (the device, then the GIL)
 
-under each contender: a thread that runs Python bytecode for `chunk_us` microseconds, then makes
+at each depth, under each contender: a thread that runs Python bytecode for `chunk_us` microseconds, then makes
 one call that releases the GIL (time.sleep(0)), over and over ('none': no such thread), and each
-GIL switch interval. Conditions are interleaved over `rounds`. Run once per XLA_FLAGS setting to
+GIL switch interval (inflation: against the same depth with no contender). Conditions are interleaved over `rounds`. Run once per XLA_FLAGS setting to
 compare (the JSON records XLA_FLAGS), e.g. command buffers off: XLA_FLAGS=--xla_gpu_enable_command_buffer=
 
   python scripts/bench_decode_host.py --out=/tmp/decode_host.json                  # GPU defaults
@@ -52,6 +53,9 @@ _CHUNKS = flags.DEFINE_list("chunks_us", ["0", "100", "1000", "100000"],
                             "interval: the interpreter's switch decides).")
 _SWITCH = flags.DEFINE_list("switch_intervals_s", ["0.005", "0.0005"],
                             "sys.setswitchinterval values (Python's default is 0.005).")
+_IN_FLIGHT = flags.DEFINE_list("in_flight", ["1", "2"],
+                               "Steps dispatched ahead of the one read (the runtime's "
+                               "decode_steps_in_flight).")
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps a condition and round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "Rounds over the conditions (interleaved).")
 _PAGE_TOKENS = flags.DEFINE_integer("page_tokens", 64, "Tokens a KV page.")
@@ -102,32 +106,35 @@ class Contender(threading.Thread):
       time.sleep(0)
 
 
-def timed_loop(model, inputs, steps: int) -> list[tuple[float, float, float]]:
-  """DecodeInputs.de_loop with each step's (period, dispatch, wait) host seconds."""
+def timed_loop(model, inputs, steps: int, in_flight: int = 1) -> list[tuple[float, float, float]]:
+  """DecodeInputs.de_loop with `in_flight` steps dispatched ahead of the one read (the runtime's
+  decode_steps_in_flight), and each step's (period, dispatch, wait) host seconds."""
+  import collections
+
   import numpy as np
 
   from dualpath_jax.model.paged import greedy_decode_step_jit
   clock = time.perf_counter
-  records, previous = [], None
+  records, pending = [], collections.deque()
   next_tokens, lens = inputs.tokens, inputs.seq_lens
-  last = clock()
-  for i in range(steps + 1):
+  last = None
+  for i in range(steps + in_flight + 1):  # the first read starts the clock
     if i % inputs.room == 0:
       lens = inputs.seq_lens
     t0 = clock()
     next_tokens, lens, inputs.pool = greedy_decode_step_jit(
         model, inputs.pool, next_tokens, inputs.block_tables, lens)
     dispatch = clock() - t0
-    if previous is not None:
+    pending.append(next_tokens)
+    if len(pending) > in_flight:
       t1 = clock()
-      np.asarray(previous)
+      np.asarray(pending.popleft())
       end = clock()
-      records.append((end - last, dispatch, end - t1))
+      if last is not None:
+        records.append((end - last, dispatch, end - t1))
       last = end
-    else:
-      last = clock()
-    previous = next_tokens
-  np.asarray(previous)
+  for tokens in pending:
+    np.asarray(tokens)
   return records
 
 
@@ -141,8 +148,8 @@ def summarize(records) -> dict:
               wait_mean_s=statistics.fmean(wait))
 
 
-def measure(device, config, batch: int, context: int, chunks_us, switch_intervals, steps: int,
-            rounds: int, page_tokens: int, seed: int, log=print) -> list[dict]:
+def measure(device, config, batch: int, context: int, chunks_us, switch_intervals, in_flight,
+            steps: int, rounds: int, page_tokens: int, seed: int, log=print) -> list[dict]:
   import jax
 
   from dualpath_jax.bench.engine import DecodeInputs
@@ -152,39 +159,40 @@ def measure(device, config, batch: int, context: int, chunks_us, switch_interval
     inputs = DecodeInputs(config, batch, context, page_tokens, seed)
   try:
     timed_loop(model, inputs, 3)  # compiles and warms
-    conditions = [(c, s) for c in chunks_us for s in (switch_intervals if c else
-                                                       switch_intervals[:1])]
+    conditions = [(c, s, d) for d in in_flight for c in chunks_us
+                  for s in (switch_intervals if c else switch_intervals[:1])]
     records = {condition: [] for condition in conditions}
     contended = {condition: 0 for condition in conditions}
     interval = sys.getswitchinterval()
     for _ in range(rounds):
-      for chunk_us, switch in conditions:
+      for chunk_us, switch, depth in conditions:
         sys.setswitchinterval(switch)
         contender = Contender(chunk_us * 1e-6) if chunk_us else None
         try:
           if contender:
             contender.start()
             time.sleep(0.01)
-          records[chunk_us, switch] += timed_loop(model, inputs, steps)
+          records[chunk_us, switch, depth] += timed_loop(model, inputs, steps, depth)
         finally:
           if contender:
             contender.stopping.set()
             contender.join()
-            contended[chunk_us, switch] += contender.chunks
+            contended[chunk_us, switch, depth] += contender.chunks
           sys.setswitchinterval(interval)
   finally:
     inputs.delete()
   rows = []
-  base = summarize(records[conditions[0]])
-  for (chunk_us, switch), recs in records.items():
-    row = dict(batch=batch, context=context, contender_chunk_us=chunk_us,
-               switch_interval_s=switch, contender_chunks=contended[chunk_us, switch],
+  for (chunk_us, switch, depth), recs in records.items():
+    base = summarize(records[0, switch_intervals[0], depth])
+    row = dict(batch=batch, context=context, in_flight=depth, contender_chunk_us=chunk_us,
+               switch_interval_s=switch, contender_chunks=contended[chunk_us, switch, depth],
                **summarize(recs))
+    # against the same depth without a contender
     row["period_inflation"] = row["period_median_s"] / base["period_median_s"] - 1
     row["period_mean_inflation"] = row["period_mean_s"] / base["period_mean_s"] - 1
     rows.append(row)
-    log(f"decode_host: batch {batch} ctx {context} chunk {chunk_us:>6} us switch "
-        f"{switch * 1e3:.2f} ms: period {row['period_median_s'] * 1e3:7.3f} ms "
+    log(f"decode_host: batch {batch} ctx {context} in flight {depth} chunk {chunk_us:>6} us "
+        f"switch {switch * 1e3:.2f} ms: period {row['period_median_s'] * 1e3:7.3f} ms "
         f"(mean {row['period_mean_s'] * 1e3:7.3f}, {row['period_inflation'] * 100:+6.1f}%), "
         f"dispatch {row['dispatch_median_s'] * 1e3:6.3f} ms, wait "
         f"{row['wait_median_s'] * 1e3:6.3f} ms")
@@ -199,6 +207,7 @@ def main(argv):
   shapes = _shapes(_SHAPES.value)
   chunks = _numbers("chunks_us", _CHUNKS.value, int, 0)
   switches = _numbers("switch_intervals_s", _SWITCH.value, float, 1e-6)
+  depths = _numbers("in_flight", _IN_FLIGHT.value, int, 1)
   if chunks[0] != 0:
     sys.exit(f"error: --chunks_us: the first must be 0 (no contender: the baseline), got "
              f"{','.join(_CHUNKS.value)}")
@@ -222,8 +231,8 @@ def main(argv):
                      "Python for chunk_us between GIL-releasing calls"),
       rows=[])
   for batch, context in shapes:
-    result["rows"] += measure(device, config, batch, context, chunks, switches, _STEPS.value,
-                              _ROUNDS.value, _PAGE_TOKENS.value, _SEED.value)
+    result["rows"] += measure(device, config, batch, context, chunks, switches, depths,
+                              _STEPS.value, _ROUNDS.value, _PAGE_TOKENS.value, _SEED.value)
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)
   print(f"wrote {_OUT.value}")

@@ -16,16 +16,17 @@ def test_bench_decode_host_script(tmp_path):
              "--preset=tiny", "--dtype=float32", "--paged_attention=gather", "--steps=6",
              "--rounds=2", f"--out={out}"]
   subprocess.run(command + ["--shapes=2x128,3x64", "--chunks_us=0,200",
-                            "--switch_intervals_s=0.005,0.001"],
+                            "--switch_intervals_s=0.005,0.001", "--in_flight=1,2"],
                  cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
   result = json.loads(out.read_text())
   assert result["meta"]["xla_flags"] == "" and result["meta"]["preset"] == "tiny"
   rows = result["rows"]
-  # The baseline once a shape (no contender, so no switch interval to vary), then each contender
-  # under each switch interval.
-  assert [(r["batch"], r["context"], r["contender_chunk_us"], r["switch_interval_s"])
-          for r in rows] == [(b, c, *cond) for b, c in ((2, 128), (3, 64))
-                             for cond in ((0, 0.005), (200, 0.005), (200, 0.001))]
+  # Per shape and depth: the baseline (no contender, so no switch interval to vary), then each
+  # contender under each switch interval.
+  assert [(r["batch"], r["context"], r["in_flight"], r["contender_chunk_us"],
+           r["switch_interval_s"]) for r in rows] == [
+      (b, c, d, *cond) for b, c in ((2, 128), (3, 64)) for d in (1, 2)
+      for cond in ((0, 0.005), (200, 0.005), (200, 0.001))]
   for r in rows:
     assert r["steps"] == 12  # steps x rounds
     assert 0 < r["dispatch_median_s"] < r["period_median_s"] and r["wait_median_s"] > 0
@@ -33,7 +34,7 @@ def test_bench_decode_host_script(tmp_path):
     assert (r["contender_chunks"] > 0) == (r["contender_chunk_us"] > 0)
     if r["contender_chunk_us"] == 0:
       assert r["period_inflation"] == 0
-  for flag in ("--shapes=2by128", "--chunks_us=100,0", "--switch_intervals_s=0", "--steps=0",
+  for flag in ("--in_flight=0", "--shapes=2by128", "--chunks_us=100,0", "--switch_intervals_s=0", "--steps=0",
                "--preset=qwen9"):
     bad = subprocess.run(command + [flag], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)

@@ -121,6 +121,14 @@ class RuntimeConfig:
   prefix KV per row each. From pageable host memory one 64 MiB jax.device_put takes ~14 ms, so 3
   in flight moved 11.8 GB/s; from page-locked memory (host_memory) 3 in flight moved 41-46 GB/s,
   the link's rate (4x H100, docs/perf/gpu_bench.md record 6)."""
+  decode_steps_in_flight: int = 2
+  """Decode steps a DE keeps dispatched ahead of the one whose tokens it reads (>= 1). Each
+  step's tokens go into the next on the device, so only the host's reads wait. With one, the
+  device idles whenever a dispatch call takes longer than a step: that call has to take the GIL
+  back from the runtime's other threads, and on 1P1D (2x H200, docs/perf/gpu_bench.md record 16)
+  the steps that overlapped KV moves spent 2.6-3.9 ms longer in it (excess of 3.3-5.0 ms a
+  step). Two give a dispatch one more step of slack. Forced generation lengths mean a row's
+  last step is known when it is dispatched, so no step is wasted on a finished row."""
   kv_max_wait_s: float = 0.05
   """Longest a KV piece waits for the model steps running on its engine to end
   (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move
@@ -174,6 +182,9 @@ class RuntimeConfig:
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 2:
       raise ValueError(f"runtime.prefill_layers_in_flight must be an int >= 2 (the layer "
                        f"computing and the next one loading), got {layers!r}")
+    depth = self.decode_steps_in_flight
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+      raise ValueError(f"runtime.decode_steps_in_flight must be an int >= 1, got {depth!r}")
     quota = self.compute_quota_s
     if isinstance(quota, bool) or not isinstance(quota, (int, float)) or not quota > 0:
       raise ValueError(f"runtime.compute_quota_s must be positive, got {quota!r}")

@@ -9,7 +9,8 @@ is written to the store through this node's storage link; the turn ends when the
 so the agent's next turn hits it. In oracle mode the prompt KV never arrives (the pages hold
 whatever was there) and nothing is persisted.
 
-One step stays in flight. A sequence keeps one batch row (slot) from its admission to its last
+runtime.decode_steps_in_flight steps stay in flight (1 up to 2026-11-29; see its doc in
+runtime/config.py). A sequence keeps one batch row (slot) from its admission to its last
 step; free slots are padding rows. A request taken from the queue reserves a free slot and its
 prompt KV's H2D starts at once; it is admitted (pages allocated, KV written into them) at the
 first loop turn after that H2D has landed, so that no step waits for a copy. Issued at once,
@@ -17,7 +18,8 @@ the page write (which the next step depends on, through the pool) waited for the
 steps that overlapped an admission's H2D took 1.7-5.6x the median (1P1D, 2x H200,
 docs/perf/gpu_bench.md record 8; the change itself is not yet measured on a GPU). Each turn of
 the loop admits the landed requests into their slots, dispatches step n, and
-only then reads step n-1's tokens (the host waits there while step n runs), appends them and
+only then reads step n-d's tokens (d steps in flight; the host waits there while steps n-d+1..n
+run), appends them and
 persists the sequences whose last token they were; with no sequence left it reads the step in
 flight (drains). Step n's tokens are step n-1's output on the device, and the host's first
 tokens for rows admitted since. Generation lengths are forced, so when step n is dispatched the
@@ -69,8 +71,8 @@ class StepRecord(NamedTuple):
   active: int
   """Sequences it decoded."""
   dispatch_s: float = 0.0
-  """Host seconds inside the decode program's dispatch call in the period (the next step's:
-  one step stays in flight). XLA launches the step's kernels in it, and the thread takes the
+  """Host seconds inside the decode program's dispatch call in the period (a later step's:
+  steps stay in flight). XLA launches the step's kernels in it, and the thread takes the
   GIL back when it returns."""
   wait_s: float = 0.0
   """Host seconds reading its tokens: waiting for the device, then for the GIL."""
@@ -128,9 +130,10 @@ class DecodeWorker(threading.Thread):
     self._arriving: dict[TurnRequest, jax.Array | None] = {}
     """Requests taken from the queue, each holding a free slot, whose prompt KV's H2D was issued
     (None: nothing to move) and that are admitted once it has landed (`_admit_landed`)."""
+    self.steps_in_flight = config.decode_steps_in_flight
     self._in_flight: list[_Step] = []
-    """Dispatched steps not read yet, oldest first: one between loop turns, two just after a
-    dispatch."""
+    """Dispatched steps not read yet, oldest first: steps_in_flight between loop turns, one more
+    just after a dispatch."""
     self._decoding: dict[TurnRequest, None] = {}
     """Requests taken from the queue and not yet handed to persistence, in order (an error
     fails them all)."""
@@ -276,12 +279,12 @@ class DecodeWorker(threading.Thread):
             self._add_admit_s(time.perf_counter() - start)
           # With nothing to step, wait for the first copy to land rather than spin.
           self._admit_landed(wait=not (self._occupied() or self._in_flight))
-          # One step stays in flight while rows decode; with none left, the last one is read.
+          # steps_in_flight steps stay in flight while rows decode; with none left, they are read.
           dispatched = self._occupied()
           if dispatched:
             with profile_window.span(f"{self.engine.name} dispatch step"):
               self._dispatch()
-          while len(self._in_flight) > dispatched:
+          while len(self._in_flight) > (self.steps_in_flight if dispatched else 0):
             with profile_window.span(f"{self.engine.name} collect step"):
               self._collect()
         except BaseException as e:
