@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dualpath_jax import model as M
 from dualpath_jax.kvstore.layout import KVLayout
@@ -274,3 +276,49 @@ def test_bench_page_write_script(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0, flag
     assert bad.stderr.strip().splitlines()[-1].startswith("error:"), (flag, bad.stderr[-500:])
+
+
+@given(lengths=st.lists(st.integers(0, 200), min_size=1, max_size=6),
+       slots=st.lists(st.one_of(st.none(), st.integers(0, 5)), min_size=1, max_size=8),
+       steps=st.integers(1, 20), spare=st.integers(0, 12))
+@settings(max_examples=60, deadline=None)
+def test_prepare_decode_matches_extending_row_by_row(lengths, slots, steps, spare):
+  """The one-pass prepare_decode (one new table a step) gives the tables, inputs and errors of
+  `extend` row by row, and its tables stay valid (every page owned once or free)."""
+  page_tokens, batch, max_pages = 16, 8, 16
+  pages = sum(-(-n // page_tokens) for n in lengths)
+  table = M.PageTable.create(pages + spare + 1, page_tokens)
+  for i, n in enumerate(lengths):
+    table = table.allocate(i, n)
+  slots = [s if s is None or s < len(lengths) else None for s in slots]
+
+  def reference(t):
+    tables = np.full((batch, max_pages), M.SCRATCH_PAGE, np.int32)
+    lens = np.zeros((batch,), np.int32)
+    for row, seq in enumerate(slots):
+      if seq is not None:
+        t = t.extend(seq, 1)
+        if len(t.block_tables[seq]) > max_pages:
+          raise ValueError("max_pages")
+        tables[row, :len(t.block_tables[seq])] = t.block_tables[seq]
+        lens[row] = t.seq_lens[seq] - 1
+    return t, tables, lens
+
+  for _ in range(steps):
+    try:
+      expected = reference(table)
+    except (M.OutOfPagesError, ValueError) as e:
+      with pytest.raises(type(e)):
+        table.prepare_decode(slots, batch_size=batch, max_pages=max_pages)
+      return
+    got = table.prepare_decode(slots, batch_size=batch, max_pages=max_pages)
+    assert got[0].free_pages == expected[0].free_pages
+    assert dict(got[0].block_tables) == dict(expected[0].block_tables)
+    assert dict(got[0].seq_lens) == dict(expected[0].seq_lens)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[2], expected[2])
+    table = got[0]
+    owned = [p for ps in table.block_tables.values() for p in ps] + list(table.free_pages)
+    assert sorted(owned) == list(range(1, table.num_pages))
+    with pytest.raises(TypeError):  # still read-only
+      table.block_tables[0] = ()

@@ -87,10 +87,22 @@ class PageTable:
   def pages_for(self, num_tokens: int) -> int:
     return -(-num_tokens // self.page_tokens)
 
+  def _derived(self, free: tuple[int, ...], block_tables: dict, seq_lens: dict) -> "PageTable":
+    """A table made from this one by an update that only moves pages between its free list and
+    its sequences: the checks of __post_init__ (O(pages), milliseconds a decode step on a DE's
+    pool when every update ran them) hold by construction and are not repeated."""
+    table = object.__new__(PageTable)
+    for name, value in (("num_pages", self.num_pages), ("page_tokens", self.page_tokens),
+                        ("free_pages", free),
+                        ("block_tables", types.MappingProxyType(block_tables)),
+                        ("seq_lens", types.MappingProxyType(seq_lens))):
+      object.__setattr__(table, name, value)
+    return table
+
   def _with(self, seq_id, pages: tuple[int, ...], length: int, free: tuple[int, ...]):
     block_tables, seq_lens = dict(self.block_tables), dict(self.seq_lens)
     block_tables[seq_id], seq_lens[seq_id] = pages, length
-    return dataclasses.replace(self, free_pages=free, block_tables=block_tables, seq_lens=seq_lens)
+    return self._derived(free, block_tables, seq_lens)
 
   def _take(self, count: int, seq_id) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if count > len(self.free_pages):
@@ -123,8 +135,7 @@ class PageTable:
     block_tables, seq_lens = dict(self.block_tables), dict(self.seq_lens)
     pages = block_tables.pop(seq_id)
     del seq_lens[seq_id]
-    return dataclasses.replace(self, free_pages=self.free_pages + pages,
-                               block_tables=block_tables, seq_lens=seq_lens)
+    return self._derived(self.free_pages + pages, block_tables, seq_lens)
 
   def prepare_decode(self, seq_ids: Sequence[Hashable], *, batch_size: int, max_pages: int
                      ) -> tuple["PageTable", np.ndarray, np.ndarray]:
@@ -137,20 +148,31 @@ class PageTable:
     """
     if len(seq_ids) > batch_size:
       raise ValueError(f"prepare_decode: {len(seq_ids)} sequences exceed batch_size={batch_size}")
-    table = self
+    # One new table for the whole batch (a DE calls this every step): as `extend` row by row.
+    tables, lengths = dict(self.block_tables), dict(self.seq_lens)
+    free, taken = self.free_pages, 0
     block_tables = np.full((batch_size, max_pages), SCRATCH_PAGE, np.int32)
     seq_lens = np.zeros((batch_size,), np.int32)
     for row, seq_id in enumerate(seq_ids):
       if seq_id is None:
         continue
-      table = table.extend(seq_id, 1)
-      pages = table.block_tables[seq_id]
+      if seq_id not in lengths:
+        raise ValueError(f"PageTable.extend: unknown sequence {seq_id!r}")
+      length, pages = lengths[seq_id] + 1, tables[seq_id]
+      need = self.pages_for(length) - len(pages)
+      if need > 0:
+        if taken + need > len(free):
+          raise OutOfPagesError(f"sequence {seq_id!r} needs {need} more page(s) of "
+                                f"{self.page_tokens} tokens; {len(free) - taken} free")
+        pages = pages + free[taken:taken + need]
+        taken += need
       if len(pages) > max_pages:
         raise ValueError(f"prepare_decode: sequence {seq_id!r} has {len(pages)} pages, "
                          f"more than max_pages={max_pages}")
+      tables[seq_id], lengths[seq_id] = pages, length
       block_tables[row, :len(pages)] = pages
-      seq_lens[row] = table.seq_lens[seq_id] - 1
-    return table, block_tables, seq_lens
+      seq_lens[row] = length - 1
+    return self._derived(free[taken:], tables, lengths), block_tables, seq_lens
 
 
 @jax.tree_util.register_dataclass
