@@ -19,10 +19,17 @@ weights, our Pallas kernel) and measures per step:
               step's kernels, then the thread takes the GIL back)
   wait_s      host seconds reading the step's tokens (the device, then the GIL)
 
-at each depth, under each contender: a thread that runs Python bytecode for `chunk_us` microseconds, then makes
-one call that releases the GIL (time.sleep(0)), over and over ('none': no such thread), and each
-GIL switch interval (inflation: against the same depth with no contender). Conditions are interleaved over `rounds`. Run once per XLA_FLAGS setting to
-compare (the JSON records XLA_FLAGS), e.g. command buffers off: XLA_FLAGS=--xla_gpu_enable_command_buffer=
+at each depth, under each contender (its inflation: against the same depth with none):
+
+  none          no other thread
+  python:<us>   a thread running Python bytecode for <us> microseconds, then one call that
+                releases the GIL (time.sleep(0)), over and over; at each GIL switch interval
+  h2d, d2d      a thread moving 32 MiB pieces onto the device from page-locked host memory, or
+                off it to a second device, 3 in flight, in C calls (--copy_contenders): does
+                the dispatch wait for the copies rather than for the GIL?
+
+Conditions are interleaved over `rounds`. Run once per XLA_FLAGS setting to compare (the JSON
+records XLA_FLAGS), e.g. command buffers off: XLA_FLAGS=--xla_gpu_enable_command_buffer=
 
   python scripts/bench_decode_host.py --out=/tmp/decode_host.json                  # GPU defaults
   python scripts/bench_decode_host.py --preset=tiny --dtype=float32 --paged_attention=gather \
@@ -51,6 +58,12 @@ _CHUNKS = flags.DEFINE_list("chunks_us", ["0", "100", "1000", "100000"],
                             "Contenders: microseconds of Python between the contender's "
                             "GIL-releasing calls (0: no contender; longer than the switch "
                             "interval: the interpreter's switch decides).")
+_COPIES = flags.DEFINE_list("copy_contenders", [],
+                            "More contenders, each at the first switch interval: 'h2d' (a "
+                            "thread moving 32 MiB pieces from page-locked host memory onto the "
+                            "device, 3 in flight: the DE path's first hop, the admissions), "
+                            "'d2d' (32 MiB pieces from the device to a second one, 3 in "
+                            "flight: the DE path's second hop). These threads sit in C calls.")
 _SWITCH = flags.DEFINE_list("switch_intervals_s", ["0.005", "0.0005"],
                             "sys.setswitchinterval values (Python's default is 0.005).")
 _IN_FLIGHT = flags.DEFINE_list("in_flight", ["1", "2"],
@@ -87,23 +100,61 @@ def _shapes(values) -> list[tuple[int, int]]:
 
 
 class Contender(threading.Thread):
-  """Runs Python for `chunk_s`, then time.sleep(0) (releases the GIL), until stopped."""
+  """Runs `work` over and over until stopped, counting the rounds."""
 
-  def __init__(self, chunk_s: float):
-    super().__init__(name="gil-contender", daemon=True)
-    self.chunk_s = chunk_s
+  def __init__(self, work):
+    super().__init__(name="contender", daemon=True)
+    self.work = work
     self.stopping = threading.Event()
-    self.chunks = 0
+    self.rounds = 0
 
   def run(self) -> None:
-    clock = time.perf_counter
     while not self.stopping.is_set():
-      end, x = clock() + self.chunk_s, 0
-      while clock() < end:
-        for i in range(50):
-          x += i * i
-      self.chunks += 1
-      time.sleep(0)
+      self.work()
+      self.rounds += 1
+
+
+def python_work(chunk_s: float):
+  """Python bytecode for chunk_s, then time.sleep(0) (releases the GIL)."""
+  def work():
+    clock, x = time.perf_counter, 0
+    end = clock() + chunk_s
+    while clock() < end:
+      for i in range(50):
+        x += i * i
+    time.sleep(0)
+  return work
+
+
+def copy_work(kind: str, device, piece_bytes: int = 32 << 20, in_flight: int = 3):
+  """A KV-sized copy onto (h2d, from page-locked host memory) or off (d2d, to a second device)
+  `device`, at most `in_flight` unfinished."""
+  import collections
+
+  import jax
+  import numpy as np
+
+  from dualpath_jax.transfer import pinned_memory
+  if kind == "h2d":
+    source = pinned_memory.allocate(piece_bytes, "cuda_registered" if device.platform == "gpu"
+                                    else "numpy", device)
+    source[:] = 1
+    move = lambda: jax.device_put(source, device)  # noqa: E731
+  elif kind == "d2d":
+    others = [d for d in jax.devices() if d != device]
+    if not others:
+      raise ValueError("copy_contenders: 'd2d' needs a second device")
+    source = jax.device_put(np.ones(piece_bytes, np.uint8), device)
+    move = lambda: jax.device_put(source, others[0])  # noqa: E731
+  else:
+    raise ValueError(f"copy_contenders: expected 'h2d' or 'd2d', got {kind!r}")
+  pending = collections.deque()
+
+  def work():
+    pending.append(move())
+    if len(pending) > in_flight:
+      pending.popleft().block_until_ready()
+  return work
 
 
 def timed_loop(model, inputs, steps: int, in_flight: int = 1) -> list[tuple[float, float, float]]:
@@ -148,8 +199,9 @@ def summarize(records) -> dict:
               wait_mean_s=statistics.fmean(wait))
 
 
-def measure(device, config, batch: int, context: int, chunks_us, switch_intervals, in_flight,
-            steps: int, rounds: int, page_tokens: int, seed: int, log=print) -> list[dict]:
+def measure(device, config, batch: int, context: int, chunks_us, copies, switch_intervals,
+            in_flight, steps: int, rounds: int, page_tokens: int, seed: int, log=print
+            ) -> list[dict]:
   import jax
 
   from dualpath_jax.bench.engine import DecodeInputs
@@ -157,41 +209,47 @@ def measure(device, config, batch: int, context: int, chunks_us, switch_interval
   with jax.default_device(device):
     model = jax.device_put(weights.init_random(config, seed=seed), device)
     inputs = DecodeInputs(config, batch, context, page_tokens, seed)
+  works = {f"python:{c}": python_work(c * 1e-6) for c in chunks_us if c}
+  works.update({kind: copy_work(kind, device) for kind in copies})
   try:
     timed_loop(model, inputs, 3)  # compiles and warms
-    conditions = [(c, s, d) for d in in_flight for c in chunks_us
-                  for s in (switch_intervals if c else switch_intervals[:1])]
+    for work in works.values():  # the copies' first calls compile too
+      work()
+    conditions = [(name, s, d) for d in in_flight for name in ("none", *works)
+                  for s in (switch_intervals if name.startswith("python") else
+                            switch_intervals[:1])]
     records = {condition: [] for condition in conditions}
     contended = {condition: 0 for condition in conditions}
     interval = sys.getswitchinterval()
     for _ in range(rounds):
-      for chunk_us, switch, depth in conditions:
+      for name, switch, depth in conditions:
         sys.setswitchinterval(switch)
-        contender = Contender(chunk_us * 1e-6) if chunk_us else None
+        contender = Contender(works[name]) if name != "none" else None
         try:
           if contender:
             contender.start()
             time.sleep(0.01)
-          records[chunk_us, switch, depth] += timed_loop(model, inputs, steps, depth)
+          records[name, switch, depth] += timed_loop(model, inputs, steps, depth)
         finally:
           if contender:
             contender.stopping.set()
             contender.join()
-            contended[chunk_us, switch, depth] += contender.chunks
+            contended[name, switch, depth] += contender.rounds
           sys.setswitchinterval(interval)
   finally:
     inputs.delete()
   rows = []
-  for (chunk_us, switch, depth), recs in records.items():
-    base = summarize(records[0, switch_intervals[0], depth])
-    row = dict(batch=batch, context=context, in_flight=depth, contender_chunk_us=chunk_us,
-               switch_interval_s=switch, contender_chunks=contended[chunk_us, switch, depth],
+  for (name, switch, depth), recs in records.items():
+    base = summarize(records["none", switch_intervals[0], depth])
+    row = dict(batch=batch, context=context, in_flight=depth, contender=name,
+               contender_chunk_us=int(name.split(":")[1]) if name.startswith("python") else 0,
+               switch_interval_s=switch, contender_rounds=contended[name, switch, depth],
                **summarize(recs))
     # against the same depth without a contender
     row["period_inflation"] = row["period_median_s"] / base["period_median_s"] - 1
     row["period_mean_inflation"] = row["period_mean_s"] / base["period_mean_s"] - 1
     rows.append(row)
-    log(f"decode_host: batch {batch} ctx {context} in flight {depth} chunk {chunk_us:>6} us "
+    log(f"decode_host: batch {batch} ctx {context} in flight {depth} {name:>12} "
         f"switch {switch * 1e3:.2f} ms: period {row['period_median_s'] * 1e3:7.3f} ms "
         f"(mean {row['period_mean_s'] * 1e3:7.3f}, {row['period_inflation'] * 100:+6.1f}%), "
         f"dispatch {row['dispatch_median_s'] * 1e3:6.3f} ms, wait "
@@ -208,6 +266,9 @@ def main(argv):
   chunks = _numbers("chunks_us", _CHUNKS.value, int, 0)
   switches = _numbers("switch_intervals_s", _SWITCH.value, float, 1e-6)
   depths = _numbers("in_flight", _IN_FLIGHT.value, int, 1)
+  if set(_COPIES.value) - {"h2d", "d2d"}:
+    sys.exit(f"error: --copy_contenders: expected some of h2d, d2d, got "
+             f"{','.join(_COPIES.value)}")
   if chunks[0] != 0:
     sys.exit(f"error: --chunks_us: the first must be 0 (no contender: the baseline), got "
              f"{','.join(_CHUNKS.value)}")
@@ -228,11 +289,16 @@ def main(argv):
                 note="per step of the DE's loop (one step in flight): period = wall between "
                      "token reads, dispatch = host seconds inside the decode program's call, "
                      "wait = host seconds reading the tokens; contender: a thread running "
-                     "Python for chunk_us between GIL-releasing calls"),
+                     "Python for chunk_us between GIL-releasing calls (python:<us>) or "
+                     "moving 32 MiB pieces onto (h2d) or off (d2d) the device"),
       rows=[])
   for batch, context in shapes:
-    result["rows"] += measure(device, config, batch, context, chunks, switches, depths,
-                              _STEPS.value, _ROUNDS.value, _PAGE_TOKENS.value, _SEED.value)
+    try:
+      result["rows"] += measure(device, config, batch, context, chunks, _COPIES.value, switches,
+                                depths, _STEPS.value, _ROUNDS.value, _PAGE_TOKENS.value,
+                                _SEED.value)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)
   print(f"wrote {_OUT.value}")

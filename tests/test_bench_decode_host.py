@@ -16,25 +16,28 @@ def test_bench_decode_host_script(tmp_path):
              "--preset=tiny", "--dtype=float32", "--paged_attention=gather", "--steps=6",
              "--rounds=2", f"--out={out}"]
   subprocess.run(command + ["--shapes=2x128,3x64", "--chunks_us=0,200",
-                            "--switch_intervals_s=0.005,0.001", "--in_flight=1,2"],
+                            "--switch_intervals_s=0.005,0.001", "--in_flight=1,2",
+                            "--copy_contenders=h2d"],
                  cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
   result = json.loads(out.read_text())
   assert result["meta"]["xla_flags"] == "" and result["meta"]["preset"] == "tiny"
   rows = result["rows"]
   # Per shape and depth: the baseline (no contender, so no switch interval to vary), then each
   # contender under each switch interval.
-  assert [(r["batch"], r["context"], r["in_flight"], r["contender_chunk_us"],
-           r["switch_interval_s"]) for r in rows] == [
+  assert [(r["batch"], r["context"], r["in_flight"], r["contender"], r["switch_interval_s"])
+          for r in rows] == [
       (b, c, d, *cond) for b, c in ((2, 128), (3, 64)) for d in (1, 2)
-      for cond in ((0, 0.005), (200, 0.005), (200, 0.001))]
+      for cond in (("none", 0.005), ("python:200", 0.005), ("python:200", 0.001),
+                   ("h2d", 0.005))]
   for r in rows:
     assert r["steps"] == 12  # steps x rounds
     assert 0 < r["dispatch_median_s"] < r["period_median_s"] and r["wait_median_s"] > 0
     assert r["period_p90_s"] >= r["period_median_s"]
-    assert (r["contender_chunks"] > 0) == (r["contender_chunk_us"] > 0)
-    if r["contender_chunk_us"] == 0:
+    assert (r["contender_rounds"] > 0) == (r["contender"] != "none")
+    assert r["contender_chunk_us"] == (200 if r["contender"].startswith("python") else 0)
+    if r["contender"] == "none":
       assert r["period_inflation"] == 0
-  for flag in ("--in_flight=0", "--shapes=2by128", "--chunks_us=100,0", "--switch_intervals_s=0", "--steps=0",
+  for flag in ("--copy_contenders=d2h", "--in_flight=0", "--shapes=2by128", "--chunks_us=100,0", "--switch_intervals_s=0", "--steps=0",
                "--preset=qwen9"):
     bad = subprocess.run(command + [flag], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
