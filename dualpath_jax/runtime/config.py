@@ -123,12 +123,14 @@ class RuntimeConfig:
   the link's rate (4x H100, docs/perf/gpu_bench.md record 6)."""
   decode_steps_in_flight: int = 2
   """Decode steps a DE keeps dispatched ahead of the one whose tokens it reads (>= 1). Each
-  step's tokens go into the next on the device, so only the host's reads wait. With one, the
-  device idles whenever a dispatch call takes longer than a step: that call has to take the GIL
-  back from the runtime's other threads, and on 1P1D (2x H200, docs/perf/gpu_bench.md record 16)
-  the steps that overlapped KV moves spent 2.6-3.9 ms longer in it (excess of 3.3-5.0 ms a
-  step). Two give a dispatch one more step of slack. Forced generation lengths mean a row's
-  last step is known when it is dispatched, so no step is wasted on a finished row."""
+  step's tokens go into the next on the device, so only the host's reads wait; generation
+  lengths are forced, so a row's last step is known when it is dispatched and no step is spent
+  on a finished row. With one, the device idles whenever a dispatch call takes longer than the
+  step in flight, and the dispatch call has to win the GIL from the runtime's other threads:
+  on 1P1D (2x H200) the DE's steps that overlapped KV moves spent 2-5 ms longer in it
+  (docs/perf/gpu_bench.md record 16). Two: dualpath's decode inflation +48% / +33% against
+  +72% / +143% with one, the same JCT (record 16, call 2). A thread that keeps the GIL busy for
+  as long as the steps run still slows them at any depth (record 16, scripts/bench_decode_host.py)."""
   kv_max_wait_s: float = 0.05
   """Longest a KV piece waits for the model steps running on its engine to end
   (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move
