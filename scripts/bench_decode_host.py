@@ -1,4 +1,4 @@
-r"""The DE's host work per decode step, alone and beside another thread that holds the GIL.
+r"""The DE's host work per decode step, alone and beside a thread that holds the GIL or copies KV.
 
 Record 8's profiled window (1P1D dualpath, 2x H200, docs/perf/gpu_bench.md) had the DE's thread
 spend ~10 ms a step inside the decode program's dispatch call (XLA's Execute 4.5 ms of it,
@@ -38,7 +38,6 @@ records XLA_FLAGS), e.g. command buffers off: XLA_FLAGS=--xla_gpu_enable_command
 
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -261,6 +260,7 @@ def main(argv):
   del argv
   import jax
 
+  from dualpath_jax.bench.hardware import run_meta
   from dualpath_jax.model.config import get_preset
   shapes = _shapes(_SHAPES.value)
   chunks = _numbers("chunks_us", _CHUNKS.value, int, 0)
@@ -281,12 +281,11 @@ def main(argv):
     sys.exit(f"error: --preset/--dtype/--paged_attention: {e}")
   device = jax.devices()[0]
   result = dict(
-      meta=dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=str(device),
-                device_kind=device.device_kind, jax=jax.__version__,
-                python=platform.python_version(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                preset=config.name, dtype=config.dtype, paged_attention=config.paged_attention,
-                steps=_STEPS.value, rounds=_ROUNDS.value, cpu_count=os.cpu_count(),
-                note="per step of the DE's loop (one step in flight): period = wall between "
+      meta=dict(run_meta(device), preset=config.name, dtype=config.dtype,
+                paged_attention=config.paged_attention, steps=_STEPS.value,
+                rounds=_ROUNDS.value, cpu_count=os.cpu_count(),
+                note="per step of the DE's loop (in_flight steps dispatched ahead of the one "
+                     "read): period = wall between "
                      "token reads, dispatch = host seconds inside the decode program's call, "
                      "wait = host seconds reading the tokens; contender: a thread running "
                      "Python for chunk_us between GIL-releasing calls (python:<us>) or "

@@ -35,8 +35,6 @@ XLA_FLAGS=--xla_gpu_enable_command_buffer= (the JSON records XLA_FLAGS).
 
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -199,6 +197,7 @@ def main(argv):
   del argv
   import jax
 
+  from dualpath_jax.bench.hardware import run_meta
   from dualpath_jax.model.config import get_preset
   from dualpath_jax.transfer import pinned_memory
   rows = _positive_ints("rows", _ROWS.value)
@@ -218,11 +217,9 @@ def main(argv):
     sys.exit(f"error: --preset/--dtype/--attention/--kv_splits: {e}")
   device = jax.devices()[0]
   result = dict(
-      meta=dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=str(device),
-                device_kind=device.device_kind, jax=jax.__version__,
-                python=platform.python_version(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                preset=config.name, dtype=config.dtype, attention=config.attention,
-                prefill_kv_splits=config.prefill_kv_splits, host_memory=_HOST_MEMORY.value,
+      meta=dict(run_meta(device), preset=config.name, dtype=config.dtype,
+                attention=config.attention, prefill_kv_splits=config.prefill_kv_splits,
+                host_memory=_HOST_MEMORY.value,
                 repeats=_REPEATS.value, warmup=_WARMUP.value,
                 note="host_s: seconds inside each kind of call in the median run (dispatch); "
                      "host_fraction = their sum / the run's wall; no GIL contention, no sends"),

@@ -37,7 +37,8 @@ def test_bench_decode_host_script(tmp_path):
     assert r["contender_chunk_us"] == (200 if r["contender"].startswith("python") else 0)
     if r["contender"] == "none":
       assert r["period_inflation"] == 0
-  for flag in ("--copy_contenders=d2h", "--in_flight=0", "--shapes=2by128", "--chunks_us=100,0", "--switch_intervals_s=0", "--steps=0",
+  for flag in ("--copy_contenders=d2h", "--in_flight=0", "--shapes=2by128", "--chunks_us=100,0",
+               "--switch_intervals_s=0", "--steps=0",
                "--preset=qwen9"):
     bad = subprocess.run(command + [flag], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)

@@ -1,4 +1,5 @@
-"""What the card can do on paper, whether pinned host memory works, and host test data.
+"""What the card can do on paper, whether pinned host memory works, host test data, and what a
+benchmark script records about the run's machine.
 
 Peak rates are datasheet numbers (dense bf16 tensor-core FLOP/s, HBM bytes/s) looked up by
 `device.device_kind`; a run may override both (config), and must on a card not listed here.
@@ -7,6 +8,9 @@ Peak rates are datasheet numbers (dense bf16 tensor-core FLOP/s, HBM bytes/s) lo
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
+import time
 
 import jax
 import numpy as np
@@ -52,6 +56,13 @@ def detect_card(device: jax.Device, *, peak_flops: float = 0.0,
     source = f"datasheet ({match[0]})" if match else "unknown"
   return CardSpec(name=match[0] if match else kind or "unknown", peak_flops=flops,
                   hbm_bytes_per_s=hbm, source=source)
+
+
+def run_meta(device: jax.Device) -> dict:
+  """Date, device, jax and Python versions and XLA_FLAGS: the head of a script's JSON `meta`."""
+  return dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), device=str(device),
+              device_kind=device.device_kind, jax=jax.__version__,
+              python=platform.python_version(), xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def pinned_host_sharding(device: jax.Device) -> SingleDeviceSharding:

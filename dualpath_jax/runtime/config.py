@@ -130,7 +130,8 @@ class RuntimeConfig:
   on 1P1D (2x H200) the DE's steps that overlapped KV moves spent 2-5 ms longer in it
   (docs/perf/gpu_bench.md record 16). Two: dualpath's decode inflation +48% / +33% against
   +72% / +143% with one, the same JCT (record 16, call 2). A thread that keeps the GIL busy for
-  as long as the steps run still slows them at any depth (record 16, scripts/bench_decode_host.py)."""
+  as long as the steps run still slows them at any depth (record 16,
+  scripts/bench_decode_host.py)."""
   kv_max_wait_s: float = 0.05
   """Longest a KV piece waits for the model steps running on its engine to end
   (TrafficConfig.max_kv_wait_s); 0 turns the priority gate off. A piece of every per-layer move

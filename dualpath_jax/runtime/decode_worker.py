@@ -148,8 +148,9 @@ class DecodeWorker(threading.Thread):
     blocks D2H and handed to the link)."""
     self.step_records: list[StepRecord] = []
     """Every decode step's period and its parts (for the step-time inflation under KV traffic,
-    runtime/metrics.py decode_inflation). With a step in flight, step n spans from the later of its dispatch and the end of step n-1's collection to
-    the end of its own collection: the step period the DE sees, back-to-back steps tiling it.
+    runtime/metrics.py decode_inflation). With steps in flight, step n spans from the later of
+    its dispatch and the end of step n-1's collection to the end of its own collection: the
+    step period the DE sees, back-to-back steps tiling it.
     A period holds whatever this thread did in it, admissions and persists included, so their
     H2D and D2H count as KV moves overlapping it (synced steps never overlapped them)."""
     self.overlapped_admissions = 0
