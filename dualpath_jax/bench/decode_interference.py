@@ -4,7 +4,8 @@ The end-to-end jobs report decode inflation (runtime/metrics.py decode_inflation
 that overlap a KV move against its other steps. There the moves come with everything else the DE
 does around them (admissions' page writes, persists' pool reads, other requests' arrivals), so a
 large inflation does not say whether the bytes themselves slow the steps. This section leaves all
-of that out. It runs the DE's loop (engine.DecodeInputs.de_loop: one step in flight, each step
+of that out. It runs the DE's loop (engine.DecodeInputs.de_loop: one step in flight, as the runtime kept up to record 16 (now
+runtime.decode_steps_in_flight, default 2), each step
 inside its TrafficManager's `model_step()` from dispatch to collection, as DecodeWorker does) at a
 fixed batch and context on one device, while a thread keeps one kind of KV traffic going through
 a TrafficManager of the same engine, with the runtime's own calls:

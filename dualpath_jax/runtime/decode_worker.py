@@ -207,7 +207,7 @@ class DecodeWorker(threading.Thread):
       self._cond.notify_all()
 
   def stop(self) -> None:
-    """Ends the thread after its current loop turn; a step in flight is dropped unread."""
+    """Ends the thread after its current loop turn; the steps in flight are dropped unread."""
     with self._cond:
       self._stopping = True
       self._cond.notify_all()
