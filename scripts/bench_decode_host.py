@@ -1,6 +1,6 @@
 r"""The DE's host work per decode step, alone and beside a thread that holds the GIL or copies KV.
 
-Record 8's profiled window (1P1D dualpath, 2x H200, docs/perf/gpu_bench.md) had the DE's thread
+Record 7's profiled window (1P1D dualpath, 2x H200, docs/perf/gpu_bench.md) had the DE's thread
 spend ~10 ms a step inside the decode program's dispatch call (XLA's Execute 4.5 ms of it,
 ~870 kernels a step), against ~7.5 ms of device time; end to end (record 15) the DE's steps that
 overlap KV moves are 60-70% longer than those that do not, while the decode_interference
@@ -9,7 +9,7 @@ sit in C calls; a job's other threads (the PE's, its sender, the links', the cop
 run Python, and a thread that wants the GIL back after a C call waits until the holder releases
 it: at its next C call or after sys.getswitchinterval() (5 ms by default).
 
-This runs the DE's loop (bench/engine.DecodeInputs' steps, each step's tokens the last one's
+This runs the DE's loop (bench/engine.DecodeInputs.de_loop: each step's tokens the last one's
 output on the device; `in_flight` steps dispatched ahead of the one whose tokens are read, as
 runtime.decode_steps_in_flight) on one device with the GPU end-to-end preset's model (random
 weights, our Pallas kernel) and measures per step:
@@ -156,38 +156,6 @@ def copy_work(kind: str, device, piece_bytes: int = 32 << 20, in_flight: int = 3
   return work
 
 
-def timed_loop(model, inputs, steps: int, in_flight: int = 1) -> list[tuple[float, float, float]]:
-  """DecodeInputs.de_loop with `in_flight` steps dispatched ahead of the one read (the runtime's
-  decode_steps_in_flight), and each step's (period, dispatch, wait) host seconds."""
-  import collections
-
-  import numpy as np
-
-  from dualpath_jax.model.paged import greedy_decode_step_jit
-  clock = time.perf_counter
-  records, pending = [], collections.deque()
-  next_tokens, lens = inputs.tokens, inputs.seq_lens
-  last = None
-  for i in range(steps + in_flight + 1):  # the first read starts the clock
-    if i % inputs.room == 0:
-      lens = inputs.seq_lens
-    t0 = clock()
-    next_tokens, lens, inputs.pool = greedy_decode_step_jit(
-        model, inputs.pool, next_tokens, inputs.block_tables, lens)
-    dispatch = clock() - t0
-    pending.append(next_tokens)
-    if len(pending) > in_flight:
-      t1 = clock()
-      np.asarray(pending.popleft())
-      end = clock()
-      if last is not None:
-        records.append((end - last, dispatch, end - t1))
-      last = end
-  for tokens in pending:
-    np.asarray(tokens)
-  return records
-
-
 def summarize(records) -> dict:
   period, dispatch, wait = ([r[i] for r in records] for i in range(3))
   return dict(steps=len(records), period_median_s=statistics.median(period),
@@ -211,7 +179,7 @@ def measure(device, config, batch: int, context: int, chunks_us, copies, switch_
   works = {f"python:{c}": python_work(c * 1e-6) for c in chunks_us if c}
   works.update({kind: copy_work(kind, device) for kind in copies})
   try:
-    timed_loop(model, inputs, 3)  # compiles and warms
+    inputs.de_loop(model, 3)  # compiles and warms
     for work in works.values():  # the copies' first calls compile too
       work()
     conditions = [(name, s, d) for d in in_flight for name in ("none", *works)
@@ -228,7 +196,9 @@ def measure(device, config, batch: int, context: int, chunks_us, copies, switch_
           if contender:
             contender.start()
             time.sleep(0.01)
-          records[name, switch, depth] += timed_loop(model, inputs, steps, depth)
+          # the first read starts the clock: steps + 1 reads after a dispatch
+          inputs.de_loop(model, steps + depth + 1, in_flight=depth,
+                         timings=records[name, switch, depth])
         finally:
           if contender:
             contender.stopping.set()
@@ -280,6 +250,9 @@ def main(argv):
   except (TypeError, ValueError) as e:
     sys.exit(f"error: --preset/--dtype/--paged_attention: {e}")
   device = jax.devices()[0]
+  if "d2d" in _COPIES.value and len(jax.devices()) < 2:
+    sys.exit(f"error: --copy_contenders: 'd2d' needs a second device; {len(jax.devices())} "
+             f"present")
   result = dict(
       meta=dict(run_meta(device), preset=config.name, dtype=config.dtype,
                 paged_attention=config.paged_attention, steps=_STEPS.value,
@@ -292,12 +265,9 @@ def main(argv):
                      "moving 32 MiB pieces onto (h2d) or off (d2d) the device"),
       rows=[])
   for batch, context in shapes:
-    try:
-      result["rows"] += measure(device, config, batch, context, chunks, _COPIES.value, switches,
-                                depths, _STEPS.value, _ROUNDS.value, _PAGE_TOKENS.value,
-                                _SEED.value)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
+    result["rows"] += measure(device, config, batch, context, chunks, _COPIES.value, switches,
+                              depths, _STEPS.value, _ROUNDS.value, _PAGE_TOKENS.value,
+                              _SEED.value)
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=1)
   print(f"wrote {_OUT.value}")

@@ -37,7 +37,9 @@ def _trajectories(vocab_size):
           for a, gens in enumerate(GEN_TOKENS)]
 
 
-def test_overlapped_decode_matches_full_recompute_while_slots_turn_over(monkeypatch):
+@pytest.mark.parametrize("steps_in_flight", [1, 2, 3])
+def test_overlapped_decode_matches_full_recompute_while_slots_turn_over(monkeypatch,
+                                                                        steps_in_flight):
   model = load_trained("tiny")
   layout = KVLayout.for_model(model.config)
   store = KVBlockStore.open(StoreSpec(driver="memory", path="x"), layout, context=ts.Context())
@@ -64,7 +66,8 @@ def test_overlapped_decode_matches_full_recompute_while_slots_turn_over(monkeypa
   monkeypatch.setattr(DecodeWorker, "_admit", recording_admit)
   rc = RuntimeConfig(mode="dualpath", topology=TopologyConfig(num_prefill_engines=1,
                                                               num_decode_engines=1),
-                     decode_batch_size=2, max_context_tokens=MAX_CONTEXT)
+                     decode_batch_size=2, max_context_tokens=MAX_CONTEXT,
+                     decode_steps_in_flight=steps_in_flight)
   run = run_offline(rc, model, store, layout, trajs,
                     cost_model=CostModel(fixed_s=1e-3, per_token_s=2e-6, per_attention_s=3e-9))
   reference = run_reference(model, trajs, MAX_CONTEXT)

@@ -590,6 +590,14 @@ def test_de_loop_hooks_bracket_every_step():
                  after_collect=lambda: events.append("collect"))
   # One step in flight: step n+1 is dispatched before step n is collected.
   assert events == ["dispatch"] + ["dispatch", "collect"] * 4 + ["collect"]
+  # Two: step n+2 before step n; timings from the second read after a dispatch on.
+  events.clear()
+  timings = []
+  inputs.de_loop(model, 6, in_flight=2, before_dispatch=lambda: events.append("dispatch"),
+                 after_collect=lambda: events.append("collect"), timings=timings)
+  assert events == ["dispatch"] * 2 + ["dispatch", "collect"] * 4 + ["collect"] * 2
+  assert len(timings) == 3
+  assert all(period >= wait > 0 and dispatch > 0 for period, dispatch, wait in timings)
   inputs.delete()
 
 

@@ -539,7 +539,10 @@ def test_link_rate_must_be_positive(rate):
 
 @pytest.mark.parametrize("field, value", [("h2d_staging", "rdma"), ("d2h_staging", "dma"),
                                           ("kv_max_wait_s", -0.1), ("kv_max_wait_s", True),
-                                          ("de_read_route", "nvlink"), ("de_path_h2d", "ahead")])
+                                          ("de_read_route", "nvlink"), ("de_path_h2d", "ahead"),
+                                          ("decode_steps_in_flight", 0),
+                                          ("decode_steps_in_flight", True),
+                                          ("decode_steps_in_flight", 1.5)])
 def test_bad_traffic_settings_name_the_field(field, value):
   with pytest.raises(ValueError, match=f"runtime.{field}"):
     RuntimeConfig(mode="dualpath", topology=TOPOLOGIES["2P2D"], **{field: value})

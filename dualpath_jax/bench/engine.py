@@ -475,28 +475,45 @@ class DecodeInputs:
     # The lengths grow a token a step into the free slots of each row's last page.
     self.room = self.pages_per_seq * page_tokens - context
 
-  def de_loop(self, model, count: int, *, before_dispatch: Callable[[], None] = lambda: None,
-              after_collect: Callable[[], None] = lambda: None) -> None:
+  def de_loop(self, model, count: int, *, in_flight: int = 1,
+              before_dispatch: Callable[[], None] = lambda: None,
+              after_collect: Callable[[], None] = lambda: None,
+              timings: list | None = None) -> None:
     """`count` steps of the DE's loop: each step's tokens and seq_lens are the last step's
-    outputs on the device, and the last step's tokens are read once the next is dispatched.
+    outputs on the device, and a step's tokens are read once `in_flight` more steps are
+    dispatched (the runtime's decode_steps_in_flight; 1 as the runtime up to 2026-11-29).
     Every `room` steps the lengths start again from the context (the device array placed at
     construction, no host copy). Returns once the last step's tokens are on the host.
     before_dispatch / after_collect run before each step is dispatched and after its tokens are
-    read (bench/decode_interference.py: the TrafficManager's model_step, the step periods)."""
+    read (bench/decode_interference.py: the TrafficManager's model_step, the step periods).
+    timings: if given, gets (period, dispatch, wait) host seconds for every read made right
+    after a dispatch, from the second such read on: the wall since the previous read, the
+    dispatch call before it, the read itself (scripts/bench_decode_host.py)."""
+    import collections
+
     from dualpath_jax.model.paged import greedy_decode_step_jit
-    next_tokens, lens, previous = self.tokens, self.seq_lens, None
+    clock = time.perf_counter
+    next_tokens, lens, pending, last = self.tokens, self.seq_lens, collections.deque(), None
     for i in range(count):
       if i % self.room == 0:
         lens = self.seq_lens
       before_dispatch()
+      t0 = clock()
       next_tokens, lens, self.pool = greedy_decode_step_jit(
           model, self.pool, next_tokens, self.block_tables, lens)
-      if previous is not None:
-        np.asarray(previous)
+      dispatch = clock() - t0
+      pending.append(next_tokens)
+      if len(pending) > in_flight:
+        t1 = clock()
+        np.asarray(pending.popleft())
+        end = clock()
         after_collect()
-      previous = next_tokens
-    np.asarray(previous)
-    after_collect()
+        if timings is not None and last is not None:
+          timings.append((end - last, dispatch, end - t1))
+        last = end
+    while pending:
+      np.asarray(pending.popleft())
+      after_collect()
 
   def delete(self) -> None:
     for array in jax.tree_util.tree_leaves(self.pool):

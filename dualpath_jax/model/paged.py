@@ -91,7 +91,7 @@ class PageTable:
     """A table made from this one by an update that only moves pages between its free list and
     its sequences: the checks of __post_init__ (O(pages), milliseconds a decode step on a DE's
     pool when every update ran them) hold by construction and are not repeated."""
-    table = object.__new__(PageTable)
+    table = object.__new__(type(self))
     for name, value in (("num_pages", self.num_pages), ("page_tokens", self.page_tokens),
                         ("free_pages", free),
                         ("block_tables", types.MappingProxyType(block_tables)),
@@ -157,7 +157,7 @@ class PageTable:
       if seq_id is None:
         continue
       if seq_id not in lengths:
-        raise ValueError(f"PageTable.extend: unknown sequence {seq_id!r}")
+        raise ValueError(f"PageTable.prepare_decode: unknown sequence {seq_id!r}")
       length, pages = lengths[seq_id] + 1, tables[seq_id]
       need = self.pages_for(length) - len(pages)
       if need > 0:
